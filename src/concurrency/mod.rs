@@ -1,0 +1,110 @@
+//! A concurrency limit that holds until the end of the stream.
+//!
+//! # Why
+//!
+//! tower's [`ConcurrencyLimit`](tower::limit::ConcurrencyLimit) takes its permit in
+//! `poll_ready` and frees it when the response future resolves, that is, when the
+//! response *headers* arrive. For a streaming call that is the start of the work, not
+//! its end: a client with a limit of 100 can hold thousands of token streams open, each
+//! with its buffers, timers and an upstream slot. Taking the permit in `poll_ready` has a
+//! second cost: a service polled ready and then kept idle (a pooled connection, a
+//! service cloned per request) holds a permit it is not using.
+//!
+//! # How
+//!
+//! [`StreamConcurrency`] takes its slot when the call is made, never in `poll_ready`,
+//! and before the inner service is called, so a saturated client rejects before doing
+//! any HTTP work. When every slot is held the call queues in FIFO order inside the
+//! response future. The slot then moves into the [`ResponseBody`] and is released
+//! exactly once, at the end of the stream: the body returned its last frame, an error
+//! or trailers, reported `is_end_stream()` after a data frame, was empty from the start,
+//! or was dropped. If the inner service fails, or the caller drops the response future,
+//! the slot is released then.
+//!
+//! How long a call may queue is the caller's choice:
+//! - [`max_wait(d)`](StreamConcurrencyLayer::max_wait): fail with [`Rejected`]
+//!   ([`RejectReason::DeadlineExceeded`]) after `d`; `Duration::ZERO` fails at once;
+//! - no `max_wait`: wait until the caller gives up by dropping the call (counted as
+//!   `context_canceled`);
+//! - a [`MaxWait`] request extension overrides the layer's setting for one call.
+//!
+//! Errors are boxed ([`tower::BoxError`]); the inner service's errors pass through
+//! unchanged, so callers can downcast both ours and theirs.
+//!
+//! Metrics: `streams_in_flight`, `stream_concurrency_rejections_total{reason}` and
+//! `stream_concurrency_wait_seconds` (see [`metrics`](crate::metrics)).
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_stream_backpressure::StreamConcurrencyLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let limit = StreamConcurrencyLayer::new(1).max_wait(Duration::ZERO);
+//! let client = ServiceBuilder::new().layer(limit.clone()).service(service_fn(
+//!     |_req: http::Request<()>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+//!     },
+//! ));
+//!
+//! let response = client.clone().oneshot(http::Request::new(())).await?;
+//! // The stream is open: its body holds the only slot, so the next call is rejected.
+//! assert_eq!(limit.available_slots(), 0);
+//! assert!(client.clone().oneshot(http::Request::new(())).await.is_err());
+//!
+//! // Reading the body to its end frees the slot, though the body object lives on.
+//! let mut body = response.into_body();
+//! while body.frame().await.is_some() {}
+//! assert_eq!(limit.available_slots(), 1);
+//! # Ok(()) }
+//! ```
+
+mod body;
+mod error;
+mod future;
+mod layer;
+mod service;
+
+use std::time::Duration;
+
+pub use self::body::ResponseBody;
+pub use self::error::{RejectReason, Rejected};
+pub use self::future::ResponseFuture;
+pub use self::layer::StreamConcurrencyLayer;
+pub use self::service::StreamConcurrency;
+
+pub(crate) use self::future::Slot;
+
+/// A request extension that overrides the layer's
+/// [`max_wait`](StreamConcurrencyLayer::max_wait) for one call.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_backpressure::concurrency::MaxWait;
+///
+/// let mut request = http::Request::new(());
+/// // This call is interactive: fail fast rather than queue.
+/// request.extensions_mut().insert(MaxWait::new(Duration::from_millis(50)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxWait(Option<Duration>);
+
+impl MaxWait {
+    /// Wait at most `max_wait` for a slot; `Duration::ZERO` fails at once when full.
+    pub fn new(max_wait: Duration) -> Self {
+        Self(Some(max_wait))
+    }
+
+    /// Wait for a slot until the caller drops the call.
+    pub fn unbounded() -> Self {
+        Self(None)
+    }
+
+    /// The bound, `None` when unbounded.
+    pub fn get(self) -> Option<Duration> {
+        self.0
+    }
+}

@@ -1,0 +1,39 @@
+use super::{Detector, Progress};
+
+/// The first chunk is the first non-empty data frame, whatever the format.
+///
+/// For bodies that are not event streams (a JSON response, plain text), or when any
+/// byte from the upstream means the call has started.
+///
+/// ```
+/// use tower_stream_backpressure::frame::{Detector, FirstData, Progress};
+///
+/// let mut d = FirstData;
+/// assert_eq!(d.feed(b""), Progress::Pending);
+/// assert_eq!(d.feed(b"{"), Progress::Found);
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FirstData;
+
+impl Detector for FirstData {
+    fn feed(&mut self, bytes: &[u8]) -> Progress {
+        if bytes.is_empty() {
+            Progress::Pending
+        } else {
+            Progress::Found
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::test_util::run;
+
+    #[test]
+    fn empty_frames_are_not_a_chunk() {
+        assert_eq!(run(&FirstData, &[b"", b""]), (Progress::Pending, None));
+        assert_eq!(run(&FirstData, &[b"", b"x"]), (Progress::Found, Some(1)));
+        assert_eq!(run(&FirstData, &[]), (Progress::Pending, None));
+    }
+}

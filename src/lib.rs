@@ -1,0 +1,78 @@
+//! Tower middleware that puts back-pressure on streaming HTTP calls.
+//!
+//! Clients holding thousands of concurrent streams (LLM token streams over SSE,
+//! NDJSON, ...) need three things tower does not give them:
+//!
+//! - [`StreamConcurrencyLayer`]: a concurrency limit that holds until the *stream*
+//!   ends, not until the response headers arrive. Callers choose between queueing and
+//!   failing fast; rejections say why.
+//! - [`FirstChunkRetryLayer`]: retry a call that fails before its first chunk, and
+//!   never once a chunk reached the caller. "First chunk" is format-aware
+//!   ([`frame`]), keep-alives do not count, and a stall before it has a timeout.
+//! - [`RetryBudgetLayer`]: a retry budget across calls, so that an upstream outage
+//!   does not turn every call into `max_attempts` calls.
+//!
+//! All of them record OpenTelemetry [`metrics`].
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_stream_backpressure::{
+//!     frame::Sse, FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy,
+//!     StreamConcurrencyLayer,
+//! };
+//!
+//! # async fn run() -> Result<(), tower::BoxError> {
+//! let hyper_util_client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//!
+//! let budget = RetryBudget::default(); // shared by every call below
+//! let client = ServiceBuilder::new()
+//!     .layer(StreamConcurrencyLayer::new(100).max_wait(Duration::from_secs(2)).provider("openai"))
+//!     .layer(RetryBudgetLayer::new(budget.clone()).provider("openai"))
+//!     .layer(FirstChunkRetryLayer::new(RetryPolicy::default()).frames(Sse::default()).provider("openai"))
+//!     .service(hyper_util_client);
+//!
+//! let request = http::Request::post("http://127.0.0.1:8080/v1/chat/completions")
+//!     .body(Full::new(Bytes::from(r#"{"stream":true}"#)))?;
+//! let response = client.oneshot(request).await?;
+//! // The first event has arrived; the body streams the rest and holds the
+//! // concurrency slot until it ends.
+//! # let _ = response; Ok(()) }
+//! ```
+//!
+//! # Layer order
+//!
+//! Put the concurrency limit outermost: the slot is held across every retry of a call,
+//! so retries cannot raise the number of open streams, and a saturated client rejects
+//! before spending budget. The budget layer goes above the retry layer, so it counts
+//! each original request once and hands the budget down to the retries.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+pub mod budget;
+pub mod concurrency;
+mod error;
+pub mod frame;
+pub mod metrics;
+pub mod retry;
+
+pub use budget::{RetryBudget, RetryBudgetLayer};
+pub use concurrency::{RejectReason, Rejected, StreamConcurrencyLayer};
+pub use error::ConfigError;
+pub use retry::{FirstChunkError, FirstChunkRetryLayer, RetryPolicy};
+
+/// `now + after`, saturating far in the future (30 years) instead of overflowing.
+pub(crate) fn deadline_after(after: std::time::Duration) -> tokio::time::Instant {
+    const FAR: std::time::Duration = std::time::Duration::from_secs(30 * 365 * 24 * 3600);
+    let now = tokio::time::Instant::now();
+    now.checked_add(after.min(FAR)).unwrap_or(now)
+}

@@ -1,0 +1,278 @@
+//! OpenTelemetry instruments: every metric the layers record, in one place.
+//!
+//! Each layer takes [`.meter(Meter)`](crate::StreamConcurrencyLayer::meter) (default: a
+//! meter of the global meter provider, scope [`SCOPE`], taken when the layer first
+//! builds a service) and [`.provider(name)`](crate::StreamConcurrencyLayer::provider)
+//! (default `"unknown"`). Every instrument carries the attribute `provider`.
+//!
+//! Exported through `opentelemetry-prometheus` with its default settings, the metrics
+//! are named:
+//!
+//! | Prometheus name | type | recorded |
+//! |---|---|---|
+//! | `streams_in_flight` | gauge | +1 when a concurrency slot is taken, -1 when it is released (end of stream) |
+//! | `provider_calls_in_flight` | gauge | +1 per upstream attempt, -1 when the attempt fails or its body ends or drops |
+//! | `stream_first_chunk_latency_seconds` | histogram | first attempt start to first chunk found |
+//! | `stream_retries_total{outcome}` | counter | see [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer); nothing when retry is disabled |
+//! | `stream_retry_budget_available` | gauge | the budget's [`available()`](crate::RetryBudget::available), read at collection |
+//! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded` or `context_canceled` |
+//! | `stream_concurrency_wait_seconds` | histogram | time waited for a slot, granted or not (0 when granted at once) |
+//!
+//! The constants below are the OpenTelemetry instrument names; the exporter adds the
+//! `_seconds` unit suffix (unit `s`) and the `_total` counter suffix.
+
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
+use opentelemetry::{InstrumentationScope, KeyValue};
+
+/// Instrumentation scope name of the meter taken from the global provider.
+pub const SCOPE: &str = "tower-stream-backpressure";
+
+/// Gauge of concurrency slots held (streams open through the limit).
+pub const STREAMS_IN_FLIGHT: &str = "streams_in_flight";
+/// Gauge of upstream attempts open (a retry counts as a new attempt).
+pub const PROVIDER_CALLS_IN_FLIGHT: &str = "provider_calls_in_flight";
+/// Histogram (seconds) from the first attempt's start to the first chunk.
+pub const STREAM_FIRST_CHUNK_LATENCY: &str = "stream_first_chunk_latency";
+/// Counter of retry outcomes, attribute `outcome`.
+pub const STREAM_RETRIES: &str = "stream_retries";
+/// Observable gauge of the retries a budget would allow now.
+pub const STREAM_RETRY_BUDGET_AVAILABLE: &str = "stream_retry_budget_available";
+/// Counter of calls that got no concurrency slot, attribute `reason`.
+pub const STREAM_CONCURRENCY_REJECTIONS: &str = "stream_concurrency_rejections";
+/// Histogram (seconds) of the time spent waiting for a concurrency slot.
+pub const STREAM_CONCURRENCY_WAIT: &str = "stream_concurrency_wait";
+
+/// Bucket boundaries of `stream_first_chunk_latency_seconds`.
+pub const FIRST_CHUNK_LATENCY_BUCKETS: [f64; 11] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+/// Bucket boundaries of `stream_concurrency_wait_seconds`.
+pub const CONCURRENCY_WAIT_BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+const PROVIDER: &str = "provider";
+
+/// Where a layer records: the meter and the `provider` attribute.
+///
+/// Instruments are built once per layer, the first time the layer builds a service, and
+/// shared by every service and clone made from it. Changing the meter or the provider
+/// on the layer starts a fresh set.
+#[derive(Debug)]
+pub(crate) struct Telemetry<T> {
+    meter: Option<Meter>,
+    provider: Cow<'static, str>,
+    built: Arc<OnceLock<Arc<T>>>,
+}
+
+// Manual impl: cloning shares the built instruments and needs no `T: Clone`.
+impl<T> Clone for Telemetry<T> {
+    fn clone(&self) -> Self {
+        Self {
+            meter: self.meter.clone(),
+            provider: self.provider.clone(),
+            built: self.built.clone(),
+        }
+    }
+}
+
+impl<T> Default for Telemetry<T> {
+    fn default() -> Self {
+        Self {
+            meter: None,
+            provider: Cow::Borrowed("unknown"),
+            built: Arc::default(),
+        }
+    }
+}
+
+impl<T> Telemetry<T> {
+    pub(crate) fn with_meter(self, meter: Meter) -> Self {
+        Self {
+            meter: Some(meter),
+            provider: self.provider,
+            built: Arc::default(),
+        }
+    }
+
+    pub(crate) fn with_provider(self, provider: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            meter: self.meter,
+            provider: provider.into(),
+            built: Arc::default(),
+        }
+    }
+
+    /// The instruments, built on first use with `build(meter, provider attribute)`.
+    pub(crate) fn instruments(&self, build: impl FnOnce(&Meter, KeyValue) -> T) -> Arc<T> {
+        self.built
+            .get_or_init(|| {
+                let meter = self.meter.clone().unwrap_or_else(global_meter);
+                let provider = KeyValue::new(PROVIDER, self.provider.clone());
+                Arc::new(build(&meter, provider))
+            })
+            .clone()
+    }
+}
+
+fn global_meter() -> Meter {
+    opentelemetry::global::meter_with_scope(
+        InstrumentationScope::builder(SCOPE)
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build(),
+    )
+}
+
+fn with(provider: &KeyValue, key: &'static str, value: &'static str) -> [KeyValue; 2] {
+    [provider.clone(), KeyValue::new(key, value)]
+}
+
+/// Instruments of [`StreamConcurrencyLayer`](crate::StreamConcurrencyLayer).
+#[derive(Debug)]
+pub(crate) struct ConcurrencyMetrics {
+    in_flight: UpDownCounter<i64>,
+    rejections: Counter<u64>,
+    wait: Histogram<f64>,
+    provider: [KeyValue; 1],
+    deadline_exceeded: [KeyValue; 2],
+    context_canceled: [KeyValue; 2],
+}
+
+impl ConcurrencyMetrics {
+    pub(crate) fn new(meter: &Meter, provider: KeyValue) -> Self {
+        Self {
+            in_flight: meter
+                .i64_up_down_counter(STREAMS_IN_FLIGHT)
+                .with_description("Concurrency slots held: streams open through the limit")
+                .build(),
+            rejections: meter
+                .u64_counter(STREAM_CONCURRENCY_REJECTIONS)
+                .with_description("Calls that got no concurrency slot, by reason")
+                .build(),
+            wait: meter
+                .f64_histogram(STREAM_CONCURRENCY_WAIT)
+                .with_description("Time spent waiting for a concurrency slot, granted or not")
+                .with_unit("s")
+                .with_boundaries(CONCURRENCY_WAIT_BUCKETS.to_vec())
+                .build(),
+            deadline_exceeded: with(&provider, "reason", "deadline_exceeded"),
+            context_canceled: with(&provider, "reason", "context_canceled"),
+            provider: [provider],
+        }
+    }
+
+    pub(crate) fn slot_taken(&self, waited: Duration) {
+        self.in_flight.add(1, &self.provider);
+        self.wait.record(waited.as_secs_f64(), &self.provider);
+    }
+
+    pub(crate) fn slot_released(&self) {
+        self.in_flight.add(-1, &self.provider);
+    }
+
+    /// The caller's deadline passed while waiting.
+    pub(crate) fn deadline_exceeded(&self, waited: Duration) {
+        self.rejections.add(1, &self.deadline_exceeded);
+        self.wait.record(waited.as_secs_f64(), &self.provider);
+    }
+
+    /// The caller dropped the call while waiting.
+    pub(crate) fn context_canceled(&self, waited: Duration) {
+        self.rejections.add(1, &self.context_canceled);
+        self.wait.record(waited.as_secs_f64(), &self.provider);
+    }
+}
+
+/// How a retry ended, the `outcome` attribute of `stream_retries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RetryOutcome {
+    /// A retried attempt got its first chunk (or a response that is not a failure).
+    Success,
+    /// A retried attempt failed.
+    Failed,
+    /// A call gave up because `max_attempts` was reached.
+    Exhausted,
+    /// A call gave up because the budget refused a retry.
+    BudgetExhausted,
+}
+
+/// Instruments of [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer).
+#[derive(Debug)]
+pub(crate) struct RetryMetrics {
+    calls_in_flight: UpDownCounter<i64>,
+    first_chunk_latency: Histogram<f64>,
+    retries: Counter<u64>,
+    provider: [KeyValue; 1],
+    outcomes: [[KeyValue; 2]; 4],
+}
+
+impl RetryMetrics {
+    pub(crate) fn new(meter: &Meter, provider: KeyValue) -> Self {
+        Self {
+            calls_in_flight: meter
+                .i64_up_down_counter(PROVIDER_CALLS_IN_FLIGHT)
+                .with_description("Upstream attempts open, until their body ends")
+                .build(),
+            first_chunk_latency: meter
+                .f64_histogram(STREAM_FIRST_CHUNK_LATENCY)
+                .with_description("Time from the first attempt's start to the first chunk")
+                .with_unit("s")
+                .with_boundaries(FIRST_CHUNK_LATENCY_BUCKETS.to_vec())
+                .build(),
+            retries: meter
+                .u64_counter(STREAM_RETRIES)
+                .with_description("Retries before the first chunk, by outcome")
+                .build(),
+            outcomes: [
+                with(&provider, "outcome", "success"),
+                with(&provider, "outcome", "failed"),
+                with(&provider, "outcome", "exhausted"),
+                with(&provider, "outcome", "budget_exhausted"),
+            ],
+            provider: [provider],
+        }
+    }
+
+    pub(crate) fn call_started(&self) {
+        self.calls_in_flight.add(1, &self.provider);
+    }
+
+    pub(crate) fn call_ended(&self) {
+        self.calls_in_flight.add(-1, &self.provider);
+    }
+
+    pub(crate) fn first_chunk(&self, latency: Duration) {
+        self.first_chunk_latency
+            .record(latency.as_secs_f64(), &self.provider);
+    }
+
+    pub(crate) fn retry(&self, outcome: RetryOutcome) {
+        let attrs = match outcome {
+            RetryOutcome::Success => &self.outcomes[0],
+            RetryOutcome::Failed => &self.outcomes[1],
+            RetryOutcome::Exhausted => &self.outcomes[2],
+            RetryOutcome::BudgetExhausted => &self.outcomes[3],
+        };
+        self.retries.add(1, attrs);
+    }
+}
+
+/// Registers the observable `stream_retry_budget_available` gauge for one budget.
+///
+/// The callback lives as long as the meter provider; registering happens once per
+/// [`RetryBudgetLayer`](crate::RetryBudgetLayer) (see [`Telemetry`]).
+pub(crate) fn observe_budget(meter: &Meter, provider: KeyValue, budget: crate::RetryBudget) {
+    let provider = [provider];
+    meter
+        .i64_observable_gauge(STREAM_RETRY_BUDGET_AVAILABLE)
+        .with_description("Retries the budget would allow now")
+        .with_callback(move |observer| {
+            let available = i64::try_from(budget.available()).unwrap_or(i64::MAX);
+            observer.observe(available, &provider);
+        })
+        .build();
+}

@@ -1,0 +1,142 @@
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::body::ReleaseOnEnd;
+use crate::metrics::RetryMetrics;
+
+/// One upstream attempt counted in `provider_calls_in_flight`, until dropped.
+pub(crate) struct CallGuard(Arc<RetryMetrics>);
+
+impl CallGuard {
+    pub(crate) fn new(metrics: Arc<RetryMetrics>) -> Self {
+        metrics.call_started();
+        Self(metrics)
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.call_ended();
+    }
+}
+
+impl fmt::Debug for CallGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CallGuard")
+    }
+}
+
+pin_project! {
+    /// Response body of [`FirstChunkRetry`](super::FirstChunkRetry): first the frames
+    /// read while looking for the first chunk, as they came (no copy), then the rest of
+    /// the live stream.
+    ///
+    /// It also ends the attempt's count in `provider_calls_in_flight` at the end of the
+    /// stream (the same end-of-stream rule as the concurrency slot).
+    pub struct ResponseBody<B: Body> {
+        replay: VecDeque<Frame<B::Data>>,
+        replay_bytes: u64,
+        // The inner body already returned its end while it was being peeked.
+        inner_done: bool,
+        #[pin]
+        inner: B,
+        call: ReleaseOnEnd<CallGuard>,
+    }
+}
+
+impl<B: Body> ResponseBody<B> {
+    /// `replay` goes out first; `inner_done` says the inner body already ended.
+    pub(crate) fn new(
+        inner: B,
+        replay: VecDeque<Frame<B::Data>>,
+        inner_done: bool,
+        call: CallGuard,
+    ) -> Self {
+        let replay_bytes = replay
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|data| data.remaining() as u64)
+            .sum();
+        let ended = replay.is_empty() && (inner_done || inner.is_end_stream());
+        Self {
+            replay,
+            replay_bytes,
+            inner_done,
+            inner,
+            call: ReleaseOnEnd::new(call, ended),
+        }
+    }
+}
+
+impl<B: Body> Body for ResponseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let inner_done = *this.inner_done;
+        if let Some(frame) = this.replay.pop_front() {
+            if let Some(data) = frame.data_ref() {
+                *this.replay_bytes -= data.remaining() as u64;
+            }
+            let poll = Poll::Ready(Some(Ok(frame)));
+            let (replay, inner) = (&*this.replay, this.inner.as_ref());
+            this.call.observe(&poll, || {
+                replay.is_empty() && (inner_done || inner.is_end_stream())
+            });
+            return poll;
+        }
+        if inner_done {
+            let poll = Poll::Ready(None);
+            this.call.observe(&poll, || true);
+            return poll;
+        }
+        let mut inner = this.inner;
+        let poll = inner.as_mut().poll_frame(cx);
+        let inner = inner.as_ref();
+        this.call.observe(&poll, || inner.is_end_stream());
+        poll
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.replay.is_empty() && (self.inner_done || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.inner_done {
+            return SizeHint::with_exact(self.replay_bytes);
+        }
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(self.replay_bytes));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(self.replay_bytes));
+        }
+        hint
+    }
+}
+
+impl<B: Body> fmt::Debug for ResponseBody<B>
+where
+    B: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("replay_frames", &self.replay.len())
+            .field("replay_bytes", &self.replay_bytes)
+            .field("inner", &self.inner)
+            .finish()
+    }
+}

@@ -1,0 +1,462 @@
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use std::time::{Duration, SystemTime};
+
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::BoxError;
+use tower_service::Service;
+
+use super::body::CallGuard;
+use super::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
+use super::retry_after::retry_after;
+use super::service::Shared;
+use super::ResponseBody;
+use crate::frame::{Detector, Progress};
+use crate::metrics::{RetryMetrics, RetryOutcome};
+use crate::{deadline_after, RetryBudget};
+
+pin_project! {
+    /// Response future of [`FirstChunkRetry`](super::FirstChunkRetry).
+    ///
+    /// Runs attempts until one produces its first chunk (or a response that is not a
+    /// failure), the attempts or the budget run out, or a failure is not retryable.
+    /// Dropping it at any point ends the attempt in flight; nothing is left running.
+    pub struct ResponseFuture<S, ReqBody, ResBody, D>
+    where
+        S: Service<Request<ReqBody>>,
+        ResBody: Body,
+    {
+        #[pin]
+        call: Option<S::Future>,
+        // The current attempt's first-chunk deadline, or the backoff before the next.
+        #[pin]
+        timer: Sleep,
+        phase: Phase<ResBody, D>,
+        attempts: Attempts<S, ReqBody, D>,
+    }
+}
+
+enum Phase<B: Body, D> {
+    /// Waiting for the service to be ready for the next attempt.
+    Ready,
+    /// The attempt's request is in flight, until its response head.
+    Calling(CallGuard),
+    /// A 2xx response: reading its body until the first chunk.
+    Peeking(Peek<B, D>),
+    /// Waiting before the next attempt.
+    Backoff,
+    /// The output has been returned.
+    Done,
+}
+
+struct Peek<B: Body, D> {
+    head: http::response::Parts,
+    body: B,
+    frames: VecDeque<Frame<B::Data>>,
+    buffered: usize,
+    detector: D,
+    call: CallGuard,
+}
+
+/// What stays the same across attempts.
+struct Attempts<S, ReqBody, D> {
+    service: S,
+    /// Cloned for each attempt but the last, which takes it.
+    request: Option<Request<ReqBody>>,
+    head_request: bool,
+    attempt: u32,
+    started: Instant,
+    budget: Option<RetryBudget>,
+    shared: Arc<Shared<D>>,
+    metrics: Arc<RetryMetrics>,
+}
+
+/// An attempt that failed before its first chunk.
+enum Failure<B> {
+    /// A retryable status, with the server's hint and the attempt's guard (the response
+    /// goes back with it if there is no retry).
+    Status(Response<B>, CallGuard, Option<Duration>),
+    Upstream(BoxError),
+    Body(BoxError),
+    EndOfStream,
+    Timeout,
+    BufferLimit,
+}
+
+type Output<B> = Result<Response<ResponseBody<B>>, BoxError>;
+
+impl<S, ReqBody, ResBody, D> ResponseFuture<S, ReqBody, ResBody, D>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ReqBody: Clone,
+    ResBody: Body,
+    D: Detector,
+{
+    /// Starts the first attempt on `service`, which the caller has polled ready.
+    pub(crate) fn new(
+        mut service: S,
+        request: Request<ReqBody>,
+        shared: Arc<Shared<D>>,
+        metrics: Arc<RetryMetrics>,
+    ) -> Self {
+        let started = Instant::now();
+        let retries = shared.policy.get_max_attempts() > 1;
+        let budget = retries
+            .then(|| request.extensions().get::<RetryBudget>().cloned())
+            .flatten();
+        let head_request = request.method() == http::Method::HEAD;
+        let (first, request) = if retries {
+            (request.clone(), Some(request))
+        } else {
+            (request, None)
+        };
+        let call = CallGuard::new(metrics.clone());
+        let future = service.call(first);
+        Self {
+            call: Some(future),
+            timer: tokio::time::sleep_until(deadline_after(
+                shared.policy.get_first_chunk_timeout(),
+            )),
+            phase: Phase::Calling(call),
+            attempts: Attempts {
+                service,
+                request,
+                head_request,
+                attempt: 1,
+                started,
+                budget,
+                shared,
+                metrics,
+            },
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody, D> Future for ResponseFuture<S, ReqBody, ResBody, D>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ReqBody: Clone,
+    ResBody: Body + Unpin,
+    ResBody::Data: AsRef<[u8]>,
+    ResBody::Error: Into<BoxError>,
+    D: Detector,
+{
+    type Output = Output<ResBody>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let failure = match std::mem::replace(this.phase, Phase::Done) {
+                Phase::Ready => {
+                    match this.attempts.service.poll_ready(cx) {
+                        Poll::Pending => {
+                            *this.phase = Phase::Ready;
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(error)) => {
+                            return Poll::Ready(this.attempts.give_up(error.into()));
+                        }
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    let (future, call) = this.attempts.start();
+                    this.call.set(Some(future));
+                    let timeout = this.attempts.shared.policy.get_first_chunk_timeout();
+                    this.timer.as_mut().reset(deadline_after(timeout));
+                    *this.phase = Phase::Calling(call);
+                    continue;
+                }
+                Phase::Calling(call) => {
+                    let Some(future) = this.call.as_mut().as_pin_mut() else {
+                        unreachable!("a call is in flight while calling")
+                    };
+                    let result = match future.poll(cx) {
+                        Poll::Ready(result) => Some(result),
+                        Poll::Pending if this.timer.as_mut().poll(cx).is_ready() => None,
+                        Poll::Pending => {
+                            *this.phase = Phase::Calling(call);
+                            return Poll::Pending;
+                        }
+                    };
+                    this.call.set(None);
+                    match result {
+                        None => Failure::Timeout,
+                        Some(Err(error)) => {
+                            let error = error.into();
+                            if !this.attempts.shared.policy.is_transient(&*error) {
+                                return Poll::Ready(this.attempts.give_up(error));
+                            }
+                            Failure::Upstream(error)
+                        }
+                        Some(Ok(response)) => match this.attempts.judge(response, call) {
+                            Judged::Failure(failure) => failure,
+                            Judged::Return(response) => return Poll::Ready(Ok(response)),
+                            Judged::Peek(peek) => {
+                                *this.phase = Phase::Peeking(peek);
+                                continue;
+                            }
+                        },
+                    }
+                }
+                Phase::Peeking(mut peek) => {
+                    let limit = this.attempts.shared.policy.buffer_limit();
+                    match peek.poll_first_chunk(cx, limit) {
+                        Poll::Ready(Ok(body_done)) => {
+                            return Poll::Ready(Ok(this.attempts.first_chunk(peek, body_done)));
+                        }
+                        Poll::Ready(Err(failure)) => failure,
+                        Poll::Pending if this.timer.as_mut().poll(cx).is_ready() => {
+                            Failure::Timeout
+                        }
+                        Poll::Pending => {
+                            *this.phase = Phase::Peeking(peek);
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                Phase::Backoff => {
+                    if this.timer.as_mut().poll(cx).is_pending() {
+                        *this.phase = Phase::Backoff;
+                        return Poll::Pending;
+                    }
+                    *this.phase = Phase::Ready;
+                    continue;
+                }
+                Phase::Done => panic!("ResponseFuture polled after completion"),
+            };
+            // The failed attempt's body and guard are gone by now.
+            match this.attempts.after_failure(failure) {
+                Ok(delay) => {
+                    this.timer.as_mut().reset(deadline_after(delay));
+                    *this.phase = Phase::Backoff;
+                }
+                Err(output) => return Poll::Ready(output),
+            }
+        }
+    }
+}
+
+/// What a response means for the call.
+enum Judged<B: Body, D> {
+    Failure(Failure<B>),
+    Return(Response<ResponseBody<B>>),
+    Peek(Peek<B, D>),
+}
+
+impl<S, ReqBody, D> Attempts<S, ReqBody, D>
+where
+    D: Detector,
+    ReqBody: Clone,
+{
+    fn max_attempts(&self) -> u32 {
+        self.shared.policy.get_max_attempts()
+    }
+
+    /// The call ends with an error that is not retried.
+    fn give_up<T>(&self, error: BoxError) -> Result<T, BoxError> {
+        if self.attempt > 1 {
+            self.metrics.retry(RetryOutcome::Failed);
+        }
+        Err(error)
+    }
+
+    /// Starts the next attempt on the ready service.
+    fn start(&mut self) -> (S::Future, CallGuard)
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        let request = if self.attempt < self.max_attempts() {
+            self.request.clone()
+        } else {
+            self.request.take()
+        };
+        let Some(request) = request else {
+            unreachable!("the request is kept until the last attempt")
+        };
+        let call = CallGuard::new(self.metrics.clone());
+        (self.service.call(request), call)
+    }
+
+    /// Decides what a response head means: a failure to retry, a response for the
+    /// caller, or a body to read for the first chunk.
+    fn judge<B>(&self, response: Response<B>, call: CallGuard) -> Judged<B, D>
+    where
+        B: Body,
+    {
+        let status = response.status();
+        let policy = &self.shared.policy;
+        let should_retry = response
+            .headers()
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok());
+        let retry_status = match should_retry {
+            Some("true") => !status.is_success(),
+            Some("false") => false,
+            _ => policy.retries_status(status),
+        };
+        if retry_status {
+            let hint = retry_after(response.headers(), SystemTime::now());
+            return Judged::Failure(Failure::Status(response, call, hint));
+        }
+        let has_no_body = self.head_request
+            || matches!(status, StatusCode::NO_CONTENT | StatusCode::RESET_CONTENT);
+        if !status.is_success() || has_no_body {
+            let outcome = if status.is_success() {
+                RetryOutcome::Success
+            } else {
+                RetryOutcome::Failed
+            };
+            if self.attempt > 1 {
+                self.metrics.retry(outcome);
+            }
+            return Judged::Return(pass_through(response, call));
+        }
+        let (head, body) = response.into_parts();
+        let mut detector = self.shared.detector.clone();
+        detector.start(&head);
+        Judged::Peek(Peek {
+            head,
+            body,
+            frames: VecDeque::new(),
+            buffered: 0,
+            detector,
+            call,
+        })
+    }
+
+    /// The first chunk arrived: the response goes to the caller.
+    fn first_chunk<B: Body>(&self, peek: Peek<B, D>, body_done: bool) -> Response<ResponseBody<B>> {
+        self.metrics.first_chunk(self.started.elapsed());
+        if self.attempt > 1 {
+            self.metrics.retry(RetryOutcome::Success);
+        }
+        let body = ResponseBody::new(peek.body, peek.frames, body_done, peek.call);
+        Response::from_parts(peek.head, body)
+    }
+
+    /// After a failure: the delay before the next attempt, or the call's output.
+    fn after_failure<B: Body>(&mut self, failure: Failure<B>) -> Result<Duration, Output<B>> {
+        let policy = &self.shared.policy;
+        if self.attempt > 1 {
+            self.metrics.retry(RetryOutcome::Failed);
+        }
+        let retryable = match &failure {
+            Failure::Status(_, _, Some(hint)) => *hint <= policy.max_retry_after_limit(),
+            Failure::BufferLimit => false,
+            _ => true,
+        };
+        let stop = if !retryable {
+            StopReason::NotRetryable
+        } else if self.attempt >= self.max_attempts() {
+            if self.max_attempts() > 1 {
+                self.metrics.retry(RetryOutcome::Exhausted);
+            }
+            StopReason::AttemptsExhausted
+        } else if self
+            .budget
+            .as_ref()
+            .is_some_and(|budget| !budget.withdraw())
+        {
+            self.metrics.retry(RetryOutcome::BudgetExhausted);
+            StopReason::BudgetExhausted
+        } else {
+            let delay = match &failure {
+                Failure::Status(_, _, Some(hint)) => *hint,
+                _ => policy.backoff_delay(self.attempt - 1),
+            };
+            self.attempt += 1;
+            return Ok(delay);
+        };
+        let (kind, source) = match failure {
+            Failure::Status(response, call, _) => return Err(Ok(pass_through(response, call))),
+            Failure::Upstream(error) => (FirstChunkErrorKind::Upstream, Some(error)),
+            Failure::Body(error) => (FirstChunkErrorKind::Body, Some(error)),
+            Failure::EndOfStream => (FirstChunkErrorKind::EndOfStream, None),
+            Failure::Timeout => (FirstChunkErrorKind::Timeout, None),
+            Failure::BufferLimit => (FirstChunkErrorKind::BufferLimit, None),
+        };
+        Err(Err(
+            FirstChunkError::new(kind, stop, self.attempt, source).into()
+        ))
+    }
+}
+
+fn pass_through<B: Body>(response: Response<B>, call: CallGuard) -> Response<ResponseBody<B>> {
+    response.map(|body| ResponseBody::new(body, VecDeque::new(), false, call))
+}
+
+impl<B, D> Peek<B, D>
+where
+    B: Body + Unpin,
+    B::Data: AsRef<[u8]>,
+    B::Error: Into<BoxError>,
+    D: Detector,
+{
+    /// Reads frames until the detector finds the first chunk. `Ok(true)` means the body
+    /// ended with it.
+    fn poll_first_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        limit: usize,
+    ) -> Poll<Result<bool, Failure<B>>> {
+        loop {
+            let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => return Poll::Ready(Err(Failure::Body(error.into()))),
+                None => {
+                    return Poll::Ready(match self.detector.finish() {
+                        Progress::Found => Ok(true),
+                        _ => Err(Failure::EndOfStream),
+                    })
+                }
+            };
+            let Some(data) = frame.data_ref() else {
+                // Trailers end the stream.
+                self.frames.push_back(frame);
+                return Poll::Ready(match self.detector.finish() {
+                    Progress::Found => Ok(true),
+                    _ => Err(Failure::EndOfStream),
+                });
+            };
+            let bytes = data.as_ref();
+            let progress = self.detector.feed(bytes);
+            self.buffered = self.buffered.saturating_add(bytes.len());
+            self.frames.push_back(frame);
+            if progress == Progress::Found {
+                return Poll::Ready(Ok(false));
+            }
+            if self.buffered > limit {
+                return Poll::Ready(Err(Failure::BufferLimit));
+            }
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody, D> fmt::Debug for ResponseFuture<S, ReqBody, ResBody, D>
+where
+    S: Service<Request<ReqBody>>,
+    ResBody: Body,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let phase = match &self.phase {
+            Phase::Ready => "ready",
+            Phase::Calling(_) => "calling",
+            Phase::Peeking(_) => "reading for the first chunk",
+            Phase::Backoff => "backing off",
+            Phase::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("phase", &phase)
+            .field("attempt", &self.attempts.attempt)
+            .finish()
+    }
+}

@@ -1,0 +1,71 @@
+//! Retry a streaming call before its first chunk, never after.
+//!
+//! # Why
+//!
+//! A streaming call that fails before its first event can be retried safely: nothing
+//! has reached the caller, and for an LLM API the lost generation is simply started
+//! again. Once a chunk has reached the caller, a retry would duplicate or garble what
+//! it already has. tower's [`Retry`](tower::retry::Retry) decides at response headers,
+//! which is neither point: an upstream often answers `200 OK` and then resets, stalls,
+//! or sends only keep-alives. So the decision must wait for the first *chunk*, and what
+//! a chunk is depends on the format (see [`frame`](crate::frame)).
+//!
+//! # How
+//!
+//! Each attempt sends a clone of the request (the body must be `Clone`, e.g.
+//! `Full<Bytes>`; the last attempt takes the original). Then:
+//!
+//! - **Inner error**: retried when [transient](is_transient) (connect failure, reset,
+//!   `REFUSED_STREAM`, GOAWAY, ...); any other error goes back unchanged.
+//! - **Retryable status** (408, 429, 502, 503, 504, 529 by default, or
+//!   `x-should-retry: true`): retried after the backoff, or after the server's hint
+//!   (`retry-after-ms`, `Retry-After` in seconds or as an HTTP date). A hint above
+//!   `max_retry_after` is not waited for: that response goes back.
+//! - **Other status**: the response goes back untouched.
+//! - **2xx**: the body is read until the [`Detector`](crate::frame::Detector) finds
+//!   the first chunk, within `first_chunk_timeout` (counted from the attempt's start)
+//!   and `max_buffer` bytes. A body error, the end of the body, or the timeout before
+//!   the first chunk: retried. More than `max_buffer` bytes: fails without retry. Once
+//!   found, the response goes to the caller with a [`ResponseBody`] that replays the
+//!   frames already read, then continues the live stream, without copying them.
+//!
+//! Before each retry, one unit is withdrawn from the [`RetryBudget`](crate::RetryBudget)
+//! that [`RetryBudgetLayer`](crate::RetryBudgetLayer) put in the request's
+//! extensions, if any; when it refuses, the last failure goes back at once. When the
+//! attempts run out, a retryable-status response goes back as it is, and other
+//! failures as a [`FirstChunkError`] saying what happened and after how many attempts.
+//!
+//! A response is never retried once it has been handed to the caller: from then on
+//! this layer only counts.
+//!
+//! # Metrics
+//!
+//! `provider_calls_in_flight` (+1 per attempt, -1 when it fails or its body ends),
+//! `stream_first_chunk_latency_seconds` (first attempt's start to the first chunk) and
+//! `stream_retries_total{outcome}`:
+//!
+//! | outcome | counted when |
+//! |---|---|
+//! | `success` | a retried attempt got its first chunk (or a 2xx response without a body) |
+//! | `failed` | a retried attempt failed, whatever comes next |
+//! | `exhausted` | a call gave up because `max_attempts` were made |
+//! | `budget_exhausted` | a call gave up because the budget refused a retry |
+//!
+//! With `max_attempts(1)` (retry disabled) nothing is counted.
+
+mod body;
+mod classify;
+mod error;
+mod future;
+mod layer;
+mod policy;
+mod retry_after;
+mod service;
+
+pub use self::body::ResponseBody;
+pub use self::classify::is_transient;
+pub use self::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
+pub use self::future::ResponseFuture;
+pub use self::layer::FirstChunkRetryLayer;
+pub use self::policy::RetryPolicy;
+pub use self::service::FirstChunkRetry;

@@ -1,0 +1,292 @@
+use std::error::Error;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::ConfigError;
+
+type Classifier = Arc<dyn Fn(&(dyn Error + 'static)) -> bool + Send + Sync>;
+
+/// When and how [`FirstChunkRetry`](super::FirstChunkRetry) retries.
+///
+/// | setting | default | meaning |
+/// |---|---|---|
+/// | [`max_attempts`](Self::max_attempts) | 3 | attempts in all, the first included; 1 disables retry |
+/// | [`backoff`](Self::backoff) | 250 ms, 2 s | full jitter: a retry waits `U(0, min(max, initial * 2^n))` |
+/// | [`first_chunk_timeout`](Self::first_chunk_timeout) | 30 s | per attempt, from its start to its first chunk |
+/// | [`max_retry_after`](Self::max_retry_after) | 30 s | a longer server hint is not waited for: the response goes back |
+/// | [`max_buffer`](Self::max_buffer) | 1 MiB | bytes held while looking for the first chunk |
+/// | [`retry_statuses`](Self::retry_statuses) | 408, 429, 502, 503, 504, 529 | statuses retried |
+/// | [`classify_errors`](Self::classify_errors) | [`is_transient`](super::is_transient) | inner errors retried |
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_backpressure::RetryPolicy;
+///
+/// let policy = RetryPolicy::default()
+///     .max_attempts(4)
+///     .backoff(Duration::from_millis(100), Duration::from_secs(1))
+///     .first_chunk_timeout(Duration::from_secs(10));
+/// assert_eq!(policy.get_max_attempts(), 4);
+/// ```
+#[derive(Clone)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    first_chunk_timeout: Duration,
+    max_retry_after: Duration,
+    max_buffer: usize,
+    statuses: Arc<[StatusCode]>,
+    classify: Classifier,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(2),
+            first_chunk_timeout: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(30),
+            max_buffer: 1024 * 1024,
+            statuses: [408, 429, 502, 503, 504, 529]
+                .into_iter()
+                .filter_map(|code| StatusCode::from_u16(code).ok())
+                .collect(),
+            classify: Arc::new(super::is_transient),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Attempts in all, the first included (default 3). 1 disables retry; 0 is invalid.
+    pub fn max_attempts(self, max_attempts: u32) -> Self {
+        Self {
+            max_attempts,
+            ..self
+        }
+    }
+
+    /// Exponential backoff with full jitter: retry `n` (from 0) waits a uniformly random
+    /// time in `[0, min(max, initial * 2^n)]` (default 250 ms and 2 s). `initial` must
+    /// not exceed `max`.
+    pub fn backoff(self, initial: Duration, max: Duration) -> Self {
+        Self {
+            initial_backoff: initial,
+            max_backoff: max,
+            ..self
+        }
+    }
+
+    /// How long one attempt may take, from its start to its first chunk, before it
+    /// counts as stalled and is retried (default 30 s). Must be above zero.
+    pub fn first_chunk_timeout(self, timeout: Duration) -> Self {
+        Self {
+            first_chunk_timeout: timeout,
+            ..self
+        }
+    }
+
+    /// The longest server hint (`retry-after-ms`, `Retry-After`) waited for (default
+    /// 30 s). A response asking for longer is not retried: it goes back to the caller.
+    pub fn max_retry_after(self, max: Duration) -> Self {
+        Self {
+            max_retry_after: max,
+            ..self
+        }
+    }
+
+    /// How many body bytes may be held while looking for the first chunk (default
+    /// 1 MiB). A first chunk larger than this fails the call without retry: the upstream
+    /// would send the same again. Must be above zero.
+    pub fn max_buffer(self, bytes: usize) -> Self {
+        Self {
+            max_buffer: bytes,
+            ..self
+        }
+    }
+
+    /// The response statuses that are retried (default 408, 429, 502, 503, 504, 529).
+    /// An `x-should-retry: true` or `false` response header overrides this per response.
+    pub fn retry_statuses(self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        Self {
+            statuses: statuses.into_iter().collect(),
+            ..self
+        }
+    }
+
+    /// Which inner-service errors are transient and retried (default
+    /// [`is_transient`](super::is_transient)). Errors it rejects go back to the caller
+    /// unchanged.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::{retry::is_transient, RetryPolicy};
+    ///
+    /// // Also retry a timeout from a `tower::timeout::Timeout` below this layer.
+    /// let policy = RetryPolicy::default().classify_errors(|error| {
+    ///     is_transient(error) || error.is::<tower::timeout::error::Elapsed>()
+    /// });
+    /// # let _ = policy;
+    /// ```
+    pub fn classify_errors<F>(self, is_transient: F) -> Self
+    where
+        F: Fn(&(dyn Error + 'static)) -> bool + Send + Sync + 'static,
+    {
+        Self {
+            classify: Arc::new(is_transient),
+            ..self
+        }
+    }
+
+    /// Attempts in all, the first included.
+    pub fn get_max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The per-attempt timeout to the first chunk.
+    pub fn get_first_chunk_timeout(&self) -> Duration {
+        self.first_chunk_timeout
+    }
+
+    /// Checks every setting; the error names the one out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_attempts == 0 {
+            return Err(ConfigError::new(
+                "max_attempts",
+                "must be at least 1 (1 disables retry)",
+            ));
+        }
+        if self.initial_backoff > self.max_backoff {
+            return Err(ConfigError::new(
+                "backoff",
+                format!(
+                    "initial ({:?}) must not exceed max ({:?})",
+                    self.initial_backoff, self.max_backoff
+                ),
+            ));
+        }
+        if self.first_chunk_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "first_chunk_timeout",
+                "must be above zero",
+            ));
+        }
+        if self.max_buffer == 0 {
+            return Err(ConfigError::new("max_buffer", "must be above zero"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn max_retry_after_limit(&self) -> Duration {
+        self.max_retry_after
+    }
+
+    pub(crate) fn buffer_limit(&self) -> usize {
+        self.max_buffer
+    }
+
+    pub(crate) fn retries_status(&self, status: StatusCode) -> bool {
+        self.statuses.contains(&status)
+    }
+
+    pub(crate) fn is_transient(&self, error: &(dyn Error + 'static)) -> bool {
+        (self.classify)(error)
+    }
+
+    /// The wait before retry number `retry` (0 for the first retry).
+    pub(crate) fn backoff_delay(&self, retry: u32) -> Duration {
+        let ceiling = self
+            .initial_backoff
+            .saturating_mul(1u32 << retry.min(31))
+            .min(self.max_backoff);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(fastrand::u64(0..=nanos))
+    }
+}
+
+impl fmt::Debug for RetryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryPolicy")
+            .field("max_attempts", &self.max_attempts)
+            .field("initial_backoff", &self.initial_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("first_chunk_timeout", &self.first_chunk_timeout)
+            .field("max_retry_after", &self.max_retry_after)
+            .field("max_buffer", &self.max_buffer)
+            .field("retry_statuses", &self.statuses)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.max_attempts, 3);
+        assert_eq!(p.initial_backoff, Duration::from_millis(250));
+        assert_eq!(p.max_backoff, Duration::from_secs(2));
+        assert_eq!(p.first_chunk_timeout, Duration::from_secs(30));
+        assert_eq!(p.max_retry_after, Duration::from_secs(30));
+        assert_eq!(p.max_buffer, 1 << 20);
+        let codes: Vec<u16> = p.statuses.iter().map(|s| s.as_u16()).collect();
+        assert_eq!(codes, [408, 429, 502, 503, 504, 529]);
+        assert!(p.validate().is_ok());
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_doubling_ceiling() {
+        let p =
+            RetryPolicy::default().backoff(Duration::from_millis(100), Duration::from_millis(500));
+        for (retry, ceiling) in [(0, 100), (1, 200), (2, 400), (3, 500), (40, 500)] {
+            let delays: Vec<Duration> = (0..2000).map(|_| p.backoff_delay(retry)).collect();
+            let max = delays.iter().max().unwrap();
+            let min = delays.iter().min().unwrap();
+            assert!(
+                *max <= Duration::from_millis(ceiling),
+                "retry {retry}: {max:?}"
+            );
+            // Full jitter spreads over the whole range, not just near the ceiling.
+            assert!(
+                *min < Duration::from_millis(ceiling / 10),
+                "retry {retry}: {min:?}"
+            );
+            assert!(
+                *max > Duration::from_millis(ceiling * 9 / 10),
+                "retry {retry}: {max:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn huge_backoff_settings_do_not_overflow() {
+        let p = RetryPolicy::default().backoff(Duration::MAX, Duration::MAX);
+        let _ = p.backoff_delay(31);
+        let p = RetryPolicy::default().backoff(Duration::ZERO, Duration::ZERO);
+        assert_eq!(p.backoff_delay(5), Duration::ZERO);
+    }
+
+    #[test]
+    fn invalid_settings_are_named() {
+        let cases = [
+            (RetryPolicy::default().max_attempts(0), "max_attempts"),
+            (
+                RetryPolicy::default().backoff(Duration::from_secs(3), Duration::from_secs(1)),
+                "backoff",
+            ),
+            (
+                RetryPolicy::default().first_chunk_timeout(Duration::ZERO),
+                "first_chunk_timeout",
+            ),
+            (RetryPolicy::default().max_buffer(0), "max_buffer"),
+        ];
+        for (policy, setting) in cases {
+            assert_eq!(policy.validate().unwrap_err().setting(), setting);
+        }
+    }
+}
