@@ -1,0 +1,402 @@
+//! StreamConcurrencyLayer against a real hyper upstream on loopback, both protocols,
+//! checked on the upstream's own counts.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use support::{
+    client, full_stack, post, read_to_end, Fault, Metrics, Protocol, Reply, Upstream, BOTH, TEST,
+};
+use tokio::time::Instant;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_stream_backpressure::concurrency::MaxWait;
+use tower_stream_backpressure::{
+    RejectReason, Rejected, RetryBudget, RetryPolicy, StreamConcurrencyLayer,
+};
+
+fn rejected(error: &tower::BoxError) -> &Rejected {
+    error
+        .downcast_ref::<Rejected>()
+        .unwrap_or_else(|| panic!("expected Rejected, got {error}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limit_holds_for_500_concurrent_streams() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::tokens(5).gap(Duration::from_millis(1))).await;
+        let metrics = Metrics::new();
+        let limit = StreamConcurrencyLayer::new(16);
+        let service = full_stack(
+            client(protocol),
+            &metrics.meter(),
+            limit.clone(),
+            RetryBudget::default(),
+            RetryPolicy::default(),
+        );
+        let calls = (0..500).map(|_| {
+            let service = service.clone();
+            let url = upstream.url("/v1/chat/completions");
+            tokio::spawn(async move {
+                let response = service.oneshot(post(&url)).await?;
+                read_to_end(response.into_body()).await
+            })
+        });
+        let mut ok = 0;
+        for call in calls.collect::<Vec<_>>() {
+            let body = call.await.expect("no panic").expect("the call succeeds");
+            assert!(body.ends_with(b"data: [DONE]\n\n"));
+            ok += 1;
+        }
+        assert_eq!(ok, 500, "{protocol:?}");
+        assert_eq!(upstream.hits(), 500, "{protocol:?}: one attempt per call");
+        assert_eq!(upstream.completed_streams(), 500, "{protocol:?}");
+        assert_eq!(
+            upstream.peak_streams(),
+            16,
+            "{protocol:?}: the upstream saw the limit reached, never exceeded"
+        );
+        assert_eq!(
+            limit.available_slots(),
+            16,
+            "{protocol:?}: every slot came back"
+        );
+        let snapshot = metrics.snapshot();
+        assert_eq!(snapshot.count("streams_in_flight", &[TEST]), 0.0);
+        assert_eq!(snapshot.count("provider_calls_in_flight", &[TEST]), 0.0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_slot_is_held_until_the_stream_ends_not_until_headers() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::tokens(3).gap(Duration::from_secs(1))).await;
+        let limit = StreamConcurrencyLayer::new(1).max_wait(Duration::ZERO);
+        let service = ServiceBuilder::new()
+            .layer(limit.clone())
+            .service(client(protocol));
+
+        let response = service
+            .clone()
+            .oneshot(post(&upstream.url("/")))
+            .await
+            .unwrap();
+        assert_eq!(
+            limit.available_slots(),
+            0,
+            "{protocol:?}: headers did not free the slot"
+        );
+        assert_eq!(upstream.open_streams(), 1);
+
+        let error = service
+            .clone()
+            .oneshot(post(&upstream.url("/")))
+            .await
+            .unwrap_err();
+        assert_eq!(rejected(&error).reason(), RejectReason::DeadlineExceeded);
+        assert_eq!(
+            upstream.hits(),
+            1,
+            "{protocol:?}: a rejected call does no HTTP work"
+        );
+
+        // Mid-stream, both ends still hold the stream.
+        let mut body = response.into_body();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(limit.available_slots(), 0, "{protocol:?}");
+        assert_eq!(upstream.open_streams(), 1, "{protocol:?}");
+
+        // Read to the end but keep the body object: the slot is free.
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+        assert_eq!(
+            limit.available_slots(),
+            1,
+            "{protocol:?}: released at end of stream"
+        );
+
+        let next = service
+            .clone()
+            .oneshot(post(&upstream.url("/")))
+            .await
+            .unwrap();
+        read_to_end(next.into_body()).await.unwrap();
+        assert_eq!(upstream.hits(), 2);
+        drop(body);
+        assert_eq!(limit.available_slots(), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_read_to_its_exact_length_frees_the_slot_without_a_final_poll() {
+    for protocol in BOTH {
+        // A Content-Length body: the consumer may stop after the last byte.
+        let upstream = Upstream::start(|_| Reply::status(200)).await;
+        let limit = StreamConcurrencyLayer::new(1);
+        let service = ServiceBuilder::new()
+            .layer(limit.clone())
+            .service(client(protocol));
+        let response = service.oneshot(post(&upstream.url("/"))).await.unwrap();
+        let mut body = response.into_body();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert!(frame.is_data());
+        assert!(http_body::Body::is_end_stream(&body));
+        assert_eq!(limit.available_slots(), 1, "{protocol:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_body_frees_the_slot_at_once() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::status(204)).await;
+        let limit = StreamConcurrencyLayer::new(1);
+        let service = ServiceBuilder::new()
+            .layer(limit.clone())
+            .service(client(protocol));
+        let response = service.oneshot(post(&upstream.url("/"))).await.unwrap();
+        assert_eq!(response.status(), 204);
+        assert_eq!(
+            limit.available_slots(),
+            1,
+            "{protocol:?}: never polled, yet released"
+        );
+        drop(response);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_release_the_slot_and_pass_through_unchanged() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|hit| match hit.path.as_str() {
+            "/drop" => Reply::DropConnection,
+            "/reset" => Reply::faulty(3, Fault::ResetAfter(1)),
+            _ => Reply::tokens(1),
+        })
+        .await;
+        let metrics = Metrics::new();
+        let limit = StreamConcurrencyLayer::new(1)
+            .meter(metrics.meter())
+            .provider("test");
+        let service = ServiceBuilder::new()
+            .layer(limit.clone())
+            .service(client(protocol));
+
+        // The inner service fails: its own error type comes back.
+        let error = service
+            .clone()
+            .oneshot(post(&upstream.url("/drop")))
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .downcast_ref::<hyper_util::client::legacy::Error>()
+                .is_some(),
+            "{protocol:?}: {error:?}"
+        );
+        assert_eq!(
+            limit.available_slots(),
+            1,
+            "{protocol:?}: released on inner error"
+        );
+
+        // The body fails mid-stream.
+        let response = service
+            .clone()
+            .oneshot(post(&upstream.url("/reset")))
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        assert!(body.frame().await.unwrap().is_ok());
+        assert_eq!(limit.available_slots(), 0);
+        let failed = loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => break error,
+                None => panic!("{protocol:?}: expected a body error"),
+            }
+        };
+        let _: hyper::Error = failed;
+        assert_eq!(
+            limit.available_slots(),
+            1,
+            "{protocol:?}: released on body error"
+        );
+        assert_eq!(metrics.snapshot().count("streams_in_flight", &[TEST]), 0.0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_call_releases_the_slot() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::Hang).await;
+        let limit = StreamConcurrencyLayer::new(1);
+        let service = ServiceBuilder::new()
+            .layer(limit.clone())
+            .service(client(protocol));
+        let call = service.oneshot(post(&upstream.url("/")));
+        assert!(tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .is_err());
+        assert_eq!(limit.available_slots(), 1, "{protocol:?}");
+        assert_eq!(upstream.hits(), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_rejects_with_deadline_exceeded_and_counts_it() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::faulty(3, Fault::StallAfter(1))).await;
+        let metrics = Metrics::new();
+        let limit = StreamConcurrencyLayer::new(1)
+            .max_wait(Duration::from_secs(2))
+            .meter(metrics.meter())
+            .provider("test");
+        let service = ServiceBuilder::new()
+            .layer(limit.clone())
+            .service(client(protocol));
+        let held = service
+            .clone()
+            .oneshot(post(&upstream.url("/")))
+            .await
+            .unwrap();
+
+        let started = Instant::now();
+        let error = service
+            .clone()
+            .oneshot(post(&upstream.url("/")))
+            .await
+            .unwrap_err();
+        let rejection = rejected(&error);
+        assert_eq!(rejection.reason(), RejectReason::DeadlineExceeded);
+        assert_eq!(rejection.waited(), Duration::from_secs(2));
+        assert_eq!(rejection.limit(), 1);
+        assert_eq!(started.elapsed(), Duration::from_secs(2), "{protocol:?}");
+        assert!(error.to_string().contains("deadline_exceeded"));
+
+        // A request extension overrides the layer's max_wait.
+        let mut fail_fast = post(&upstream.url("/"));
+        fail_fast
+            .extensions_mut()
+            .insert(MaxWait::new(Duration::ZERO));
+        let started = Instant::now();
+        let error = service.clone().oneshot(fail_fast).await.unwrap_err();
+        assert_eq!(rejected(&error).waited(), Duration::ZERO);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(
+            upstream.hits(),
+            1,
+            "{protocol:?}: rejected calls never reached upstream"
+        );
+
+        let snapshot = metrics.snapshot();
+        let reason = ("reason", "deadline_exceeded");
+        assert_eq!(
+            snapshot.count("stream_concurrency_rejections", &[TEST, reason]),
+            2.0
+        );
+        assert_eq!(
+            snapshot.value(
+                "stream_concurrency_rejections",
+                &[TEST, ("reason", "context_canceled")]
+            ),
+            None
+        );
+        let wait = snapshot
+            .histogram("stream_concurrency_wait", &[TEST])
+            .unwrap();
+        assert_eq!(wait.count, 3, "granted at once, 2 s, 0 s");
+        assert!((wait.sum - 2.0).abs() < 1e-9, "{wait:?}");
+        assert_eq!(snapshot.count("streams_in_flight", &[TEST]), 1.0);
+        drop(held);
+        assert_eq!(metrics.snapshot().count("streams_in_flight", &[TEST]), 0.0);
+        assert_eq!(limit.available_slots(), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_caller_that_gives_up_is_counted_and_leaks_nothing() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::faulty(3, Fault::StallAfter(1))).await;
+        let metrics = Metrics::new();
+        // No max_wait: a call waits until its caller gives up.
+        let limit = StreamConcurrencyLayer::new(1)
+            .meter(metrics.meter())
+            .provider("test");
+        let service = ServiceBuilder::new()
+            .layer(limit.clone())
+            .service(client(protocol));
+        let held = service
+            .clone()
+            .oneshot(post(&upstream.url("/")))
+            .await
+            .unwrap();
+
+        let waiting = service.clone().oneshot(post(&upstream.url("/")));
+        assert!(tokio::time::timeout(Duration::from_secs(60), waiting)
+            .await
+            .is_err());
+
+        let snapshot = metrics.snapshot();
+        let reason = ("reason", "context_canceled");
+        assert_eq!(
+            snapshot.count("stream_concurrency_rejections", &[TEST, reason]),
+            1.0
+        );
+        let wait = snapshot
+            .histogram("stream_concurrency_wait", &[TEST])
+            .unwrap();
+        assert!((wait.max - 60.0).abs() < 1e-9, "{wait:?}");
+        assert_eq!(upstream.hits(), 1, "{protocol:?}");
+
+        drop(held);
+        assert_eq!(limit.available_slots(), 1, "{protocol:?}: nothing leaked");
+        let next = service
+            .clone()
+            .oneshot(post(&upstream.url("/")))
+            .await
+            .unwrap();
+        drop(next);
+        assert_eq!(upstream.hits(), 2);
+        assert_eq!(metrics.snapshot().count("streams_in_flight", &[TEST]), 0.0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_get_slots_in_arrival_order() {
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let upstream = {
+        let order = order.clone();
+        Upstream::start(move |hit| {
+            order.lock().unwrap().push(hit.path.clone());
+            Reply::tokens(1)
+        })
+        .await
+    };
+    let limit = StreamConcurrencyLayer::new(1);
+    let service = ServiceBuilder::new()
+        .layer(limit.clone())
+        .service(client(Protocol::Http1));
+    let held = service
+        .clone()
+        .oneshot(post(&upstream.url("/held")))
+        .await
+        .unwrap();
+
+    let mut waiters = Vec::new();
+    for name in ["/a", "/b", "/c", "/d"] {
+        let call = service.clone().oneshot(post(&upstream.url(name)));
+        waiters.push(tokio::spawn(async move {
+            read_to_end(call.await?.into_body()).await
+        }));
+        // Let it queue before the next one arrives.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(held);
+    for waiter in waiters {
+        waiter.await.unwrap().unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), ["/held", "/a", "/b", "/c", "/d"]);
+}

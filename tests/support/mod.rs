@@ -1,0 +1,231 @@
+//! Shared setup of the integration tests: the mock upstream, hyper-util clients for
+//! both protocols, and metrics read back through the SDK and through Prometheus.
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use opentelemetry::metrics::{Meter, MeterProvider};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+use tower::BoxError;
+
+#[allow(unused_imports)]
+pub use upstream::{Fault, Hit, Reply, Upstream};
+
+/// The HTTP version a client speaks to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): every stream on one connection.
+    Http2,
+}
+
+pub const BOTH: [Protocol; 2] = [Protocol::Http1, Protocol::Http2];
+
+pub type HyperClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A hyper-util client, as a user of the crate would build one.
+pub fn client(protocol: Protocol) -> HyperClient {
+    let mut builder = Client::builder(TokioExecutor::new());
+    if protocol == Protocol::Http2 {
+        builder.http2_only(true);
+    }
+    builder.build_http()
+}
+
+/// A streaming chat completion request to `url`.
+pub fn post(url: &str) -> Request<Full<Bytes>> {
+    Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"stream":true}"#)))
+        .expect("a valid request")
+}
+
+/// Reads a body to its end.
+pub async fn read_to_end<B>(body: B) -> Result<Bytes, BoxError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    Ok(body.collect().await.map_err(Into::into)?.to_bytes())
+}
+
+/// A meter provider that records both into memory (read back with
+/// [`Metrics::snapshot`]) and into a Prometheus registry (read back as text).
+pub struct Metrics {
+    provider: SdkMeterProvider,
+    exporter: InMemoryMetricExporter,
+    registry: prometheus::Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let exporter = InMemoryMetricExporter::default();
+        let registry = prometheus::Registry::new();
+        let prometheus = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .build()
+            .expect("a prometheus exporter");
+        let provider = SdkMeterProvider::builder()
+            // Exports only on `force_flush`.
+            .with_reader(
+                PeriodicReader::builder(exporter.clone())
+                    .with_interval(Duration::from_secs(3600))
+                    .build(),
+            )
+            .with_reader(prometheus)
+            .build();
+        Self {
+            provider,
+            exporter,
+            registry,
+        }
+    }
+
+    pub fn meter(&self) -> Meter {
+        self.provider.meter("tests")
+    }
+
+    /// Every metric as of now.
+    pub fn snapshot(&self) -> Snapshot {
+        self.exporter.reset();
+        self.provider.force_flush().expect("flush");
+        let mut exported = self.exporter.get_finished_metrics().expect("metrics");
+        Snapshot(exported.pop())
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn prometheus_text(&self) -> String {
+        let mut text = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &self.registry.gather(),
+            &mut text,
+        )
+        .expect("encode");
+        String::from_utf8(text).expect("utf-8")
+    }
+}
+
+/// What the SDK exported at one point in time.
+pub struct Snapshot(Option<ResourceMetrics>);
+
+fn matches(point: impl Iterator<Item = KeyValue>, want: &[(&str, &str)]) -> bool {
+    let have: Vec<KeyValue> = point.collect();
+    want.iter().all(|(key, value)| {
+        have.iter()
+            .any(|kv| kv.key.as_str() == *key && kv.value.as_str() == *value)
+    })
+}
+
+impl Snapshot {
+    fn data(&self, name: &str) -> Option<&AggregatedMetrics> {
+        self.0
+            .as_ref()?
+            .scope_metrics()
+            .flat_map(|scope| scope.metrics())
+            .find(|metric| metric.name() == name)
+            .map(|metric| metric.data())
+    }
+
+    /// The value of a counter, up-down counter or gauge data point whose attributes
+    /// include `attrs`; `None` if nothing was recorded.
+    pub fn value(&self, name: &str, attrs: &[(&str, &str)]) -> Option<f64> {
+        fn point<T: Copy>(
+            data: &MetricData<T>,
+            attrs: &[(&str, &str)],
+            to_f64: fn(T) -> f64,
+        ) -> Option<f64> {
+            match data {
+                MetricData::Sum(sum) => sum
+                    .data_points()
+                    .find(|p| matches(p.attributes().cloned(), attrs))
+                    .map(|p| to_f64(p.value())),
+                MetricData::Gauge(gauge) => gauge
+                    .data_points()
+                    .find(|p| matches(p.attributes().cloned(), attrs))
+                    .map(|p| to_f64(p.value())),
+                _ => None,
+            }
+        }
+        match self.data(name)? {
+            AggregatedMetrics::F64(data) => point(data, attrs, |v| v),
+            AggregatedMetrics::U64(data) => point(data, attrs, |v| v as f64),
+            AggregatedMetrics::I64(data) => point(data, attrs, |v| v as f64),
+        }
+    }
+
+    /// `value`, or 0 when nothing was recorded.
+    pub fn count(&self, name: &str, attrs: &[(&str, &str)]) -> f64 {
+        self.value(name, attrs).unwrap_or(0.0)
+    }
+
+    /// Count, sum and max of an `f64` histogram data point whose attributes include
+    /// `attrs`.
+    pub fn histogram(&self, name: &str, attrs: &[(&str, &str)]) -> Option<Histogram> {
+        let AggregatedMetrics::F64(MetricData::Histogram(histogram)) = self.data(name)? else {
+            return None;
+        };
+        histogram
+            .data_points()
+            .find(|p| matches(p.attributes().cloned(), attrs))
+            .map(|p| Histogram {
+                count: p.count(),
+                sum: p.sum(),
+                max: p.max().unwrap_or(0.0),
+                bounds: p.bounds().collect(),
+            })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    pub count: u64,
+    pub sum: f64,
+    pub max: f64,
+    pub bounds: Vec<f64>,
+}
+
+/// The three layers stacked as the README shows, over `client`, recording to `meter`
+/// under provider `"test"`.
+pub fn full_stack(
+    client: HyperClient,
+    meter: &Meter,
+    limit: tower_stream_backpressure::StreamConcurrencyLayer,
+    budget: tower_stream_backpressure::RetryBudget,
+    policy: tower_stream_backpressure::RetryPolicy,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = http::Response<impl Body<Data = Bytes, Error = hyper::Error>>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone
+       + Send {
+    use tower_stream_backpressure::{FirstChunkRetryLayer, RetryBudgetLayer};
+    tower::ServiceBuilder::new()
+        .layer(limit.meter(meter.clone()).provider("test"))
+        .layer(
+            RetryBudgetLayer::new(budget)
+                .meter(meter.clone())
+                .provider("test"),
+        )
+        .layer(
+            FirstChunkRetryLayer::new(policy)
+                .meter(meter.clone())
+                .provider("test"),
+        )
+        .service(client)
+}
+
+/// Attributes of every metric recorded by [`full_stack`].
+pub const TEST: (&str, &str) = ("provider", "test");

@@ -1,0 +1,458 @@
+//! A mock LLM upstream on 127.0.0.1: HTTP/1.1 and HTTP/2 (prior knowledge) on one
+//! port, streaming SSE, with faults injected per request by a script, and its own
+//! count of what it saw (hits, open streams, peak open streams).
+//!
+//! Shared by the integration tests and the `demo` example.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Sleep;
+
+/// What the upstream saw of one request, for the script to decide on.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    /// 0 for the first request the upstream received, and so on.
+    pub index: u64,
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+/// How the upstream answers one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// `200 text/event-stream`, then the stream's steps.
+    Stream(Stream),
+    /// A plain response with this status, headers and body.
+    Status {
+        status: StatusCode,
+        headers: Vec<(&'static str, String)>,
+        body: Bytes,
+    },
+    /// Close the connection without answering ("reset before headers").
+    DropConnection,
+    /// Never answer (a stall before the headers).
+    Hang,
+}
+
+/// An SSE stream and the fault it suffers, if any.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    /// `: keep-alive` comments sent before anything else.
+    pub keepalives: usize,
+    /// Complete events (each ending in a blank line).
+    pub events: Vec<Bytes>,
+    /// Pause before each event.
+    pub gap: Duration,
+    pub fault: Fault,
+}
+
+/// What goes wrong with a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// Headers (and keep-alives), then nothing, ever.
+    StallBeforeFirst,
+    /// Headers (and keep-alives), then the stream is reset.
+    ResetBeforeFirst,
+    /// This many events, then nothing, ever.
+    StallAfter(usize),
+    /// This many events, then the stream is reset.
+    ResetAfter(usize),
+}
+
+impl Reply {
+    /// A healthy stream of `tokens` content events and a final `data: [DONE]`.
+    pub fn tokens(tokens: usize) -> Self {
+        Reply::Stream(Stream {
+            keepalives: 0,
+            events: token_events(tokens),
+            gap: Duration::ZERO,
+            fault: Fault::None,
+        })
+    }
+
+    /// A stream of `tokens` events that suffers `fault`.
+    pub fn faulty(tokens: usize, fault: Fault) -> Self {
+        match Reply::tokens(tokens) {
+            Reply::Stream(stream) => Reply::Stream(Stream { fault, ..stream }),
+            _ => unreachable!(),
+        }
+    }
+
+    /// A plain response with `status` and a JSON error body (none for 204 and 304).
+    pub fn status(status: u16) -> Self {
+        let body: &'static [u8] = match status {
+            204 | 304 => b"",
+            _ => br#"{"error":{"message":"injected"}}"#,
+        };
+        Reply::Status {
+            status: StatusCode::from_u16(status).expect("a valid status"),
+            headers: Vec::new(),
+            body: Bytes::from_static(body),
+        }
+    }
+
+    /// Adds a response header (to a `Status` reply).
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        if let Reply::Status { headers, .. } = &mut self {
+            headers.push((name, value.into()));
+        }
+        self
+    }
+
+    /// Sets the pause before each event (of a `Stream` reply).
+    pub fn gap(mut self, gap: Duration) -> Self {
+        if let Reply::Stream(stream) = &mut self {
+            stream.gap = gap;
+        }
+        self
+    }
+
+    /// Sends `n` keep-alive comments first (in a `Stream` reply).
+    pub fn keepalives(mut self, n: usize) -> Self {
+        if let Reply::Stream(stream) = &mut self {
+            stream.keepalives = n;
+        }
+        self
+    }
+}
+
+/// `tokens` OpenAI-style chunk events, then `data: [DONE]`.
+pub fn token_events(tokens: usize) -> Vec<Bytes> {
+    (0..tokens)
+        .map(|i| {
+            Bytes::from(format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}}}}]}}\n\n"
+            ))
+        })
+        .chain(std::iter::once(Bytes::from_static(b"data: [DONE]\n\n")))
+        .collect()
+}
+
+type Script = dyn Fn(&Hit) -> Reply + Send + Sync;
+
+/// The upstream's own counts.
+#[derive(Debug, Default)]
+pub struct Stats {
+    hits: AtomicU64,
+    open: AtomicU64,
+    peak: AtomicU64,
+    completed: AtomicU64,
+}
+
+/// A running mock upstream; stops when dropped.
+pub struct Upstream {
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Starts serving on 127.0.0.1 (port chosen by the OS), answering each request as
+    /// `script` says.
+    pub async fn start(script: impl Fn(&Hit) -> Reply + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1");
+        let addr = listener.local_addr().expect("local addr");
+        let stats = Arc::new(Stats::default());
+        let script: Arc<Script> = Arc::new(script);
+        let server = tokio::spawn(serve(listener, stats.clone(), script));
+        Self {
+            addr,
+            stats,
+            server,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:port{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Requests received.
+    pub fn hits(&self) -> u64 {
+        self.stats.hits.load(Ordering::SeqCst)
+    }
+
+    /// Responses being produced now: from the request's arrival until its body ended,
+    /// failed, or was dropped.
+    pub fn open_streams(&self) -> u64 {
+        self.stats.open.load(Ordering::SeqCst)
+    }
+
+    /// The most responses ever open at once.
+    pub fn peak_streams(&self) -> u64 {
+        self.stats.peak.load(Ordering::SeqCst)
+    }
+
+    /// Streams whose body was sent to its end.
+    pub fn completed_streams(&self) -> u64 {
+        self.stats.completed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn serve(listener: TcpListener, stats: Arc<Stats>, script: Arc<Script>) {
+    // Connection tasks live in the set: aborting `serve` drops them all.
+    let mut connections = JoinSet::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => continue,
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let _ = tcp.set_nodelay(true);
+        let kill = Arc::new(Notify::new());
+        let service = {
+            let (stats, script, kill) = (stats.clone(), script.clone(), kill.clone());
+            service_fn(move |request: Request<Incoming>| {
+                answer(request, stats.clone(), script.clone(), kill.clone())
+            })
+        };
+        connections.spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                _ = connection => {}
+                // Dropping the connection closes the socket under every stream on it.
+                _ = kill.notified() => {}
+            }
+        });
+    }
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    stats: Arc<Stats>,
+    script: Arc<Script>,
+    kill: Arc<Notify>,
+) -> Result<Response<MockBody>, Infallible> {
+    let hit = Hit {
+        index: stats.hits.fetch_add(1, Ordering::SeqCst),
+        method: request.method().clone(),
+        path: request.uri().path().to_owned(),
+        headers: request.headers().clone(),
+    };
+    let reply = script(&hit);
+    // Read the request body so that HTTP/1.1 can reuse the connection.
+    let _ = http_body_util::BodyExt::collect(request.into_body()).await;
+    let open = Open::new(stats);
+    match reply {
+        Reply::DropConnection => {
+            drop(open);
+            kill.notify_one();
+            std::future::pending().await
+        }
+        Reply::Hang => {
+            // Open until the client goes away and hyper drops this future.
+            let _open = open;
+            std::future::pending().await
+        }
+        Reply::Status {
+            status,
+            headers,
+            body,
+        } => {
+            let steps = if body.is_empty() {
+                VecDeque::new()
+            } else {
+                VecDeque::from([Step::Send(body)])
+            };
+            let mut response = Response::new(MockBody::new(steps, open));
+            *response.status_mut() = status;
+            for (name, value) in headers {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    response.headers_mut().append(name, value);
+                }
+            }
+            Ok(response)
+        }
+        Reply::Stream(stream) => {
+            let mut response = Response::new(MockBody::new(plan(stream), open));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            Ok(response)
+        }
+    }
+}
+
+/// One thing the body does next.
+#[derive(Debug)]
+enum Step {
+    Send(Bytes),
+    Pause(Duration),
+    /// Return `Pending` once, so that the server flushes what it has.
+    Flush,
+    Stall,
+    Reset,
+}
+
+fn plan(stream: Stream) -> VecDeque<Step> {
+    let mut steps = VecDeque::new();
+    for _ in 0..stream.keepalives {
+        steps.push_back(Step::Send(Bytes::from_static(b": keep-alive\n\n")));
+    }
+    let cut = match stream.fault {
+        Fault::StallBeforeFirst | Fault::ResetBeforeFirst => 0,
+        Fault::StallAfter(n) | Fault::ResetAfter(n) => n,
+        Fault::None => usize::MAX,
+    };
+    for event in stream.events.into_iter().take(cut) {
+        if !stream.gap.is_zero() {
+            steps.push_back(Step::Pause(stream.gap));
+        }
+        steps.push_back(Step::Send(event));
+    }
+    // The headers and events before a fault reach the client before it strikes.
+    match stream.fault {
+        Fault::StallBeforeFirst | Fault::StallAfter(_) => steps.extend([Step::Flush, Step::Stall]),
+        Fault::ResetBeforeFirst | Fault::ResetAfter(_) => steps.extend([Step::Flush, Step::Reset]),
+        Fault::None => {}
+    }
+    steps
+}
+
+/// Counts a response as open until its body ends, fails or is dropped; exactly once.
+struct Open {
+    stats: Option<Arc<Stats>>,
+}
+
+impl Open {
+    fn new(stats: Arc<Stats>) -> Self {
+        let open = stats.open.fetch_add(1, Ordering::SeqCst) + 1;
+        stats.peak.fetch_max(open, Ordering::SeqCst);
+        Self { stats: Some(stats) }
+    }
+
+    fn close(&mut self, completed: bool) {
+        if let Some(stats) = self.stats.take() {
+            stats.open.fetch_sub(1, Ordering::SeqCst);
+            if completed {
+                stats.completed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.close(false);
+    }
+}
+
+/// The upstream's response body: runs the planned steps.
+pub struct MockBody {
+    steps: VecDeque<Step>,
+    pause: Option<Pin<Box<Sleep>>>,
+    open: Open,
+}
+
+impl MockBody {
+    fn new(steps: VecDeque<Step>, open: Open) -> Self {
+        Self {
+            steps,
+            pause: None,
+            open,
+        }
+    }
+}
+
+impl Body for MockBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        loop {
+            if let Some(pause) = self.pause.as_mut() {
+                ready!(pause.as_mut().poll(cx));
+                self.pause = None;
+            }
+            match self.steps.pop_front() {
+                Some(Step::Pause(duration)) => {
+                    self.pause = Some(Box::pin(tokio::time::sleep(duration)))
+                }
+                Some(Step::Send(bytes)) => {
+                    if self.steps.is_empty() {
+                        // Counted closed before the last bytes leave, so the client
+                        // cannot see the end before the upstream does.
+                        self.open.close(true);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                }
+                Some(Step::Flush) => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Some(Step::Stall) => {
+                    self.steps.push_front(Step::Stall);
+                    return Poll::Pending;
+                }
+                Some(Step::Reset) => {
+                    self.open.close(false);
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "injected reset",
+                    ))));
+                }
+                None => {
+                    self.open.close(true);
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.steps.is_empty() && self.pause.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        // A body of bytes only has a known length: sent with Content-Length.
+        let mut length = 0;
+        for step in &self.steps {
+            match step {
+                Step::Send(bytes) => length += bytes.len() as u64,
+                _ => return http_body::SizeHint::default(),
+            }
+        }
+        http_body::SizeHint::with_exact(length)
+    }
+}
