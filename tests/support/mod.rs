@@ -35,12 +35,17 @@ pub const BOTH: [Protocol; 2] = [Protocol::Http1, Protocol::Http2];
 pub type HyperClient = Client<HttpConnector, Full<Bytes>>;
 
 /// A hyper-util client, as a user of the crate would build one.
+///
+/// `TCP_NODELAY` is set, as it should be for streaming: without it, small writes wait
+/// for the peer's delayed ACK (tens of milliseconds in real time, even on loopback).
 pub fn client(protocol: Protocol) -> HyperClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
     let mut builder = Client::builder(TokioExecutor::new());
     if protocol == Protocol::Http2 {
         builder.http2_only(true);
     }
-    builder.build_http()
+    builder.build(connector)
 }
 
 /// A streaming chat completion request to `url`.
@@ -206,7 +211,7 @@ pub fn full_stack(
     policy: tower_stream_backpressure::RetryPolicy,
 ) -> impl tower::Service<
     Request<Full<Bytes>>,
-    Response = http::Response<impl Body<Data = Bytes, Error = hyper::Error>>,
+    Response = http::Response<impl Body<Data = Bytes, Error = hyper::Error> + std::fmt::Debug>,
     Error = BoxError,
     Future = impl Send,
 > + Clone
@@ -229,3 +234,55 @@ pub fn full_stack(
 
 /// Attributes of every metric recorded by [`full_stack`].
 pub const TEST: (&str, &str) = ("provider", "test");
+
+/// A sample of the Prometheus text exposition: `name{labels} value`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// Parses the samples of a Prometheus text exposition (label values without commas or
+/// escaped quotes, which is all these tests produce).
+pub fn parse_prometheus(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .filter_map(|pair| {
+                    let (key, value) = pair.split_once('=')?;
+                    Some((key.to_owned(), value.trim_matches('"').to_owned()))
+                })
+                .collect();
+            Some(Sample {
+                name: name.to_owned(),
+                labels,
+                value: value.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The value of the one sample named `name` whose labels include `labels`.
+pub fn prometheus_value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = samples.iter().filter(|sample| {
+        sample.name == name
+            && labels
+                .iter()
+                .all(|(k, v)| sample.labels.iter().any(|(sk, sv)| sk == k && sv == v))
+    });
+    let sample = found.next()?;
+    assert!(
+        found.next().is_none(),
+        "more than one {name} sample with {labels:?}"
+    );
+    Some(sample.value)
+}
