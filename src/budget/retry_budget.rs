@@ -219,3 +219,174 @@ impl tower::retry::budget::Budget for RetryBudget {
         RetryBudget::withdraw(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn budget(ttl_secs: u64, min_per_sec: u32, ratio: f64) -> RetryBudget {
+        RetryBudget::new(Duration::from_secs(ttl_secs), min_per_sec, ratio).unwrap()
+    }
+
+    fn deposit(budget: &RetryBudget, n: usize) {
+        for _ in 0..n {
+            budget.deposit();
+        }
+    }
+
+    fn drain(budget: &RetryBudget) -> u64 {
+        let mut granted = 0;
+        while budget.withdraw() {
+            granted += 1;
+        }
+        granted
+    }
+
+    #[test]
+    fn ratios_are_exact_not_rounded_to_a_whole_inverse() {
+        // tower's TpsBudget truncates 1/0.6 to 1 and allows 100 %.
+        for (ratio, requests, retries) in [
+            (0.6, 100, 60),
+            (0.2, 1000, 200),
+            (0.29, 100, 29),
+            (0.7, 10, 7),
+            (1.0, 10, 10),
+            (2.5, 10, 25),
+            (0.0, 100, 0),
+            (1000.0, 1, 1000),
+        ] {
+            let b = budget(10, 0, ratio);
+            deposit(&b, requests);
+            assert_eq!(b.available(), retries, "ratio {ratio}");
+            assert_eq!(drain(&b), retries, "ratio {ratio}");
+            assert_eq!(b.available(), 0);
+        }
+    }
+
+    #[test]
+    fn the_reserve_is_min_per_sec_times_ttl() {
+        let b = budget(10, 10, 0.2);
+        assert_eq!(b.available(), 100);
+        deposit(&b, 50);
+        assert_eq!(b.available(), 110);
+        assert_eq!(drain(&b), 110);
+        // A withdrawal never takes a fraction: 0.2 of one more request is not a retry.
+        b.deposit();
+        assert!(!b.withdraw());
+        deposit(&b, 4);
+        assert!(b.withdraw());
+        let fractional = RetryBudget::new(Duration::from_millis(1500), 3, 0.0).unwrap();
+        assert_eq!(fractional.available(), 4, "3/s over 1.5 s");
+    }
+
+    #[test]
+    fn defaults_are_finagles() {
+        let b = RetryBudget::default();
+        assert_eq!(b.ttl(), Duration::from_secs(10));
+        assert_eq!(b.min_per_sec(), 10);
+        assert_eq!(b.retry_ratio(), 0.2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_and_retries_expire_after_ttl() {
+        let b = budget(10, 0, 1.0);
+        deposit(&b, 10);
+        assert_eq!(drain(&b), 10);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        deposit(&b, 4);
+        assert_eq!(b.available(), 4);
+        // The first ten deposits and ten retries leave the window together.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(b.available(), 4);
+        assert_eq!(drain(&b), 4);
+        // Everything gone after a whole ttl of silence.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        deposit(&b, 3);
+        assert_eq!(b.available(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_old_deposit_expires_while_newer_ones_stay() {
+        let b = budget(10, 0, 1.0);
+        b.deposit();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        b.deposit();
+        assert_eq!(b.available(), 2);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.available(), 1, "the first deposit is ttl old");
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(b.available(), 0);
+        // A long silence does not loop once per slice missed.
+        tokio::time::advance(Duration::from_secs(86_400 * 365)).await;
+        b.deposit();
+        assert_eq!(b.available(), 1);
+    }
+
+    #[test]
+    fn concurrent_callers_never_overdraw() {
+        let b = budget(60, 0, 0.5);
+        deposit(&b, 10_000);
+        let granted = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (b, granted) = (b.clone(), granted.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..2_000 {
+                        if b.withdraw() {
+                            granted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Interleave deposits that each add half a retry.
+                        b.deposit();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        // 10,000 + 16,000 deposits at 0.5 allow exactly 13,000 retries; 16,000 were
+        // asked for, so the budget ran dry and every unit was taken exactly once.
+        let taken = granted.load(Ordering::Relaxed) + drain(&b);
+        assert_eq!(taken, 13_000);
+    }
+
+    #[test]
+    fn out_of_range_settings_name_the_parameter() {
+        let ttl = Duration::from_secs(10);
+        for (result, setting) in [
+            (RetryBudget::new(Duration::from_millis(999), 10, 0.2), "ttl"),
+            (RetryBudget::new(Duration::from_secs(61), 10, 0.2), "ttl"),
+            (RetryBudget::new(ttl, 10, -0.1), "retry_ratio"),
+            (RetryBudget::new(ttl, 10, 1000.1), "retry_ratio"),
+            (RetryBudget::new(ttl, 10, f64::NAN), "retry_ratio"),
+            (RetryBudget::new(ttl, 10, f64::INFINITY), "retry_ratio"),
+        ] {
+            let error = result.unwrap_err();
+            assert_eq!(error.setting(), setting);
+            assert!(error.to_string().contains(setting), "{error}");
+        }
+        assert!(RetryBudget::new(Duration::from_secs(60), u32::MAX, 1000.0).is_ok());
+        assert!(RetryBudget::new(Duration::from_secs(1), 0, 0.0).is_ok());
+    }
+
+    #[test]
+    fn huge_settings_do_not_overflow() {
+        let b = RetryBudget::new(Duration::from_secs(60), u32::MAX, 1000.0).unwrap();
+        assert_eq!(b.available(), u64::from(u32::MAX) * 60);
+        b.deposit();
+        assert_eq!(b.available(), u64::from(u32::MAX) * 60 + 1000);
+    }
+
+    #[test]
+    fn serves_as_a_tower_budget() {
+        use tower::retry::budget::Budget;
+        fn spend(budget: &impl Budget) -> bool {
+            budget.deposit();
+            budget.withdraw()
+        }
+        let b = budget(10, 0, 1.0);
+        assert!(spend(&b));
+        assert_eq!(b.available(), 0);
+    }
+}

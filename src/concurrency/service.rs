@@ -122,3 +122,129 @@ where
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StreamConcurrencyLayer;
+    use http_body_util::Empty;
+    use std::fmt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::{service_fn, Layer, ServiceExt};
+
+    #[derive(Debug)]
+    struct UpstreamDown;
+    impl fmt::Display for UpstreamDown {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("upstream down")
+        }
+    }
+    impl std::error::Error for UpstreamDown {}
+
+    /// A service that is always ready and answers with a body that never ends.
+    #[derive(Clone, Default)]
+    struct Endless {
+        ready_polls: Arc<AtomicUsize>,
+    }
+
+    impl Service<Request<()>> for Endless {
+        type Response = Response<Pending>;
+        type Error = UpstreamDown;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.ready_polls.fetch_add(1, Ordering::SeqCst);
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            std::future::ready(Ok(Response::new(Pending)))
+        }
+    }
+
+    /// A body that never yields.
+    #[derive(Debug)]
+    struct Pending;
+
+    impl Body for Pending {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn poll_ready_takes_no_slot() {
+        let layer = StreamConcurrencyLayer::new(2);
+        let inner = Endless::default();
+        let mut services: Vec<_> = (0..5).map(|_| layer.layer(inner.clone())).collect();
+        for service in &mut services {
+            service.ready().await.unwrap();
+        }
+        assert_eq!(inner.ready_polls.load(Ordering::SeqCst), 5, "delegated");
+        assert_eq!(layer.available_slots(), 2, "ready services hold nothing");
+    }
+
+    #[tokio::test]
+    async fn every_service_and_clone_of_a_layer_shares_one_limit() {
+        let layer = StreamConcurrencyLayer::new(2).max_wait(Duration::ZERO);
+        let a = layer.layer(Endless::default());
+        let b = layer.layer(Endless::default());
+        let held_a = a.clone().oneshot(Request::new(())).await.unwrap();
+        let held_b = b.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(a.available_slots(), 0);
+        let error = a.clone().oneshot(Request::new(())).await.unwrap_err();
+        assert!(error.is::<Rejected>());
+        let error = layer
+            .clone()
+            .layer(Endless::default())
+            .oneshot(Request::new(()))
+            .await;
+        assert!(error.unwrap_err().is::<Rejected>());
+        drop((held_a, held_b));
+        assert_eq!(layer.available_slots(), 2);
+    }
+
+    #[tokio::test]
+    async fn inner_errors_pass_through_unchanged_and_release_the_slot() {
+        let layer = StreamConcurrencyLayer::new(1);
+        let service = layer.layer(service_fn(|_: Request<()>| async {
+            Err::<Response<Empty<bytes::Bytes>>, _>(UpstreamDown)
+        }));
+        let error = service.oneshot(Request::new(())).await.unwrap_err();
+        assert!(error.is::<UpstreamDown>(), "{error}");
+        assert_eq!(layer.available_slots(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_future_dropped_unpolled_releases_its_slot() {
+        let layer = StreamConcurrencyLayer::new(1);
+        let mut service = layer.layer(Endless::default());
+        service.ready().await.unwrap();
+        let future = service.call(Request::new(()));
+        assert_eq!(layer.available_slots(), 0, "taken at call");
+        drop(future);
+        assert_eq!(layer.available_slots(), 1);
+    }
+
+    #[test]
+    fn a_limit_of_zero_is_refused() {
+        let error = StreamConcurrencyLayer::try_new(0).unwrap_err();
+        assert_eq!(error.setting(), "limit");
+        assert!(error.to_string().contains("leave the layer out"), "{error}");
+        let error = StreamConcurrencyLayer::try_new(Semaphore::MAX_PERMITS + 1).unwrap_err();
+        assert_eq!(error.setting(), "limit");
+        assert!(StreamConcurrencyLayer::try_new(Semaphore::MAX_PERMITS).is_ok());
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid `limit`: must be at least 1")]
+    fn new_panics_on_zero() {
+        let _ = StreamConcurrencyLayer::new(0);
+    }
+}

@@ -43,7 +43,8 @@ pin_project! {
     pub struct ResponseBody<B: Body> {
         replay: VecDeque<Frame<B::Data>>,
         replay_bytes: u64,
-        // The inner body already returned its end while it was being peeked.
+        // The inner body has returned its end (while peeked, or since): it is not
+        // polled again.
         inner_done: bool,
         #[pin]
         inner: B,
@@ -104,6 +105,7 @@ impl<B: Body> Body for ResponseBody<B> {
         }
         let mut inner = this.inner;
         let poll = inner.as_mut().poll_frame(cx);
+        *this.inner_done = matches!(poll, Poll::Ready(None));
         let inner = inner.as_ref();
         this.call.observe(&poll, || inner.is_end_stream());
         poll

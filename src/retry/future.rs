@@ -235,14 +235,20 @@ where
             };
             // The failed attempt's body and guard are gone by now.
             match this.attempts.after_failure(failure) {
-                Ok(delay) => {
-                    this.timer.as_mut().reset(deadline_after(delay));
+                Next::Retry { after } => {
+                    this.timer.as_mut().reset(deadline_after(after));
                     *this.phase = Phase::Backoff;
                 }
-                Err(output) => return Poll::Ready(output),
+                Next::Done(output) => return Poll::Ready(output),
             }
         }
     }
+}
+
+/// What follows a failed attempt.
+enum Next<B: Body> {
+    Retry { after: Duration },
+    Done(Output<B>),
 }
 
 /// What a response means for the call.
@@ -344,7 +350,7 @@ where
     }
 
     /// After a failure: the delay before the next attempt, or the call's output.
-    fn after_failure<B: Body>(&mut self, failure: Failure<B>) -> Result<Duration, Output<B>> {
+    fn after_failure<B: Body>(&mut self, failure: Failure<B>) -> Next<B> {
         let policy = &self.shared.policy;
         if self.attempt > 1 {
             self.metrics.retry(RetryOutcome::Failed);
@@ -374,17 +380,19 @@ where
                 _ => policy.backoff_delay(self.attempt - 1),
             };
             self.attempt += 1;
-            return Ok(delay);
+            return Next::Retry { after: delay };
         };
         let (kind, source) = match failure {
-            Failure::Status(response, call, _) => return Err(Ok(pass_through(response, call))),
+            Failure::Status(response, call, _) => {
+                return Next::Done(Ok(pass_through(response, call)));
+            }
             Failure::Upstream(error) => (FirstChunkErrorKind::Upstream, Some(error)),
             Failure::Body(error) => (FirstChunkErrorKind::Body, Some(error)),
             Failure::EndOfStream => (FirstChunkErrorKind::EndOfStream, None),
             Failure::Timeout => (FirstChunkErrorKind::Timeout, None),
             Failure::BufferLimit => (FirstChunkErrorKind::BufferLimit, None),
         };
-        Err(Err(
+        Next::Done(Err(
             FirstChunkError::new(kind, stop, self.attempt, source).into()
         ))
     }

@@ -69,3 +69,6 @@ pub use self::future::ResponseFuture;
 pub use self::layer::FirstChunkRetryLayer;
 pub use self::policy::RetryPolicy;
 pub use self::service::FirstChunkRetry;
+
+#[cfg(test)]
+mod tests;

@@ -123,11 +123,15 @@ impl RetryPolicy {
     /// unchanged.
     ///
     /// ```
+    /// use std::io;
     /// use tower_stream_backpressure::{retry::is_transient, RetryPolicy};
     ///
-    /// // Also retry a timeout from a `tower::timeout::Timeout` below this layer.
+    /// // Also retry an I/O timeout.
     /// let policy = RetryPolicy::default().classify_errors(|error| {
-    ///     is_transient(error) || error.is::<tower::timeout::error::Elapsed>()
+    ///     is_transient(error)
+    ///         || error
+    ///             .downcast_ref::<io::Error>()
+    ///             .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut)
     /// });
     /// # let _ = policy;
     /// ```
