@@ -70,6 +70,11 @@ pub use concurrency::{RejectReason, Rejected, StreamConcurrencyLayer};
 pub use error::ConfigError;
 pub use retry::{FirstChunkError, FirstChunkRetryLayer, RetryPolicy};
 
+// The README's examples are compiled (and run) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// `now + after`, saturating far in the future (30 years) instead of overflowing.
 pub(crate) fn deadline_after(after: std::time::Duration) -> tokio::time::Instant {
     const FAR: std::time::Duration = std::time::Duration::from_secs(30 * 365 * 24 * 3600);

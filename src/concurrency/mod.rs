@@ -2,7 +2,7 @@
 //!
 //! # Why
 //!
-//! tower's [`ConcurrencyLimit`](tower::limit::ConcurrencyLimit) takes its permit in
+//! tower's [`ConcurrencyLimit`](https://docs.rs/tower/0.5/tower/limit/struct.ConcurrencyLimit.html) takes its permit in
 //! `poll_ready` and frees it when the response future resolves, that is, when the
 //! response *headers* arrive. For a streaming call that is the start of the work, not
 //! its end: a client with a limit of 100 can hold thousands of token streams open, each
