@@ -11,11 +11,22 @@ use support::{
     client, full_stack, post, read_to_end, Fault, Metrics, Protocol, Reply, Upstream, BOTH, TEST,
 };
 use tokio::time::Instant;
-use tower::{ServiceBuilder, ServiceExt};
-use tower_stream_backpressure::concurrency::MaxWait;
+use tower::{Layer, ServiceExt};
+use tower_stream_backpressure::concurrency::{MaxWait, ResponseBody};
 use tower_stream_backpressure::{
     RejectReason, Rejected, RetryBudget, RetryPolicy, StreamConcurrencyLayer,
 };
+
+type Limited = tower_stream_backpressure::concurrency::StreamConcurrency<support::HyperClient>;
+
+/// One call through `service` to `path` on `upstream`.
+async fn call(
+    service: &Limited,
+    upstream: &Upstream,
+    path: &str,
+) -> Result<http::Response<ResponseBody<hyper::body::Incoming>>, tower::BoxError> {
+    service.clone().oneshot(post(&upstream.url(path))).await
+}
 
 fn rejected(error: &tower::BoxError) -> &Rejected {
     error
@@ -74,15 +85,9 @@ async fn the_slot_is_held_until_the_stream_ends_not_until_headers() {
     for protocol in BOTH {
         let upstream = Upstream::start(|_| Reply::tokens(3).gap(Duration::from_secs(1))).await;
         let limit = StreamConcurrencyLayer::new(1).max_wait(Duration::ZERO);
-        let service = ServiceBuilder::new()
-            .layer(limit.clone())
-            .service(client(protocol));
+        let service = limit.layer(client(protocol));
 
-        let response = service
-            .clone()
-            .oneshot(post(&upstream.url("/")))
-            .await
-            .unwrap();
+        let response = call(&service, &upstream, "/").await.unwrap();
         assert_eq!(
             limit.available_slots(),
             0,
@@ -90,11 +95,7 @@ async fn the_slot_is_held_until_the_stream_ends_not_until_headers() {
         );
         assert_eq!(upstream.open_streams(), 1);
 
-        let error = service
-            .clone()
-            .oneshot(post(&upstream.url("/")))
-            .await
-            .unwrap_err();
+        let error = call(&service, &upstream, "/").await.unwrap_err();
         assert_eq!(rejected(&error).reason(), RejectReason::DeadlineExceeded);
         assert_eq!(
             upstream.hits(),
@@ -118,11 +119,7 @@ async fn the_slot_is_held_until_the_stream_ends_not_until_headers() {
             "{protocol:?}: released at end of stream"
         );
 
-        let next = service
-            .clone()
-            .oneshot(post(&upstream.url("/")))
-            .await
-            .unwrap();
+        let next = call(&service, &upstream, "/").await.unwrap();
         read_to_end(next.into_body()).await.unwrap();
         assert_eq!(upstream.hits(), 2);
         drop(body);
@@ -136,10 +133,8 @@ async fn a_body_read_to_its_exact_length_frees_the_slot_without_a_final_poll() {
         // A Content-Length body: the consumer may stop after the last byte.
         let upstream = Upstream::start(|_| Reply::status(200)).await;
         let limit = StreamConcurrencyLayer::new(1);
-        let service = ServiceBuilder::new()
-            .layer(limit.clone())
-            .service(client(protocol));
-        let response = service.oneshot(post(&upstream.url("/"))).await.unwrap();
+        let service = limit.layer(client(protocol));
+        let response = call(&service, &upstream, "/").await.unwrap();
         let mut body = response.into_body();
         let frame = body.frame().await.unwrap().unwrap();
         assert!(frame.is_data());
@@ -153,10 +148,8 @@ async fn an_empty_body_frees_the_slot_at_once() {
     for protocol in BOTH {
         let upstream = Upstream::start(|_| Reply::status(204)).await;
         let limit = StreamConcurrencyLayer::new(1);
-        let service = ServiceBuilder::new()
-            .layer(limit.clone())
-            .service(client(protocol));
-        let response = service.oneshot(post(&upstream.url("/"))).await.unwrap();
+        let service = limit.layer(client(protocol));
+        let response = call(&service, &upstream, "/").await.unwrap();
         assert_eq!(response.status(), 204);
         assert_eq!(
             limit.available_slots(),
@@ -180,16 +173,10 @@ async fn errors_release_the_slot_and_pass_through_unchanged() {
         let limit = StreamConcurrencyLayer::new(1)
             .meter(metrics.meter())
             .provider("test");
-        let service = ServiceBuilder::new()
-            .layer(limit.clone())
-            .service(client(protocol));
+        let service = limit.layer(client(protocol));
 
         // The inner service fails: its own error type comes back.
-        let error = service
-            .clone()
-            .oneshot(post(&upstream.url("/drop")))
-            .await
-            .unwrap_err();
+        let error = call(&service, &upstream, "/drop").await.unwrap_err();
         assert!(
             error
                 .downcast_ref::<hyper_util::client::legacy::Error>()
@@ -203,11 +190,7 @@ async fn errors_release_the_slot_and_pass_through_unchanged() {
         );
 
         // The body fails mid-stream.
-        let response = service
-            .clone()
-            .oneshot(post(&upstream.url("/reset")))
-            .await
-            .unwrap();
+        let response = call(&service, &upstream, "/reset").await.unwrap();
         let mut body = response.into_body();
         assert!(body.frame().await.unwrap().is_ok());
         assert_eq!(limit.available_slots(), 0);
@@ -233,11 +216,9 @@ async fn dropping_the_call_releases_the_slot() {
     for protocol in BOTH {
         let upstream = Upstream::start(|_| Reply::Hang).await;
         let limit = StreamConcurrencyLayer::new(1);
-        let service = ServiceBuilder::new()
-            .layer(limit.clone())
-            .service(client(protocol));
-        let call = service.oneshot(post(&upstream.url("/")));
-        assert!(tokio::time::timeout(Duration::from_secs(5), call)
+        let service = limit.layer(client(protocol));
+        let pending = call(&service, &upstream, "/");
+        assert!(tokio::time::timeout(Duration::from_secs(5), pending)
             .await
             .is_err());
         assert_eq!(limit.available_slots(), 1, "{protocol:?}");
@@ -254,21 +235,11 @@ async fn max_wait_rejects_with_deadline_exceeded_and_counts_it() {
             .max_wait(Duration::from_secs(2))
             .meter(metrics.meter())
             .provider("test");
-        let service = ServiceBuilder::new()
-            .layer(limit.clone())
-            .service(client(protocol));
-        let held = service
-            .clone()
-            .oneshot(post(&upstream.url("/")))
-            .await
-            .unwrap();
+        let service = limit.layer(client(protocol));
+        let held = call(&service, &upstream, "/").await.unwrap();
 
         let started = Instant::now();
-        let error = service
-            .clone()
-            .oneshot(post(&upstream.url("/")))
-            .await
-            .unwrap_err();
+        let error = call(&service, &upstream, "/").await.unwrap_err();
         let rejection = rejected(&error);
         assert_eq!(rejection.reason(), RejectReason::DeadlineExceeded);
         assert_eq!(rejection.waited(), Duration::from_secs(2));
@@ -325,16 +296,10 @@ async fn a_waiting_caller_that_gives_up_is_counted_and_leaks_nothing() {
         let limit = StreamConcurrencyLayer::new(1)
             .meter(metrics.meter())
             .provider("test");
-        let service = ServiceBuilder::new()
-            .layer(limit.clone())
-            .service(client(protocol));
-        let held = service
-            .clone()
-            .oneshot(post(&upstream.url("/")))
-            .await
-            .unwrap();
+        let service = limit.layer(client(protocol));
+        let held = call(&service, &upstream, "/").await.unwrap();
 
-        let waiting = service.clone().oneshot(post(&upstream.url("/")));
+        let waiting = call(&service, &upstream, "/");
         assert!(tokio::time::timeout(Duration::from_secs(60), waiting)
             .await
             .is_err());
@@ -353,11 +318,7 @@ async fn a_waiting_caller_that_gives_up_is_counted_and_leaks_nothing() {
 
         drop(held);
         assert_eq!(limit.available_slots(), 1, "{protocol:?}: nothing leaked");
-        let next = service
-            .clone()
-            .oneshot(post(&upstream.url("/")))
-            .await
-            .unwrap();
+        let next = call(&service, &upstream, "/").await.unwrap();
         drop(next);
         assert_eq!(upstream.hits(), 2);
         assert_eq!(metrics.snapshot().count("streams_in_flight", &[TEST]), 0.0);
@@ -376,20 +337,14 @@ async fn waiters_get_slots_in_arrival_order() {
         .await
     };
     let limit = StreamConcurrencyLayer::new(1);
-    let service = ServiceBuilder::new()
-        .layer(limit.clone())
-        .service(client(Protocol::Http1));
-    let held = service
-        .clone()
-        .oneshot(post(&upstream.url("/held")))
-        .await
-        .unwrap();
+    let service = limit.layer(client(Protocol::Http1));
+    let held = call(&service, &upstream, "/held").await.unwrap();
 
     let mut waiters = Vec::new();
     for name in ["/a", "/b", "/c", "/d"] {
-        let call = service.clone().oneshot(post(&upstream.url(name)));
+        let waiter = service.clone().oneshot(post(&upstream.url(name)));
         waiters.push(tokio::spawn(async move {
-            read_to_end(call.await?.into_body()).await
+            read_to_end(waiter.await?.into_body()).await
         }));
         // Let it queue before the next one arrives.
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -2,11 +2,11 @@
 //!
 //! # Why
 //!
-//! tower's [`ConcurrencyLimit`](https://docs.rs/tower/0.5/tower/limit/struct.ConcurrencyLimit.html) takes its permit in
-//! `poll_ready` and frees it when the response future resolves, that is, when the
-//! response *headers* arrive. For a streaming call that is the start of the work, not
-//! its end: a client with a limit of 100 can hold thousands of token streams open, each
-//! with its buffers, timers and an upstream slot. Taking the permit in `poll_ready` has a
+//! tower's [`ConcurrencyLimit`] takes its permit in `poll_ready` and frees it when the
+//! response future resolves, that is, when the response *headers* arrive. For a
+//! streaming call that is the start of the work, not its end: a client with a limit of
+//! 100 can hold thousands of token streams open, each with its buffers, timers and an
+//! upstream slot. Taking the permit in `poll_ready` has a
 //! second cost: a service polled ready and then kept idle (a pooled connection, a
 //! service cloned per request) holds a permit it is not using.
 //!
@@ -61,6 +61,8 @@
 //! assert_eq!(limit.available_slots(), 1);
 //! # Ok(()) }
 //! ```
+//!
+//! [`ConcurrencyLimit`]: https://docs.rs/tower/0.5/tower/limit/struct.ConcurrencyLimit.html
 
 mod body;
 mod error;
