@@ -6,13 +6,12 @@
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -49,8 +48,12 @@ pub enum Reply {
         headers: Vec<(&'static str, String)>,
         body: Bytes,
     },
-    /// Close the connection without answering ("reset before headers").
+    /// Close the connection without answering ("reset before headers"): every stream
+    /// on it ends.
     DropConnection,
+    /// Fail this request without answering: HTTP/2 resets the stream
+    /// (`INTERNAL_ERROR`), HTTP/1.1 closes the connection.
+    ResetStream,
     /// Never answer (a stall before the headers).
     Hang,
 }
@@ -235,22 +238,88 @@ async fn serve(listener: TcpListener, stats: Arc<Stats>, script: Arc<Script>) {
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let _ = tcp.set_nodelay(true);
-        let kill = Arc::new(Notify::new());
+        let connection = Arc::new(Connection::new(stats.clone()));
         let service = {
-            let (stats, script, kill) = (stats.clone(), script.clone(), kill.clone());
+            let (stats, script, connection) = (stats.clone(), script.clone(), connection.clone());
             service_fn(move |request: Request<Incoming>| {
-                answer(request, stats.clone(), script.clone(), kill.clone())
+                answer(request, stats.clone(), script.clone(), connection.clone())
             })
         };
         connections.spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // No cap on streams per connection: the client's limit is what is tested.
+            builder.http2().max_concurrent_streams(None);
+            let serving = builder.serve_connection(TokioIo::new(tcp), service);
             tokio::select! {
-                _ = connection => {}
+                _ = serving => {}
                 // Dropping the connection closes the socket under every stream on it.
-                _ = kill.notified() => {}
+                _ = connection.killed() => {}
             }
         });
+    }
+}
+
+/// One accepted connection, which a reply may kill, and the streams open on it.
+#[derive(Debug)]
+struct Connection {
+    stats: Arc<Stats>,
+    state: Mutex<ConnectionState>,
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct ConnectionState {
+    killed: bool,
+    open: u64,
+}
+
+impl Connection {
+    fn new(stats: Arc<Stats>) -> Self {
+        Self {
+            stats,
+            state: Mutex::default(),
+            notify: Notify::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ConnectionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a response open on this connection (not if the connection is dead).
+    fn open(self: &Arc<Self>) -> Open {
+        let mut state = self.state();
+        if !state.killed {
+            state.open += 1;
+            let open = self.stats.open.fetch_add(1, Ordering::SeqCst) + 1;
+            self.stats.peak.fetch_max(open, Ordering::SeqCst);
+        }
+        Open {
+            connection: Some(self.clone()),
+        }
+    }
+
+    /// Closes the connection: its streams stop counting as open at once, whenever
+    /// hyper gets round to dropping them.
+    fn kill(&self) {
+        let mut state = self.state();
+        if !std::mem::replace(&mut state.killed, true) {
+            self.stats
+                .open
+                .fetch_sub(std::mem::take(&mut state.open), Ordering::SeqCst);
+        }
+        drop(state);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once the connection is killed.
+    async fn killed(&self) {
+        let notified = self.notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        if !self.state().killed {
+            notified.await;
+        }
     }
 }
 
@@ -258,8 +327,8 @@ async fn answer(
     request: Request<Incoming>,
     stats: Arc<Stats>,
     script: Arc<Script>,
-    kill: Arc<Notify>,
-) -> Result<Response<MockBody>, Infallible> {
+    connection: Arc<Connection>,
+) -> Result<Response<MockBody>, io::Error> {
     let hit = Hit {
         index: stats.hits.fetch_add(1, Ordering::SeqCst),
         method: request.method().clone(),
@@ -269,17 +338,29 @@ async fn answer(
     let reply = script(&hit);
     // Read the request body so that HTTP/1.1 can reuse the connection.
     let _ = http_body_util::BodyExt::collect(request.into_body()).await;
-    let open = Open::new(stats);
+    let open = connection.open();
     match reply {
         Reply::DropConnection => {
             drop(open);
-            kill.notify_one();
+            connection.kill();
             std::future::pending().await
         }
+        Reply::ResetStream => {
+            drop(open);
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "injected stream reset",
+            ))
+        }
         Reply::Hang => {
-            // Open until the client goes away and hyper drops this future.
+            // Open until the client goes away and hyper drops this future, or the
+            // connection is killed.
             let _open = open;
-            std::future::pending().await
+            connection.killed().await;
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection killed",
+            ))
         }
         Reply::Status {
             status,
@@ -291,7 +372,7 @@ async fn answer(
             } else {
                 VecDeque::from([Step::Send(body)])
             };
-            let mut response = Response::new(MockBody::new(steps, open));
+            let mut response = Response::new(MockBody::new(steps, open, connection));
             *response.status_mut() = status;
             for (name, value) in headers {
                 if let Ok(value) = HeaderValue::from_str(&value) {
@@ -301,7 +382,7 @@ async fn answer(
             Ok(response)
         }
         Reply::Stream(stream) => {
-            let mut response = Response::new(MockBody::new(plan(stream), open));
+            let mut response = Response::new(MockBody::new(plan(stream), open, connection));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static("text/event-stream"),
@@ -347,24 +428,24 @@ fn plan(stream: Stream) -> VecDeque<Step> {
     steps
 }
 
-/// Counts a response as open until its body ends, fails or is dropped; exactly once.
+/// Counts a response as open until its body ends, fails or is dropped, or its
+/// connection is killed; exactly once.
 struct Open {
-    stats: Option<Arc<Stats>>,
+    connection: Option<Arc<Connection>>,
 }
 
 impl Open {
-    fn new(stats: Arc<Stats>) -> Self {
-        let open = stats.open.fetch_add(1, Ordering::SeqCst) + 1;
-        stats.peak.fetch_max(open, Ordering::SeqCst);
-        Self { stats: Some(stats) }
-    }
-
     fn close(&mut self, completed: bool) {
-        if let Some(stats) = self.stats.take() {
-            stats.open.fetch_sub(1, Ordering::SeqCst);
-            if completed {
-                stats.completed.fetch_add(1, Ordering::SeqCst);
-            }
+        let Some(connection) = self.connection.take() else {
+            return;
+        };
+        let mut state = connection.state();
+        if !state.killed {
+            state.open -= 1;
+            connection.stats.open.fetch_sub(1, Ordering::SeqCst);
+        }
+        if completed {
+            connection.stats.completed.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
@@ -379,15 +460,20 @@ impl Drop for Open {
 pub struct MockBody {
     steps: VecDeque<Step>,
     pause: Option<Pin<Box<Sleep>>>,
+    /// While stalled: resolves when the connection is killed.
+    stalled: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     open: Open,
+    connection: Arc<Connection>,
 }
 
 impl MockBody {
-    fn new(steps: VecDeque<Step>, open: Open) -> Self {
+    fn new(steps: VecDeque<Step>, open: Open, connection: Arc<Connection>) -> Self {
         Self {
             steps,
             pause: None,
+            stalled: None,
             open,
+            connection,
         }
     }
 }
@@ -422,8 +508,22 @@ impl Body for MockBody {
                     return Poll::Pending;
                 }
                 Some(Step::Stall) => {
-                    self.steps.push_front(Step::Stall);
-                    return Poll::Pending;
+                    // Stalled until the client leaves (and hyper drops this body) or
+                    // the connection is killed.
+                    let this = &mut *self;
+                    let connection = this.connection.clone();
+                    let stalled = this
+                        .stalled
+                        .get_or_insert_with(|| Box::pin(async move { connection.killed().await }));
+                    if stalled.as_mut().poll(cx).is_pending() {
+                        this.steps.push_front(Step::Stall);
+                        return Poll::Pending;
+                    }
+                    this.open.close(false);
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "connection killed",
+                    ))));
                 }
                 Some(Step::Reset) => {
                     self.open.close(false);
