@@ -63,7 +63,8 @@ async fn one_call(
 #[tokio::test(start_paused = true)]
 async fn failures_before_the_first_chunk_are_retried() {
     let faults = [
-        ("reset before headers", Reply::DropConnection),
+        ("connection dropped before headers", Reply::DropConnection),
+        ("stream reset before headers", Reply::ResetStream),
         (
             "reset after headers",
             Reply::faulty(3, Fault::ResetBeforeFirst).keepalives(2),

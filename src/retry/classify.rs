@@ -7,9 +7,10 @@ use std::io;
 /// Walks the error and its [`source`](Error::source) chain, and returns `true` for:
 /// - a connect failure (hyper-util's legacy client `Error::is_connect`: nothing was
 ///   sent);
-/// - an HTTP/2 `REFUSED_STREAM` (the server did no processing, RFC 9113 §8.7) or a
+/// - an HTTP/2 `REFUSED_STREAM` (the server did no processing, RFC 9113 §8.7), a
 ///   GOAWAY sent by the server (the stream was not processed or the connection went
-///   away);
+///   away), or a stream the server reset with `INTERNAL_ERROR` or `CANCEL` (HTTP/2's
+///   connection reset) or `ENHANCE_YOUR_CALM` (its 429);
 /// - I/O errors `ConnectionRefused`, `ConnectionReset`, `ConnectionAborted`,
 ///   `BrokenPipe`, `UnexpectedEof`;
 /// - hyper errors for a connection that closed before the response completed
@@ -42,8 +43,17 @@ fn is_transient_itself(error: &(dyn Error + 'static)) -> bool {
         return error.is_connect();
     }
     if let Some(error) = error.downcast_ref::<h2::Error>() {
+        let reset_by_server = error.is_reset()
+            && error.is_remote()
+            && matches!(
+                error.reason(),
+                Some(
+                    h2::Reason::INTERNAL_ERROR | h2::Reason::CANCEL | h2::Reason::ENHANCE_YOUR_CALM
+                )
+            );
         return error.reason() == Some(h2::Reason::REFUSED_STREAM)
-            || (error.is_go_away() && error.is_remote());
+            || (error.is_go_away() && error.is_remote())
+            || reset_by_server;
     }
     if let Some(error) = error.downcast_ref::<io::Error>() {
         return matches!(
@@ -106,9 +116,11 @@ mod tests {
     }
 
     #[test]
-    fn h2_refused_stream_and_remote_goaway() {
+    fn h2_refused_stream_is_transient_wherever_it_comes_from() {
         assert!(is_transient(&h2::Error::from(h2::Reason::REFUSED_STREAM)));
-        // A locally created reason (not a GOAWAY) other than REFUSED_STREAM is not.
+        // Other reasons count only when the server reset the stream (h2 exposes no
+        // constructor for remote errors: the loopback tests cover those).
+        assert!(!is_transient(&h2::Error::from(h2::Reason::INTERNAL_ERROR)));
         assert!(!is_transient(&h2::Error::from(h2::Reason::PROTOCOL_ERROR)));
     }
 }

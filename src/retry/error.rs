@@ -75,15 +75,12 @@ impl fmt::Display for FirstChunkError {
             StopReason::NotRetryable => "not retryable",
         };
         let plural = if self.attempts == 1 { "" } else { "s" };
+        // The cause is the `source`, not repeated here: error reporters print both.
         write!(
             f,
             "{what} before the first chunk, after {} attempt{plural} ({stop})",
             self.attempts
-        )?;
-        if let Some(source) = &self.source {
-            write!(f, ": {source}")?;
-        }
-        Ok(())
+        )
     }
 }
 
