@@ -20,6 +20,9 @@
 //! `RetryBudget` also implements [`tower::retry::budget::Budget`], so it can serve
 //! tower's own retry policies.
 //!
+//! Unlike the other middleware, [`WithRetryBudget`] has no response future or body of
+//! its own: it acts only on the request, so the inner service's pass through.
+//!
 //! Metric: `stream_retry_budget_available`, read from
 //! [`available()`](RetryBudget::available) at each collection.
 

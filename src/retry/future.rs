@@ -109,7 +109,7 @@ where
         metrics: Arc<RetryMetrics>,
     ) -> Self {
         let started = Instant::now();
-        let retries = shared.policy.get_max_attempts() > 1;
+        let retries = shared.policy.attempts_allowed() > 1;
         let budget = retries
             .then(|| request.extensions().get::<RetryBudget>().cloned())
             .flatten();
@@ -123,9 +123,7 @@ where
         let future = service.call(first);
         Self {
             call: Some(future),
-            timer: tokio::time::sleep_until(deadline_after(
-                shared.policy.get_first_chunk_timeout(),
-            )),
+            timer: tokio::time::sleep_until(deadline_after(shared.policy.attempt_timeout())),
             phase: Phase::Calling(call),
             attempts: Attempts {
                 service,
@@ -170,7 +168,7 @@ where
                     }
                     let (future, call) = this.attempts.start();
                     this.call.set(Some(future));
-                    let timeout = this.attempts.shared.policy.get_first_chunk_timeout();
+                    let timeout = this.attempts.shared.policy.attempt_timeout();
                     this.timer.as_mut().reset(deadline_after(timeout));
                     *this.phase = Phase::Calling(call);
                     continue;
@@ -264,7 +262,7 @@ where
     ReqBody: Clone,
 {
     fn max_attempts(&self) -> u32 {
-        self.shared.policy.get_max_attempts()
+        self.shared.policy.attempts_allowed()
     }
 
     /// The call ends with an error that is not retried.
@@ -356,7 +354,7 @@ where
             self.metrics.retry(RetryOutcome::Failed);
         }
         let retryable = match &failure {
-            Failure::Status(_, _, Some(hint)) => *hint <= policy.max_retry_after_limit(),
+            Failure::Status(_, _, Some(hint)) => *hint <= policy.longest_hint(),
             Failure::BufferLimit => false,
             _ => true,
         };

@@ -29,7 +29,7 @@ type Classifier = Arc<dyn Fn(&(dyn Error + 'static)) -> bool + Send + Sync>;
 ///     .max_attempts(4)
 ///     .backoff(Duration::from_millis(100), Duration::from_secs(1))
 ///     .first_chunk_timeout(Duration::from_secs(10));
-/// assert_eq!(policy.get_max_attempts(), 4);
+/// assert!(policy.validate().is_ok());
 /// ```
 #[derive(Clone)]
 pub struct RetryPolicy {
@@ -145,16 +145,6 @@ impl RetryPolicy {
         }
     }
 
-    /// Attempts in all, the first included.
-    pub fn get_max_attempts(&self) -> u32 {
-        self.max_attempts
-    }
-
-    /// The per-attempt timeout to the first chunk.
-    pub fn get_first_chunk_timeout(&self) -> Duration {
-        self.first_chunk_timeout
-    }
-
     /// Checks every setting; the error names the one out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_attempts == 0 {
@@ -184,7 +174,15 @@ impl RetryPolicy {
         Ok(())
     }
 
-    pub(crate) fn max_retry_after_limit(&self) -> Duration {
+    pub(crate) fn attempts_allowed(&self) -> u32 {
+        self.max_attempts
+    }
+
+    pub(crate) fn attempt_timeout(&self) -> Duration {
+        self.first_chunk_timeout
+    }
+
+    pub(crate) fn longest_hint(&self) -> Duration {
         self.max_retry_after
     }
 
