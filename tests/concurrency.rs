@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use support::{
-    client, full_stack, post, read_to_end, Fault, Metrics, Protocol, Reply, Upstream, BOTH, TEST,
+    client, full_stack, post, read_to_end, read_until_error, Fault, Metrics, Protocol, Reply,
+    Upstream, BOTH, TEST,
 };
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
@@ -194,13 +195,7 @@ async fn errors_release_the_slot_and_pass_through_unchanged() {
         let mut body = response.into_body();
         assert!(body.frame().await.unwrap().is_ok());
         assert_eq!(limit.available_slots(), 0);
-        let failed = loop {
-            match body.frame().await {
-                Some(Ok(_)) => continue,
-                Some(Err(error)) => break error,
-                None => panic!("{protocol:?}: expected a body error"),
-            }
-        };
+        let failed = read_until_error(&mut body).await;
         let _: hyper::Error = failed;
         assert_eq!(
             limit.available_slots(),

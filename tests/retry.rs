@@ -6,7 +6,10 @@ mod support;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use support::{client, full_stack, post, read_to_end, Fault, Metrics, Reply, Upstream, BOTH, TEST};
+use support::{
+    client, full_stack, post, read_to_end, read_until_error, Fault, Metrics, Reply, Upstream, BOTH,
+    TEST,
+};
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_stream_backpressure::retry::{FirstChunkErrorKind, StopReason};
@@ -179,13 +182,7 @@ async fn nothing_is_retried_once_the_first_event_reached_the_caller() {
         let mut body = response.into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert!(first.starts_with(b"data: {"));
-        let error = loop {
-            match body.frame().await {
-                Some(Ok(_)) => continue,
-                Some(Err(error)) => break error,
-                None => panic!("{protocol:?}: expected the mid-stream reset"),
-            }
-        };
+        let error = read_until_error(&mut body).await;
         let _: hyper::Error = error;
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(

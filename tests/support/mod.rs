@@ -286,3 +286,17 @@ pub fn prometheus_value(samples: &[Sample], name: &str, labels: &[(&str, &str)])
     );
     Some(sample.value)
 }
+
+/// Reads `body` until it fails, and returns the error; panics if it ends cleanly.
+pub async fn read_until_error<B>(body: &mut B) -> B::Error
+where
+    B: Body + Unpin,
+{
+    loop {
+        match body.frame().await {
+            Some(Ok(_)) => continue,
+            Some(Err(error)) => return error,
+            None => panic!("the body ended without the expected error"),
+        }
+    }
+}
