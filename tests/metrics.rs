@@ -179,10 +179,10 @@ async fn every_metric_by_value_and_by_prometheus_name() {
     assert_eq!(limit.available_slots(), 2);
 }
 
-/// Instruments are built once per layer, however many services it makes, and the
-/// budget gauge is registered once.
+/// The budget gauge reads `available()` at collection, one series per layer however
+/// many services the layer builds.
 #[tokio::test]
-async fn a_layer_registers_its_instruments_once() {
+async fn the_budget_gauge_reads_the_budget_at_collection() {
     use tower::Layer;
     use tower_stream_backpressure::RetryBudgetLayer;
     let metrics = Metrics::new();

@@ -73,3 +73,33 @@ impl<S> Layer<S> for RetryBudgetLayer {
         WithRetryBudget::new(inner, self.budget.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::metrics::MeterProvider;
+    use opentelemetry_sdk::metrics::{ManualReader, SdkMeterProvider};
+
+    #[test]
+    fn the_gauge_is_registered_once_per_layer() {
+        // With no reader the SDK keeps no callbacks at all.
+        let provider = SdkMeterProvider::builder()
+            .with_reader(ManualReader::builder().build())
+            .build();
+        let budget = RetryBudget::default();
+        let layer = RetryBudgetLayer::new(budget.clone()).meter(provider.meter("test"));
+        let services: Vec<_> = (0..10).map(|_| layer.layer(())).collect();
+        drop(services);
+        // Ours, the layer's, and one gauge callback's.
+        assert_eq!(budget.handles(), 3);
+
+        // A changed layer is a new set of instruments: one more callback.
+        let renamed = layer.clone().provider("other");
+        let _ = (renamed.layer(()), renamed.layer(()));
+        assert_eq!(
+            budget.handles(),
+            5,
+            "+ the renamed layer's and its callback's"
+        );
+    }
+}

@@ -159,6 +159,12 @@ impl RetryBudget {
         self.inner.retry_ratio
     }
 
+    /// How many handles share this budget (clones, services, metric callbacks).
+    #[cfg(test)]
+    pub(crate) fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     fn balance(&self, window: &Window) -> u128 {
         let earned =
             u128::from(window.total_deposits) * self.inner.deposit_value + self.inner.reserve;

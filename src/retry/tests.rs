@@ -380,8 +380,9 @@ async fn backoff_waits_between_attempts() {
     run(FirstChunkRetryLayer::new(policy), &mock, request())
         .await
         .unwrap();
-    // Full jitter: each wait within [0, 1 s].
+    // Full jitter: each wait within [0, 1 s] (two draws of zero are next to impossible).
     assert!(started.elapsed() <= Duration::from_secs(2));
+    assert!(started.elapsed() > Duration::ZERO);
     assert_eq!(mock.attempts(), 3);
 }
 
