@@ -42,7 +42,6 @@ pin_project! {
     /// stream (the same end-of-stream rule as the concurrency slot).
     pub struct ResponseBody<B: Body> {
         replay: VecDeque<Frame<B::Data>>,
-        replay_bytes: u64,
         // The inner body has returned its end (while peeked, or since): it is not
         // polled again.
         inner_done: bool,
@@ -60,15 +59,9 @@ impl<B: Body> ResponseBody<B> {
         inner_done: bool,
         call: CallGuard,
     ) -> Self {
-        let replay_bytes = replay
-            .iter()
-            .filter_map(Frame::data_ref)
-            .map(|data| data.remaining() as u64)
-            .sum();
-        let ended = replay.is_empty() && (inner_done || inner.is_end_stream());
+        let ended = ended(&replay, inner_done, &inner);
         Self {
             replay,
-            replay_bytes,
             inner_done,
             inner,
             call: ReleaseOnEnd::new(call, ended),
@@ -88,14 +81,10 @@ impl<B: Body> Body for ResponseBody<B> {
         let this = self.project();
         let inner_done = *this.inner_done;
         if let Some(frame) = this.replay.pop_front() {
-            if let Some(data) = frame.data_ref() {
-                *this.replay_bytes -= data.remaining() as u64;
-            }
             let poll = Poll::Ready(Some(Ok(frame)));
             let (replay, inner) = (&*this.replay, this.inner.as_ref());
-            this.call.observe(&poll, || {
-                replay.is_empty() && (inner_done || inner.is_end_stream())
-            });
+            this.call
+                .observe(&poll, || ended(replay, inner_done, inner.get_ref()));
             return poll;
         }
         if inner_done {
@@ -113,21 +102,34 @@ impl<B: Body> Body for ResponseBody<B> {
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        self.replay.is_empty() && (self.inner_done || self.inner.is_end_stream())
+        ended(&self.replay, self.inner_done, &self.inner)
     }
 
     fn size_hint(&self) -> SizeHint {
+        // A few frames at most: summed here rather than kept up to date per frame.
+        let replay: u64 = self
+            .replay
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|data| data.remaining() as u64)
+            .sum();
         if self.inner_done {
-            return SizeHint::with_exact(self.replay_bytes);
+            return SizeHint::with_exact(replay);
         }
         let inner = self.inner.size_hint();
         let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower().saturating_add(self.replay_bytes));
+        hint.set_lower(inner.lower().saturating_add(replay));
         if let Some(upper) = inner.upper() {
-            hint.set_upper(upper.saturating_add(self.replay_bytes));
+            hint.set_upper(upper.saturating_add(replay));
         }
         hint
     }
+}
+
+/// Nothing left to replay and the inner body at its end.
+#[inline]
+fn ended<B: Body>(replay: &VecDeque<Frame<B::Data>>, inner_done: bool, inner: &B) -> bool {
+    replay.is_empty() && (inner_done || inner.is_end_stream())
 }
 
 impl<B: Body> fmt::Debug for ResponseBody<B>
@@ -137,7 +139,6 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseBody")
             .field("replay_frames", &self.replay.len())
-            .field("replay_bytes", &self.replay_bytes)
             .field("inner", &self.inner)
             .finish()
     }

@@ -243,6 +243,9 @@ where
     }
 }
 
+/// The OpenAI and Anthropic SDKs' per-response override of the retry decision.
+static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
+
 /// What follows a failed attempt.
 enum Next<B: Body> {
     Retry { after: Duration },
@@ -261,10 +264,6 @@ where
     D: Detector,
     ReqBody: Clone,
 {
-    fn max_attempts(&self) -> u32 {
-        self.shared.policy.attempts_allowed()
-    }
-
     /// The call ends with an error that is not retried.
     fn give_up<T>(&self, error: BoxError) -> Result<T, BoxError> {
         if self.attempt > 1 {
@@ -278,7 +277,7 @@ where
     where
         S: Service<Request<ReqBody>>,
     {
-        let request = if self.attempt < self.max_attempts() {
+        let request = if self.attempt < self.shared.policy.attempts_allowed() {
             self.request.clone()
         } else {
             self.request.take()
@@ -300,7 +299,7 @@ where
         let policy = &self.shared.policy;
         let should_retry = response
             .headers()
-            .get("x-should-retry")
+            .get(&X_SHOULD_RETRY)
             .and_then(|v| v.to_str().ok());
         let retry_status = match should_retry {
             Some("true") => !status.is_success(),
@@ -360,8 +359,8 @@ where
         };
         let stop = if !retryable {
             StopReason::NotRetryable
-        } else if self.attempt >= self.max_attempts() {
-            if self.max_attempts() > 1 {
+        } else if self.attempt >= policy.attempts_allowed() {
+            if policy.attempts_allowed() > 1 {
                 self.metrics.retry(RetryOutcome::Exhausted);
             }
             StopReason::AttemptsExhausted
