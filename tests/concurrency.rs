@@ -141,6 +141,11 @@ async fn a_body_read_to_its_exact_length_frees_the_slot_without_a_final_poll() {
         assert!(frame.is_data());
         assert!(http_body::Body::is_end_stream(&body));
         assert_eq!(limit.available_slots(), 1, "{protocol:?}");
+        assert_eq!(
+            upstream.completed_streams(),
+            1,
+            "{protocol:?}: sent in full"
+        );
     }
 }
 
@@ -156,6 +161,12 @@ async fn an_empty_body_frees_the_slot_at_once() {
             limit.available_slots(),
             1,
             "{protocol:?}: never polled, yet released"
+        );
+        assert_eq!(upstream.hits(), 1);
+        assert_eq!(
+            upstream.open_streams(),
+            0,
+            "{protocol:?}: the upstream is done too"
         );
         drop(response);
     }
@@ -218,6 +229,9 @@ async fn dropping_the_call_releases_the_slot() {
             .is_err());
         assert_eq!(limit.available_slots(), 1, "{protocol:?}");
         assert_eq!(upstream.hits(), 1);
+        // The upstream saw the abandoned call go away too.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(upstream.open_streams(), 0, "{protocol:?}");
     }
 }
 

@@ -240,9 +240,9 @@ async fn serve(listener: TcpListener, stats: Arc<Stats>, script: Arc<Script>) {
         let _ = tcp.set_nodelay(true);
         let connection = Arc::new(Connection::new(stats.clone()));
         let service = {
-            let (stats, script, connection) = (stats.clone(), script.clone(), connection.clone());
+            let (script, connection) = (script.clone(), connection.clone());
             service_fn(move |request: Request<Incoming>| {
-                answer(request, stats.clone(), script.clone(), connection.clone())
+                answer(request, script.clone(), connection.clone())
             })
         };
         connections.spawn(async move {
@@ -325,12 +325,11 @@ impl Connection {
 
 async fn answer(
     request: Request<Incoming>,
-    stats: Arc<Stats>,
     script: Arc<Script>,
     connection: Arc<Connection>,
 ) -> Result<Response<MockBody>, io::Error> {
     let hit = Hit {
-        index: stats.hits.fetch_add(1, Ordering::SeqCst),
+        index: connection.stats.hits.fetch_add(1, Ordering::SeqCst),
         method: request.method().clone(),
         path: request.uri().path().to_owned(),
         headers: request.headers().clone(),
@@ -372,7 +371,7 @@ async fn answer(
             } else {
                 VecDeque::from([Step::Send(body)])
             };
-            let mut response = Response::new(MockBody::new(steps, open, connection));
+            let mut response = Response::new(MockBody::new(steps, open));
             *response.status_mut() = status;
             for (name, value) in headers {
                 if let Ok(value) = HeaderValue::from_str(&value) {
@@ -382,7 +381,7 @@ async fn answer(
             Ok(response)
         }
         Reply::Stream(stream) => {
-            let mut response = Response::new(MockBody::new(plan(stream), open, connection));
+            let mut response = Response::new(MockBody::new(plan(stream), open));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static("text/event-stream"),
@@ -463,17 +462,15 @@ pub struct MockBody {
     /// While stalled: resolves when the connection is killed.
     stalled: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     open: Open,
-    connection: Arc<Connection>,
 }
 
 impl MockBody {
-    fn new(steps: VecDeque<Step>, open: Open, connection: Arc<Connection>) -> Self {
+    fn new(steps: VecDeque<Step>, open: Open) -> Self {
         Self {
             steps,
             pause: None,
             stalled: None,
             open,
-            connection,
         }
     }
 }
@@ -511,10 +508,16 @@ impl Body for MockBody {
                     // Stalled until the client leaves (and hyper drops this body) or
                     // the connection is killed.
                     let this = &mut *self;
-                    let connection = this.connection.clone();
-                    let stalled = this
-                        .stalled
-                        .get_or_insert_with(|| Box::pin(async move { connection.killed().await }));
+                    // Still counted open, so still on its connection.
+                    let connection = this.open.connection.clone();
+                    let stalled = this.stalled.get_or_insert_with(|| {
+                        Box::pin(async move {
+                            match connection {
+                                Some(connection) => connection.killed().await,
+                                None => std::future::pending().await,
+                            }
+                        })
+                    });
                     if stalled.as_mut().poll(cx).is_pending() {
                         this.steps.push_front(Step::Stall);
                         return Poll::Pending;
