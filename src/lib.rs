@@ -24,7 +24,7 @@
 //! use hyper_util::rt::TokioExecutor;
 //! use tower::{ServiceBuilder, ServiceExt};
 //! use tower_stream_backpressure::{
-//!     frame::Sse, FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy,
+//!     FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy,
 //!     StreamConcurrencyLayer,
 //! };
 //!
@@ -35,7 +35,7 @@
 //! let client = ServiceBuilder::new()
 //!     .layer(StreamConcurrencyLayer::new(100).max_wait(Duration::from_secs(2)).provider("openai"))
 //!     .layer(RetryBudgetLayer::new(budget.clone()).provider("openai"))
-//!     .layer(FirstChunkRetryLayer::new(RetryPolicy::default()).frames(Sse::default()).provider("openai"))
+//!     .layer(FirstChunkRetryLayer::new(RetryPolicy::default()).provider("openai"))
 //!     .service(hyper_util_client);
 //!
 //! let request = http::Request::post("http://127.0.0.1:8080/v1/chat/completions")

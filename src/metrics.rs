@@ -13,7 +13,7 @@
 //! | `streams_in_flight` | gauge | +1 when a concurrency slot is taken, -1 when it is released (end of stream) |
 //! | `provider_calls_in_flight` | gauge | +1 per upstream attempt, -1 when the attempt fails or its body ends or drops |
 //! | `stream_first_chunk_latency_seconds` | histogram | first attempt start to first chunk found |
-//! | `stream_retries_total{outcome}` | counter | see [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer); nothing when retry is disabled |
+//! | `stream_retries_total{outcome,reason}` | counter | see [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer); nothing when retry is disabled |
 //! | `stream_retry_budget_available` | gauge | the budget's [`available()`](crate::RetryBudget::available), read at collection |
 //! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded` or `context_canceled` |
 //! | `stream_concurrency_wait_seconds` | histogram | time waited for a slot, granted or not (0 when granted at once) |
@@ -37,7 +37,7 @@ pub const STREAMS_IN_FLIGHT: &str = "streams_in_flight";
 pub const PROVIDER_CALLS_IN_FLIGHT: &str = "provider_calls_in_flight";
 /// Histogram (seconds) from the first attempt's start to the first chunk.
 pub const STREAM_FIRST_CHUNK_LATENCY: &str = "stream_first_chunk_latency";
-/// Counter of retry outcomes, attribute `outcome`.
+/// Counter of retry outcomes, attributes `outcome` and `reason`.
 pub const STREAM_RETRIES: &str = "stream_retries";
 /// Observable gauge of the retries a budget would allow now.
 pub const STREAM_RETRY_BUDGET_AVAILABLE: &str = "stream_retry_budget_available";
@@ -200,6 +200,64 @@ pub(crate) enum RetryOutcome {
     BudgetExhausted,
 }
 
+impl RetryOutcome {
+    const ALL: [RetryOutcome; 4] = [
+        RetryOutcome::Success,
+        RetryOutcome::Failed,
+        RetryOutcome::Exhausted,
+        RetryOutcome::BudgetExhausted,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            RetryOutcome::Success => "success",
+            RetryOutcome::Failed => "failed",
+            RetryOutcome::Exhausted => "exhausted",
+            RetryOutcome::BudgetExhausted => "budget_exhausted",
+        }
+    }
+}
+
+/// The failure that called for a retry, the `reason` attribute of
+/// `stream_retries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RetryReason {
+    /// A retryable status (or `x-should-retry: true`).
+    Status,
+    /// A transient inner-service error (connect failure, reset, GOAWAY).
+    Upstream,
+    /// The body failed before the first chunk.
+    Body,
+    /// The body ended before the first chunk.
+    EndOfStream,
+    /// No first chunk within `first_chunk_timeout`.
+    Timeout,
+    /// The first chunk was a transient in-band error.
+    InBandError,
+}
+
+impl RetryReason {
+    const ALL: [RetryReason; 6] = [
+        RetryReason::Status,
+        RetryReason::Upstream,
+        RetryReason::Body,
+        RetryReason::EndOfStream,
+        RetryReason::Timeout,
+        RetryReason::InBandError,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            RetryReason::Status => "status",
+            RetryReason::Upstream => "upstream_error",
+            RetryReason::Body => "body_error",
+            RetryReason::EndOfStream => "end_of_stream",
+            RetryReason::Timeout => "timeout",
+            RetryReason::InBandError => "in_band_error",
+        }
+    }
+}
+
 /// Instruments of [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer).
 #[derive(Debug)]
 pub(crate) struct RetryMetrics {
@@ -207,7 +265,8 @@ pub(crate) struct RetryMetrics {
     first_chunk_latency: Histogram<f64>,
     retries: Counter<u64>,
     provider: [KeyValue; 1],
-    outcomes: [[KeyValue; 2]; 4],
+    /// Indexed by outcome, then reason.
+    retry_attrs: [[[KeyValue; 3]; 6]; 4],
 }
 
 impl RetryMetrics {
@@ -225,14 +284,17 @@ impl RetryMetrics {
                 .build(),
             retries: meter
                 .u64_counter(STREAM_RETRIES)
-                .with_description("Retries before the first chunk, by outcome")
+                .with_description("Retries before the first chunk, by outcome and the failure that called for them")
                 .build(),
-            outcomes: [
-                with(&provider, "outcome", "success"),
-                with(&provider, "outcome", "failed"),
-                with(&provider, "outcome", "exhausted"),
-                with(&provider, "outcome", "budget_exhausted"),
-            ],
+            retry_attrs: RetryOutcome::ALL.map(|outcome| {
+                RetryReason::ALL.map(|reason| {
+                    [
+                        provider.clone(),
+                        KeyValue::new("outcome", outcome.label()),
+                        KeyValue::new("reason", reason.label()),
+                    ]
+                })
+            }),
             provider: [provider],
         }
     }
@@ -250,14 +312,9 @@ impl RetryMetrics {
             .record(latency.as_secs_f64(), &self.provider);
     }
 
-    pub(crate) fn retry(&self, outcome: RetryOutcome) {
-        let attrs = match outcome {
-            RetryOutcome::Success => &self.outcomes[0],
-            RetryOutcome::Failed => &self.outcomes[1],
-            RetryOutcome::Exhausted => &self.outcomes[2],
-            RetryOutcome::BudgetExhausted => &self.outcomes[3],
-        };
-        self.retries.add(1, attrs);
+    pub(crate) fn retry(&self, outcome: RetryOutcome, reason: RetryReason) {
+        self.retries
+            .add(1, &self.retry_attrs[outcome as usize][reason as usize]);
     }
 }
 

@@ -69,7 +69,13 @@ async fn every_metric_by_value_and_by_prometheus_name() {
         1.0,
         "the held stream"
     );
-    let outcome = |o| snapshot.count("stream_retries", &[TEST, ("outcome", o)]);
+    // Every retry here was called for by a 503.
+    let outcome = |o| {
+        snapshot.count(
+            "stream_retries",
+            &[TEST, ("outcome", o), ("reason", "status")],
+        )
+    };
     assert_eq!(outcome("success"), 1.0);
     assert_eq!(outcome("failed"), 1.0, "the 2nd attempt of /failing");
     assert_eq!(outcome("exhausted"), 1.0);
@@ -118,7 +124,13 @@ async fn every_metric_by_value_and_by_prometheus_name() {
     assert_eq!(value("streams_in_flight", &[]), 1.0);
     assert_eq!(value("provider_calls_in_flight", &[]), 1.0);
     for outcome in ["success", "failed", "exhausted", "budget_exhausted"] {
-        assert_eq!(value("stream_retries_total", &[("outcome", outcome)]), 1.0);
+        assert_eq!(
+            value(
+                "stream_retries_total",
+                &[("outcome", outcome), ("reason", "status")]
+            ),
+            1.0
+        );
     }
     assert_eq!(value("stream_retry_budget_available", &[]), 0.0);
     assert_eq!(

@@ -12,26 +12,52 @@
 //!
 //! A detector is fed the body's bytes, frame by frame, and says when the first chunk is
 //! complete. Detectors are incremental: each byte is looked at once, however the body
-//! is split into frames, and they keep no copy of the bytes. They only observe: the
-//! caller receives the body byte for byte as the upstream sent it.
+//! is split into frames, and of the bytes they keep at most the first 16 KiB of the
+//! first chunk (for the in-band error rules). They only observe: the caller receives
+//! the body byte for byte as the upstream sent it.
 //!
-//! - [`Sse`] (the default): the first server-sent event that carries data.
-//! - [`FirstData`]: the first non-empty data frame, whatever the format.
+//! | detector | first chunk | keep-alives skipped | terminal framing errors |
+//! |---|---|---|---|
+//! | [`Auto`] (the default) | picks one below by `Content-Type` | | |
+//! | [`Sse`] | the first event with a `data` field | comments, data-less events, `event: ping` | none: any bytes are valid SSE |
+//! | [`NdJson`] | the first non-blank line (a last line without `\n` at the end of the body) | blank lines | none |
+//! | [`JsonArray`] | the first element of a top-level array | whitespace and commas before it | `[]`; a body not starting with `[` |
+//! | [`EventStream`] | the first message of type `event` (or `exception`, `error`) | messages of other types | length under 16 bytes or over 16 MiB, bad CRC, bad headers |
+//! | [`FirstData`] | the first non-empty data frame | | |
+//!
+//! When the first chunk is an in-band error (SSE `event: error`, a JSON object with a
+//! top-level `error` key, an eventstream `exception`), the retry layer's
+//! [`InBandErrors`](crate::retry::InBandErrors) decide whether it is retried, from the
+//! [`Chunk`] the detector reports.
 //!
 //! A detector is configured once on the layer and cloned, fresh, for each attempt.
 
+mod auto;
+mod chunk;
+mod event_stream;
 mod first_data;
+mod json_array;
+mod ndjson;
 mod sse;
 
+pub use self::auto::Auto;
+pub use self::chunk::{Chunk, Malformed};
+pub use self::event_stream::EventStream;
 pub use self::first_data::FirstData;
+pub use self::json_array::JsonArray;
+pub use self::ndjson::NdJson;
 pub use self::sse::Sse;
+
+pub(crate) use self::chunk::Capture;
 
 /// Finds the first chunk of a response body, incrementally.
 ///
 /// The layer clones the configured detector for each attempt, calls
 /// [`start`](Self::start) with the response head, then [`feed`](Self::feed) with each
-/// data frame until it returns [`Progress::Found`], and [`finish`](Self::finish) if the
-/// body ends first.
+/// data frame until it returns [`Progress::Found`] or [`Progress::Malformed`], and
+/// [`finish`](Self::finish) if the body ends first. Once found, it asks
+/// [`first_chunk`](Self::first_chunk) what the chunk was, to tell an in-band error
+/// from content.
 ///
 /// A detector for a line-based format, as a sketch:
 ///
@@ -60,7 +86,8 @@ pub trait Detector: Clone + Send + Sync + 'static {
     }
 
     /// Looks at the next bytes of the body and says whether the first chunk is now
-    /// complete. Not called again once it returned [`Progress::Found`].
+    /// complete, or the framing is broken. Not called again once it returned anything
+    /// but [`Progress::Pending`].
     fn feed(&mut self, bytes: &[u8]) -> Progress;
 
     /// The body ended: says whether what came last completes a chunk. The default says
@@ -68,79 +95,129 @@ pub trait Detector: Clone + Send + Sync + 'static {
     fn finish(&mut self) -> Progress {
         Progress::Pending
     }
+
+    /// After [`Progress::Found`]: what the first chunk was, for the in-band error
+    /// rules. The default, `None`, means the chunk is content.
+    fn first_chunk(&self) -> Option<Chunk<'_>> {
+        None
+    }
 }
 
 /// What a [`Detector`] has seen so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Progress {
     /// No complete first chunk yet.
     Pending,
     /// The first chunk is complete: the response can go to the caller.
     Found,
+    /// The stream's framing is broken before the first chunk: a terminal error, not
+    /// retried.
+    Malformed(Malformed),
+}
+
+/// `true` for the bytes JSON allows between tokens.
+#[inline]
+pub(crate) fn is_json_whitespace(byte: u8) -> bool {
+    matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 #[cfg(test)]
 pub(crate) mod test_util {
     use super::{Detector, Progress};
 
-    /// Feeds `input` in the given pieces and reports the result and the index of the
-    /// piece at which the chunk was found (`pieces.len()` means at `finish`).
-    pub(crate) fn run<D: Detector>(detector: &D, pieces: &[&[u8]]) -> (Progress, Option<usize>) {
+    /// What feeding a detector came to: the progress, the index of the piece at which
+    /// it stopped being pending (`pieces.len()` means at `finish`), and the first chunk
+    /// as `(event, message type, data, truncated)`.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) struct Outcome {
+        pub(crate) progress: Progress,
+        pub(crate) at: Option<usize>,
+        pub(crate) chunk: Option<OwnedChunk>,
+    }
+
+    pub(crate) type OwnedChunk = (Option<String>, Option<String>, Vec<u8>, bool);
+
+    /// Feeds `pieces` in order, then `finish` if still pending.
+    pub(crate) fn run<D: Detector>(detector: &D, pieces: &[&[u8]]) -> Outcome {
         let mut d = detector.clone();
+        let mut progress = Progress::Pending;
+        let mut at = None;
         for (i, piece) in pieces.iter().enumerate() {
-            if d.feed(piece) == Progress::Found {
-                return (Progress::Found, Some(i));
+            progress = d.feed(piece);
+            if progress != Progress::Pending {
+                at = Some(i);
+                break;
             }
         }
-        let end = d.finish();
-        (end, (end == Progress::Found).then_some(pieces.len()))
+        if at.is_none() {
+            progress = d.finish();
+            at = (progress != Progress::Pending).then_some(pieces.len());
+        }
+        let chunk = (progress == Progress::Found)
+            .then(|| d.first_chunk())
+            .flatten()
+            .map(|c| {
+                (
+                    c.event().map(str::to_owned),
+                    c.message_type().map(str::to_owned),
+                    c.data().to_vec(),
+                    c.is_truncated(),
+                )
+            });
+        Outcome {
+            progress,
+            at,
+            chunk,
+        }
     }
 
     /// Asserts that `input` gives `expected` fed whole, byte by byte, and cut at every
-    /// single position, and that the chunk completes at the same byte each way.
+    /// single position, with the same first chunk, and that the chunk completes at the
+    /// same byte each way. Returns the outcome.
     pub(crate) fn assert_split_invariant<D: Detector>(
         detector: &D,
         input: &[u8],
         expected: Progress,
-    ) {
-        let whole = run(detector, &[input]).0;
-        assert_eq!(
-            whole,
-            expected,
-            "fed whole: {:?}",
-            String::from_utf8_lossy(input)
-        );
+    ) -> Outcome {
+        let show = || String::from_utf8_lossy(&input[..input.len().min(200)]).into_owned();
+        let whole = run(detector, &[input]);
+        assert_eq!(whole.progress, expected, "fed whole: {:?}", show());
 
         // Byte by byte, the piece index is the byte offset of completion.
         let bytes: Vec<&[u8]> = input.chunks(1).collect();
-        let (by_byte, at) = run(detector, &bytes);
-        assert_eq!(
-            by_byte,
-            expected,
-            "byte by byte: {:?}",
-            String::from_utf8_lossy(input)
-        );
-        let completes_at = at.map(|i| if i == bytes.len() { usize::MAX } else { i + 1 });
+        let by_byte = run(detector, &bytes);
+        assert_eq!(by_byte.progress, expected, "byte by byte: {:?}", show());
+        assert_eq!(by_byte.chunk, whole.chunk, "byte by byte: {:?}", show());
+        let completes_at = by_byte.at.filter(|&i| i != bytes.len()).map(|i| i + 1);
 
         for cut in 0..=input.len() {
             let (head, tail) = input.split_at(cut);
-            let (split, _) = run(detector, &[head, tail]);
-            assert_eq!(
-                split,
-                expected,
-                "cut at {cut}: {:?}",
-                String::from_utf8_lossy(input)
-            );
-            if let Some(byte) = completes_at.filter(|&b| b != usize::MAX) {
-                // Found in the head exactly when the completing byte is in it.
-                let (_, piece) = run(detector, &[head, tail]);
+            let split = run(detector, &[head, tail]);
+            assert_eq!(split.progress, expected, "cut at {cut}: {:?}", show());
+            assert_eq!(split.chunk, whole.chunk, "cut at {cut}: {:?}", show());
+            if let Some(byte) = completes_at {
+                // Decided in the head exactly when the deciding byte is in it.
                 assert_eq!(
-                    piece == Some(0),
+                    split.at == Some(0),
                     byte <= cut,
-                    "cut at {cut}, completes at {byte}"
+                    "cut at {cut}, decided at {byte}"
                 );
             }
         }
+        whole
+    }
+
+    /// Feeds `input` in random pieces (seeded) and returns the outcome.
+    pub(crate) fn run_random_split<D: Detector>(detector: &D, input: &[u8], seed: u64) -> Outcome {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut pieces = Vec::new();
+        let mut rest = input;
+        while !rest.is_empty() {
+            let (piece, tail) = rest.split_at(rng.usize(0..=rest.len().min(64)));
+            pieces.push(piece);
+            rest = tail;
+        }
+        run(detector, &pieces)
     }
 }

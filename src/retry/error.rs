@@ -7,9 +7,10 @@ use tower::BoxError;
 /// Returned, boxed in a [`tower::BoxError`], by
 /// [`FirstChunkRetry`](super::FirstChunkRetry) when the last attempt failed in a way
 /// that has no response to return: the upstream connection failed, the body failed or
-/// ended, or the first chunk did not come in time or did not fit the buffer. (A last
-/// attempt that got a retryable status returns that response instead, and an inner
-/// error that is not transient comes back unchanged.) The last attempt's cause, if
+/// ended, or the first chunk did not come in time or did not fit the buffer, or the
+/// stream's framing was broken. (A last attempt that got a retryable status or a
+/// transient in-band error returns that response instead, and an inner error that is
+/// not transient comes back unchanged.) The last attempt's cause, if
 /// any, is the [`source`](std::error::Error::source).
 ///
 /// ```
@@ -68,6 +69,7 @@ impl fmt::Display for FirstChunkError {
             FirstChunkErrorKind::EndOfStream => "the response body ended",
             FirstChunkErrorKind::Timeout => "the first-chunk timeout passed",
             FirstChunkErrorKind::BufferLimit => "the buffer limit was reached",
+            FirstChunkErrorKind::Malformed => "the stream's framing was broken",
         };
         let stop = match self.stop {
             StopReason::AttemptsExhausted => "attempts exhausted",
@@ -106,6 +108,11 @@ pub enum FirstChunkErrorKind {
     Timeout,
     /// The bytes before the first chunk exceeded `max_buffer`. Never retried.
     BufferLimit,
+    /// The stream's framing was broken before the first chunk (a bad eventstream CRC,
+    /// `[]` for a JSON array stream). Never retried; the
+    /// [`source`](std::error::Error::source) is a [`Malformed`](crate::frame::Malformed)
+    /// naming the problem.
+    Malformed,
 }
 
 /// Why a failed call was not tried again.

@@ -16,11 +16,12 @@ use tower_service::Service;
 
 use super::body::CallGuard;
 use super::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
+use super::in_band::InBand;
 use super::retry_after::retry_after;
 use super::service::Shared;
 use super::ResponseBody;
-use crate::frame::{Detector, Progress};
-use crate::metrics::{RetryMetrics, RetryOutcome};
+use crate::frame::{Detector, Malformed, Progress};
+use crate::metrics::{RetryMetrics, RetryOutcome, RetryReason};
 use crate::{deadline_after, RetryBudget};
 
 pin_project! {
@@ -73,6 +74,8 @@ struct Attempts<S, ReqBody, D> {
     request: Option<Request<ReqBody>>,
     head_request: bool,
     attempt: u32,
+    /// Why the attempt in progress is a retry (`None` for the first).
+    retried_for: Option<RetryReason>,
     started: Instant,
     budget: Option<RetryBudget>,
     shared: Arc<Shared<D>>,
@@ -80,15 +83,34 @@ struct Attempts<S, ReqBody, D> {
 }
 
 /// An attempt that failed before its first chunk.
-enum Failure<B> {
+enum Failure<B: Body> {
     /// A retryable status, with the server's hint and the attempt's guard (the response
     /// goes back with it if there is no retry).
-    Status(Response<B>, CallGuard, Option<Duration>),
+    Status(Box<Response<B>>, CallGuard, Option<Duration>),
     Upstream(BoxError),
     Body(BoxError),
     EndOfStream,
     Timeout,
     BufferLimit,
+    /// The first chunk is a transient in-band error; the response goes back as it is
+    /// if there is no retry.
+    InBand(Box<Response<ResponseBody<B>>>),
+    Malformed(Malformed),
+}
+
+impl<B: Body> Failure<B> {
+    /// What calls for a retry, or `None` when a retry would only repeat the failure.
+    fn reason(&self) -> Option<RetryReason> {
+        Some(match self {
+            Failure::Status(..) => RetryReason::Status,
+            Failure::Upstream(_) => RetryReason::Upstream,
+            Failure::Body(_) => RetryReason::Body,
+            Failure::EndOfStream => RetryReason::EndOfStream,
+            Failure::Timeout => RetryReason::Timeout,
+            Failure::InBand(_) => RetryReason::InBandError,
+            Failure::BufferLimit | Failure::Malformed(_) => return None,
+        })
+    }
 }
 
 type Output<B> = Result<Response<ResponseBody<B>>, BoxError>;
@@ -130,6 +152,7 @@ where
                 request,
                 head_request,
                 attempt: 1,
+                retried_for: None,
                 started,
                 budget,
                 shared,
@@ -209,7 +232,10 @@ where
                     let limit = this.attempts.shared.policy.buffer_limit();
                     match peek.poll_first_chunk(cx, limit) {
                         Poll::Ready(Ok(body_done)) => {
-                            return Poll::Ready(Ok(this.attempts.first_chunk(peek, body_done)));
+                            match this.attempts.first_chunk(peek, body_done) {
+                                Ok(response) => return Poll::Ready(Ok(response)),
+                                Err(failure) => failure,
+                            }
                         }
                         Poll::Ready(Err(failure)) => failure,
                         Poll::Pending if this.timer.as_mut().poll(cx).is_ready() => {
@@ -266,10 +292,15 @@ where
 {
     /// The call ends with an error that is not retried.
     fn give_up<T>(&self, error: BoxError) -> Result<T, BoxError> {
-        if self.attempt > 1 {
-            self.metrics.retry(RetryOutcome::Failed);
-        }
+        self.retry_ended(RetryOutcome::Failed);
         Err(error)
+    }
+
+    /// Counts how the attempt in progress ended, if it is a retry.
+    fn retry_ended(&self, outcome: RetryOutcome) {
+        if let Some(reason) = self.retried_for {
+            self.metrics.retry(outcome, reason);
+        }
     }
 
     /// Starts the next attempt on the ready service.
@@ -308,19 +339,16 @@ where
         };
         if retry_status {
             let hint = retry_after(response.headers(), SystemTime::now());
-            return Judged::Failure(Failure::Status(response, call, hint));
+            return Judged::Failure(Failure::Status(Box::new(response), call, hint));
         }
         let has_no_body = self.head_request
             || matches!(status, StatusCode::NO_CONTENT | StatusCode::RESET_CONTENT);
         if !status.is_success() || has_no_body {
-            let outcome = if status.is_success() {
+            self.retry_ended(if status.is_success() {
                 RetryOutcome::Success
             } else {
                 RetryOutcome::Failed
-            };
-            if self.attempt > 1 {
-                self.metrics.retry(outcome);
-            }
+            });
             return Judged::Return(pass_through(response, call));
         }
         let (head, body) = response.into_parts();
@@ -336,58 +364,75 @@ where
         })
     }
 
-    /// The first chunk arrived: the response goes to the caller.
-    fn first_chunk<B: Body>(&self, peek: Peek<B, D>, body_done: bool) -> Response<ResponseBody<B>> {
-        self.metrics.first_chunk(self.started.elapsed());
-        if self.attempt > 1 {
-            self.metrics.retry(RetryOutcome::Success);
-        }
+    /// The first chunk arrived: the response goes to the caller, unless the chunk is a
+    /// transient in-band error.
+    fn first_chunk<B: Body>(
+        &self,
+        peek: Peek<B, D>,
+        body_done: bool,
+    ) -> Result<Response<ResponseBody<B>>, Failure<B>> {
+        let verdict = peek
+            .detector
+            .first_chunk()
+            .map_or(InBand::Content, |chunk| {
+                self.shared.policy.in_band().classify(&chunk)
+            });
         let body = ResponseBody::new(peek.body, peek.frames, body_done, peek.call);
-        Response::from_parts(peek.head, body)
+        let response = Response::from_parts(peek.head, body);
+        if verdict == InBand::TransientError {
+            return Err(Failure::InBand(Box::new(response)));
+        }
+        self.metrics.first_chunk(self.started.elapsed());
+        self.retry_ended(RetryOutcome::Success);
+        Ok(response)
     }
 
     /// After a failure: the delay before the next attempt, or the call's output.
     fn after_failure<B: Body>(&mut self, failure: Failure<B>) -> Next<B> {
         let policy = &self.shared.policy;
-        if self.attempt > 1 {
-            self.metrics.retry(RetryOutcome::Failed);
-        }
-        let retryable = match &failure {
-            Failure::Status(_, _, Some(hint)) => *hint <= policy.longest_hint(),
-            Failure::BufferLimit => false,
-            _ => true,
+        self.retry_ended(RetryOutcome::Failed);
+        let reason = match &failure {
+            Failure::Status(_, _, Some(hint)) if *hint > policy.longest_hint() => None,
+            failure => failure.reason(),
         };
-        let stop = if !retryable {
-            StopReason::NotRetryable
-        } else if self.attempt >= policy.attempts_allowed() {
-            if policy.attempts_allowed() > 1 {
-                self.metrics.retry(RetryOutcome::Exhausted);
+        let stop = match reason {
+            None => StopReason::NotRetryable,
+            Some(reason) if self.attempt >= policy.attempts_allowed() => {
+                if policy.attempts_allowed() > 1 {
+                    self.metrics.retry(RetryOutcome::Exhausted, reason);
+                }
+                StopReason::AttemptsExhausted
             }
-            StopReason::AttemptsExhausted
-        } else if self
-            .budget
-            .as_ref()
-            .is_some_and(|budget| !budget.withdraw())
-        {
-            self.metrics.retry(RetryOutcome::BudgetExhausted);
-            StopReason::BudgetExhausted
-        } else {
-            let delay = match &failure {
-                Failure::Status(_, _, Some(hint)) => *hint,
-                _ => policy.backoff_delay(self.attempt - 1),
-            };
-            self.attempt += 1;
-            return Next::Retry { after: delay };
+            Some(reason)
+                if self
+                    .budget
+                    .as_ref()
+                    .is_some_and(|budget| !budget.withdraw()) =>
+            {
+                self.metrics.retry(RetryOutcome::BudgetExhausted, reason);
+                StopReason::BudgetExhausted
+            }
+            Some(reason) => {
+                let delay = match &failure {
+                    Failure::Status(_, _, Some(hint)) => *hint,
+                    _ => policy.backoff_delay(self.attempt - 1),
+                };
+                self.attempt += 1;
+                self.retried_for = Some(reason);
+                return Next::Retry { after: delay };
+            }
         };
         let (kind, source) = match failure {
             Failure::Status(response, call, _) => {
-                return Next::Done(Ok(pass_through(response, call)));
+                return Next::Done(Ok(pass_through(*response, call)));
             }
             Failure::Upstream(error) => (FirstChunkErrorKind::Upstream, Some(error)),
             Failure::Body(error) => (FirstChunkErrorKind::Body, Some(error)),
             Failure::EndOfStream => (FirstChunkErrorKind::EndOfStream, None),
             Failure::Timeout => (FirstChunkErrorKind::Timeout, None),
             Failure::BufferLimit => (FirstChunkErrorKind::BufferLimit, None),
+            Failure::InBand(response) => return Next::Done(Ok(*response)),
+            Failure::Malformed(error) => (FirstChunkErrorKind::Malformed, Some(error.into())),
         };
         Next::Done(Err(
             FirstChunkError::new(kind, stop, self.attempt, source).into()
@@ -417,31 +462,36 @@ where
             let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
                 Some(Err(error)) => return Poll::Ready(Err(Failure::Body(error.into()))),
-                None => {
-                    return Poll::Ready(match self.detector.finish() {
-                        Progress::Found => Ok(true),
-                        _ => Err(Failure::EndOfStream),
-                    })
-                }
+                None => return Poll::Ready(self.ended()),
             };
             let Some(data) = frame.data_ref() else {
                 // Trailers end the stream.
                 self.frames.push_back(frame);
-                return Poll::Ready(match self.detector.finish() {
-                    Progress::Found => Ok(true),
-                    _ => Err(Failure::EndOfStream),
-                });
+                return Poll::Ready(self.ended());
             };
             let bytes = data.as_ref();
             let progress = self.detector.feed(bytes);
             self.buffered = self.buffered.saturating_add(bytes.len());
             self.frames.push_back(frame);
-            if progress == Progress::Found {
-                return Poll::Ready(Ok(false));
+            match progress {
+                Progress::Pending if self.buffered > limit => {
+                    return Poll::Ready(Err(Failure::BufferLimit))
+                }
+                Progress::Pending => {}
+                Progress::Found => return Poll::Ready(Ok(false)),
+                Progress::Malformed(error) => return Poll::Ready(Err(Failure::Malformed(error))),
             }
-            if self.buffered > limit {
-                return Poll::Ready(Err(Failure::BufferLimit));
-            }
+        }
+    }
+}
+
+impl<B: Body, D: Detector> Peek<B, D> {
+    /// The body ended: found at its end, or not at all.
+    fn ended(&mut self) -> Result<bool, Failure<B>> {
+        match self.detector.finish() {
+            Progress::Found => Ok(true),
+            Progress::Malformed(error) => Err(Failure::Malformed(error)),
+            Progress::Pending => Err(Failure::EndOfStream),
         }
     }
 }

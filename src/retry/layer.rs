@@ -6,7 +6,7 @@ use tower_layer::Layer;
 
 use super::service::Shared;
 use super::{FirstChunkRetry, RetryPolicy};
-use crate::frame::{Detector, Sse};
+use crate::frame::{Auto, Detector};
 use crate::metrics::{RetryMetrics, Telemetry};
 use crate::ConfigError;
 
@@ -20,12 +20,13 @@ use crate::ConfigError;
 /// let layer = FirstChunkRetryLayer::new(
 ///     RetryPolicy::default().first_chunk_timeout(Duration::from_secs(10)),
 /// )
-/// .frames(Sse::default())
+/// // Always SSE, whatever the `Content-Type`, with another keep-alive event.
+/// .frames(Sse::new().keep_alive_events(["ping", "heartbeat"]))
 /// .provider("openai");
 /// # let _ = layer;
 /// ```
 #[derive(Debug)]
-pub struct FirstChunkRetryLayer<D = Sse> {
+pub struct FirstChunkRetryLayer<D = Auto> {
     shared: Arc<Shared<D>>,
     telemetry: Telemetry<RetryMetrics>,
 }
@@ -39,8 +40,9 @@ impl<D> Clone for FirstChunkRetryLayer<D> {
     }
 }
 
-impl FirstChunkRetryLayer<Sse> {
-    /// Retries by `policy`, finding the first chunk with the [`Sse`] detector.
+impl FirstChunkRetryLayer<Auto> {
+    /// Retries by `policy`, finding the first chunk with the [`Auto`] detector (by
+    /// `Content-Type`).
     ///
     /// # Panics
     ///
@@ -56,7 +58,7 @@ impl FirstChunkRetryLayer<Sse> {
         Ok(Self {
             shared: Arc::new(Shared {
                 policy,
-                detector: Sse::default(),
+                detector: Auto::default(),
             }),
             telemetry: Telemetry::default(),
         })
@@ -65,7 +67,7 @@ impl FirstChunkRetryLayer<Sse> {
 
 impl<D: Detector> FirstChunkRetryLayer<D> {
     /// What the first chunk is: a [`Detector`] from [`frame`](crate::frame), or your
-    /// own (default [`Sse`]).
+    /// own (default [`Auto`], which picks one by `Content-Type`).
     pub fn frames<D2: Detector>(self, detector: D2) -> FirstChunkRetryLayer<D2> {
         FirstChunkRetryLayer {
             shared: Arc::new(Shared {

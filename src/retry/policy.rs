@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use super::InBandErrors;
 use crate::ConfigError;
 
 type Classifier = Arc<dyn Fn(&(dyn Error + 'static)) -> bool + Send + Sync>;
@@ -20,6 +21,7 @@ type Classifier = Arc<dyn Fn(&(dyn Error + 'static)) -> bool + Send + Sync>;
 /// | [`max_buffer`](Self::max_buffer) | 1 MiB | bytes held while looking for the first chunk |
 /// | [`retry_statuses`](Self::retry_statuses) | 408, 429, 502, 503, 504, 529 | statuses retried |
 /// | [`classify_errors`](Self::classify_errors) | [`is_transient`](super::is_transient) | inner errors retried |
+/// | [`in_band_errors`](Self::in_band_errors) | [`InBandErrors::default`] | which error in the first chunk of a `2xx` is retried |
 ///
 /// ```
 /// use std::time::Duration;
@@ -41,6 +43,7 @@ pub struct RetryPolicy {
     max_buffer: usize,
     statuses: Arc<[StatusCode]>,
     classify: Classifier,
+    in_band: InBandErrors,
 }
 
 impl Default for RetryPolicy {
@@ -57,6 +60,7 @@ impl Default for RetryPolicy {
                 .filter_map(|code| StatusCode::from_u16(code).ok())
                 .collect(),
             classify: Arc::new(super::is_transient),
+            in_band: InBandErrors::default(),
         }
     }
 }
@@ -145,6 +149,25 @@ impl RetryPolicy {
         }
     }
 
+    /// How an error that arrives as the first chunk of a `2xx` response is handled
+    /// (default [`InBandErrors::default`]): a transient one is retried like a failure
+    /// before the first chunk, a terminal one goes to the caller untouched.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::retry::InBandErrors;
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// let policy = RetryPolicy::default()
+    ///     .in_band_errors(InBandErrors::default().transient("model_loading"));
+    /// # let _ = policy;
+    /// ```
+    pub fn in_band_errors(self, rules: InBandErrors) -> Self {
+        Self {
+            in_band: rules,
+            ..self
+        }
+    }
+
     /// Checks every setting; the error names the one out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_attempts == 0 {
@@ -198,6 +221,10 @@ impl RetryPolicy {
         (self.classify)(error)
     }
 
+    pub(crate) fn in_band(&self) -> &InBandErrors {
+        &self.in_band
+    }
+
     /// The wait before retry number `retry` (0 for the first retry).
     pub(crate) fn backoff_delay(&self, retry: u32) -> Duration {
         let ceiling = self
@@ -219,6 +246,7 @@ impl fmt::Debug for RetryPolicy {
             .field("max_retry_after", &self.max_retry_after)
             .field("max_buffer", &self.max_buffer)
             .field("retry_statuses", &self.statuses)
+            .field("in_band_errors", &self.in_band)
             .finish_non_exhaustive()
     }
 }

@@ -105,8 +105,14 @@ impl Service<Request<Full<Bytes>>> for Mock {
     }
 }
 
+/// A `200 text/event-stream` response.
 fn ok(body: Scripted) -> Reply {
-    Ok(Response::new(body))
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    Ok(response)
 }
 
 fn status(code: u16, headers: &[(&'static str, &'static str)]) -> Reply {

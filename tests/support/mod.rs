@@ -143,8 +143,8 @@ impl Snapshot {
             .map(|metric| metric.data())
     }
 
-    /// The value of a counter, up-down counter or gauge data point whose attributes
-    /// include `attrs`; `None` if nothing was recorded.
+    /// The value of a gauge data point whose attributes include `attrs`, or the sum of
+    /// the counter or up-down counter points that do; `None` if nothing was recorded.
     pub fn value(&self, name: &str, attrs: &[(&str, &str)]) -> Option<f64> {
         fn point<T: Copy>(
             data: &MetricData<T>,
@@ -154,8 +154,9 @@ impl Snapshot {
             match data {
                 MetricData::Sum(sum) => sum
                     .data_points()
-                    .find(|p| matches(p.attributes().cloned(), attrs))
-                    .map(|p| to_f64(p.value())),
+                    .filter(|p| matches(p.attributes().cloned(), attrs))
+                    .map(|p| to_f64(p.value()))
+                    .reduce(|a, b| a + b),
                 MetricData::Gauge(gauge) => gauge
                     .data_points()
                     .find(|p| matches(p.attributes().cloned(), attrs))

@@ -1,0 +1,178 @@
+use http::header::CONTENT_TYPE;
+
+use super::{Chunk, Detector, EventStream, FirstData, JsonArray, NdJson, Progress, Sse};
+
+/// Picks the detector by the response's `Content-Type`: the layer's default.
+///
+/// | media type | detector |
+/// |---|---|
+/// | `text/event-stream` | [`Sse`] (as configured with [`sse`](Self::sse)) |
+/// | `application/x-ndjson`, `application/ndjson`, `application/jsonl` | [`NdJson`] |
+/// | `application/vnd.amazon.eventstream` | [`EventStream`] |
+/// | `application/json` | [`JsonArray`], except that a body that is not an array, or is `[]`, is a plain JSON response whose first byte is the first chunk |
+/// | anything else, or none | [`FirstData`] |
+///
+/// Parameters (`; charset=utf-8`) and case do not matter.
+///
+/// ```
+/// use tower_stream_backpressure::frame::{Auto, Detector, Progress};
+///
+/// let (head, ()) = http::Response::builder()
+///     .header("content-type", "application/x-ndjson")
+///     .body(())
+///     .unwrap()
+///     .into_parts();
+/// let mut d = Auto::default();
+/// d.start(&head);
+/// assert_eq!(d.feed(b"\n"), Progress::Pending);
+/// assert_eq!(d.feed(b"{\"done\":false}\n"), Progress::Found);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Auto {
+    sse: Sse,
+    picked: Picked,
+}
+
+#[derive(Debug, Clone, Default)]
+enum Picked {
+    Sse(Sse),
+    NdJson(NdJson),
+    JsonArray(JsonArray),
+    EventStream(EventStream),
+    #[default]
+    FirstData,
+}
+
+impl Auto {
+    /// The SSE detector used for `text/event-stream` (default [`Sse::default`]), e.g.
+    /// with other keep-alive event types.
+    pub fn sse(self, sse: Sse) -> Self {
+        Self { sse, ..self }
+    }
+}
+
+impl Detector for Auto {
+    fn start(&mut self, response: &http::response::Parts) {
+        let media_type = response
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split(';').next())
+            .map(str::trim)
+            .unwrap_or_default();
+        let is = |name: &str| media_type.eq_ignore_ascii_case(name);
+        self.picked = if is("text/event-stream") {
+            Picked::Sse(self.sse.clone())
+        } else if is("application/x-ndjson") || is("application/ndjson") || is("application/jsonl")
+        {
+            Picked::NdJson(NdJson::default())
+        } else if is("application/vnd.amazon.eventstream") {
+            Picked::EventStream(EventStream::default())
+        } else if is("application/json") {
+            Picked::JsonArray(JsonArray::lenient())
+        } else {
+            Picked::FirstData
+        };
+    }
+
+    fn feed(&mut self, bytes: &[u8]) -> Progress {
+        match &mut self.picked {
+            Picked::Sse(d) => d.feed(bytes),
+            Picked::NdJson(d) => d.feed(bytes),
+            Picked::JsonArray(d) => d.feed(bytes),
+            Picked::EventStream(d) => d.feed(bytes),
+            Picked::FirstData => FirstData.feed(bytes),
+        }
+    }
+
+    fn finish(&mut self) -> Progress {
+        match &mut self.picked {
+            Picked::Sse(d) => d.finish(),
+            Picked::NdJson(d) => d.finish(),
+            Picked::JsonArray(d) => d.finish(),
+            Picked::EventStream(d) => d.finish(),
+            Picked::FirstData => FirstData.finish(),
+        }
+    }
+
+    fn first_chunk(&self) -> Option<Chunk<'_>> {
+        match &self.picked {
+            Picked::Sse(d) => d.first_chunk(),
+            Picked::NdJson(d) => d.first_chunk(),
+            Picked::JsonArray(d) => d.first_chunk(),
+            Picked::EventStream(d) => d.first_chunk(),
+            Picked::FirstData => FirstData.first_chunk(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::test_util::run;
+
+    fn started(content_type: Option<&str>) -> Auto {
+        let mut response = http::Response::builder();
+        if let Some(value) = content_type {
+            response = response.header(CONTENT_TYPE, value);
+        }
+        let (head, ()) = response.body(()).unwrap().into_parts();
+        let mut auto = Auto::default();
+        auto.start(&head);
+        auto
+    }
+
+    fn picks(content_type: Option<&str>) -> &'static str {
+        match started(content_type).picked {
+            Picked::Sse(_) => "sse",
+            Picked::NdJson(_) => "ndjson",
+            Picked::JsonArray(_) => "json array",
+            Picked::EventStream(_) => "eventstream",
+            Picked::FirstData => "first data",
+        }
+    }
+
+    #[test]
+    fn picks_by_media_type() {
+        assert_eq!(picks(Some("text/event-stream")), "sse");
+        assert_eq!(picks(Some("Text/Event-Stream; charset=utf-8")), "sse");
+        assert_eq!(picks(Some("application/x-ndjson")), "ndjson");
+        assert_eq!(picks(Some("application/jsonl")), "ndjson");
+        assert_eq!(picks(Some("application/ndjson")), "ndjson");
+        assert_eq!(
+            picks(Some("application/vnd.amazon.eventstream")),
+            "eventstream"
+        );
+        assert_eq!(picks(Some("application/json; charset=UTF-8")), "json array");
+        assert_eq!(picks(Some("text/plain")), "first data");
+        assert_eq!(picks(Some("application/jsonx")), "first data");
+        assert_eq!(picks(None), "first data");
+    }
+
+    #[test]
+    fn the_picked_detector_decides() {
+        let sse = started(Some("text/event-stream"));
+        assert_eq!(
+            run(&sse, &[b"event: ping\ndata: {}\n\n"]).progress,
+            Progress::Pending
+        );
+        assert_eq!(run(&sse, &[b"data: x\n\n"]).chunk.unwrap().2, b"x");
+        let custom = Auto::default().sse(Sse::new().keep_alive_events(["beat"]));
+        let mut custom = custom.clone();
+        let (head, ()) = http::Response::builder()
+            .header(CONTENT_TYPE, "text/event-stream")
+            .body(())
+            .unwrap()
+            .into_parts();
+        custom.start(&head);
+        assert_eq!(
+            run(&custom, &[b"event: beat\ndata: {}\n\n"]).progress,
+            Progress::Pending
+        );
+        // A plain JSON response is not held back.
+        let json = started(Some("application/json"));
+        assert_eq!(run(&json, &[b"{\"id\":"]).progress, Progress::Found);
+        let plain = started(None);
+        assert_eq!(run(&plain, &[b"x"]).progress, Progress::Found);
+    }
+}

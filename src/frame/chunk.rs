@@ -1,0 +1,201 @@
+use std::borrow::Cow;
+use std::fmt;
+
+/// How many bytes of the first chunk a detector keeps for
+/// [`Detector::first_chunk`](super::Detector::first_chunk). Provider error objects
+/// are far smaller; a content chunk cut at this length is still content.
+pub(crate) const CAPTURE_LIMIT: usize = 16 * 1024;
+
+/// The first chunk of a response, as a [`Detector`](super::Detector) saw it: what an
+/// in-band error classifier looks at.
+///
+/// Which parts are set depends on the format:
+///
+/// | format | [`event`](Self::event) | [`message_type`](Self::message_type) | [`data`](Self::data) |
+/// |---|---|---|---|
+/// | SSE | the `event` field | - | the `data` lines, joined by `\n` |
+/// | NDJSON | - | - | the line, without its line ending |
+/// | JSON array | - | - | the first element |
+/// | AWS eventstream | `:event-type`, `:exception-type` or `:error-code` | `:message-type` | the payload |
+///
+/// `data` holds at most the first 16 KiB; [`is_truncated`](Self::is_truncated) says
+/// when there was more.
+///
+/// ```
+/// use tower_stream_backpressure::frame::Chunk;
+///
+/// let chunk = Chunk::new(br#"{"type":"error"}"#).with_event("error");
+/// assert_eq!(chunk.event(), Some("error"));
+/// assert!(!chunk.is_truncated());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk<'a> {
+    event: Option<&'a str>,
+    message_type: Option<&'a str>,
+    data: &'a [u8],
+    truncated: bool,
+}
+
+impl<'a> Chunk<'a> {
+    /// A chunk carrying `data`, with no event name or message type.
+    pub fn new(data: &'a [u8]) -> Self {
+        Self {
+            event: None,
+            message_type: None,
+            data,
+            truncated: false,
+        }
+    }
+
+    /// Sets the event name (SSE `event`, eventstream `:event-type` or
+    /// `:exception-type`).
+    pub fn with_event(self, event: &'a str) -> Self {
+        Self {
+            event: Some(event),
+            ..self
+        }
+    }
+
+    /// Sets the message type (eventstream `:message-type`: `event`, `exception`,
+    /// `error`).
+    pub fn with_message_type(self, message_type: &'a str) -> Self {
+        Self {
+            message_type: Some(message_type),
+            ..self
+        }
+    }
+
+    /// Marks `data` as only the start of the chunk.
+    pub fn with_truncated(self, truncated: bool) -> Self {
+        Self { truncated, ..self }
+    }
+
+    /// The event name, if the format has one and it was sent.
+    pub fn event(&self) -> Option<&'a str> {
+        self.event
+    }
+
+    /// The message type, if the format has one and it was sent.
+    pub fn message_type(&self) -> Option<&'a str> {
+        self.message_type
+    }
+
+    /// The chunk's content (see the table above), at most its first 16 KiB.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Whether the chunk was longer than [`data`](Self::data).
+    pub fn is_truncated(&self) -> bool {
+        self.truncated
+    }
+}
+
+/// A stream whose framing is broken before its first chunk: a terminal error, since
+/// the upstream would send the same again.
+///
+/// The retry layer ends the call with a
+/// [`FirstChunkError`](crate::retry::FirstChunkError) of kind
+/// [`Malformed`](crate::retry::FirstChunkErrorKind::Malformed) whose
+/// [`source`](std::error::Error::source) is this error.
+///
+/// ```
+/// use tower_stream_backpressure::frame::Malformed;
+///
+/// let error = Malformed::new("JSON array", "the body does not start with `[`");
+/// assert_eq!(
+///     error.to_string(),
+///     "malformed JSON array stream: the body does not start with `[`"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    format: &'static str,
+    problem: Cow<'static, str>,
+}
+
+impl Malformed {
+    /// The `format` (`"SSE"`, `"AWS eventstream"`, ...) has this `problem`.
+    pub fn new(format: &'static str, problem: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            format,
+            problem: problem.into(),
+        }
+    }
+
+    /// The stream format whose framing is broken.
+    pub fn format(&self) -> &'static str {
+        self.format
+    }
+
+    /// What is wrong with it.
+    pub fn problem(&self) -> &str {
+        &self.problem
+    }
+}
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed {} stream: {}", self.format, self.problem)
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+/// The first [`CAPTURE_LIMIT`] bytes of something, and whether there was more.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Capture {
+    bytes: Vec<u8>,
+    truncated: bool,
+}
+
+impl Capture {
+    #[inline]
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        let room = CAPTURE_LIMIT - self.bytes.len();
+        if bytes.len() <= room {
+            self.bytes.extend_from_slice(bytes);
+        } else {
+            self.bytes.extend_from_slice(&bytes[..room]);
+            self.truncated = true;
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.bytes.clear();
+        self.truncated = false;
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub(crate) fn is_truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// The captured bytes as a chunk's data.
+    pub(crate) fn chunk(&self) -> Chunk<'_> {
+        Chunk::new(&self.bytes).with_truncated(self.truncated)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capture_keeps_the_first_bytes_and_says_it_was_cut() {
+        let mut capture = Capture::default();
+        capture.push(b"abc");
+        assert_eq!(capture.bytes(), b"abc");
+        assert!(!capture.is_truncated());
+        capture.push(&vec![b'x'; CAPTURE_LIMIT]);
+        assert_eq!(capture.bytes().len(), CAPTURE_LIMIT);
+        assert!(capture.is_truncated());
+        capture.push(b"more");
+        assert_eq!(capture.bytes().len(), CAPTURE_LIMIT);
+        capture.clear();
+        assert_eq!(capture.chunk(), Chunk::new(b""));
+    }
+}

@@ -1,0 +1,360 @@
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::frame::Chunk;
+
+/// What the first chunk of a `2xx` response turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InBand {
+    /// Content: the response goes to the caller.
+    Content,
+    /// An error a retry may cure (overloaded, rate limited, unavailable, internal):
+    /// a failure before the first chunk, retried like any other.
+    TransientError,
+    /// An error a retry would repeat (invalid request, authentication): the response
+    /// goes to the caller untouched.
+    TerminalError,
+}
+
+type Custom = Arc<dyn Fn(&Chunk<'_>) -> Option<InBand> + Send + Sync>;
+
+/// Tells in-band errors in the first chunk from content, and transient ones from
+/// terminal ones.
+///
+/// Providers report some failures after `200 OK`, as the first event: Anthropic's
+/// `event: error` with `overloaded_error`, OpenAI's and Ollama's JSON objects with a
+/// top-level `error`, Bedrock's eventstream `exception` messages. The built-in rules:
+///
+/// 1. The chunk is an **error** when its SSE event is `error`, its eventstream
+///    `:message-type` is `exception` or `error`, or its data is a JSON object with a
+///    top-level `error` key that is not `null`. Anything else is
+///    [content](InBand::Content).
+/// 2. Its **codes** are the eventstream exception type (or error code), and from the
+///    JSON: `error` when it is a string, else `error.type`, `error.code` and
+///    `error.status`.
+/// 3. It is **[terminal](InBand::TerminalError)** when a code contains a
+///    [`terminal`](Self::terminal) marker, else **[transient](InBand::TransientError)**
+///    when a code contains a [`transient`](Self::transient) marker, else terminal.
+///    Matching ignores case and everything but letters and digits (`rate_limit_error`
+///    contains `RateLimit`); a numeric marker must equal a numeric code.
+///
+/// The default transient markers: `overloaded`, `ratelimit`, `toomanyrequests`,
+/// `throttl`, `unavailable`, `internal`, `servererror`, `apierror`,
+/// `modelstreamerror`, `resourceexhausted`, `deadlineexceeded`, and the codes `429`,
+/// `500`, `502`, `503`, `504`, `529`. No terminal markers.
+///
+/// ```
+/// use tower_stream_backpressure::frame::Chunk;
+/// use tower_stream_backpressure::retry::{InBand, InBandErrors};
+///
+/// let rules = InBandErrors::default()
+///     .transient("model_loading")
+///     .terminal("insufficient_quota");
+///
+/// let overloaded = br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+/// let chunk = Chunk::new(overloaded).with_event("error");
+/// assert_eq!(rules.classify(&chunk), InBand::TransientError);
+///
+/// let quota = br#"{"error":{"type":"insufficient_quota","code":"rate_limit"}}"#;
+/// assert_eq!(rules.classify(&Chunk::new(quota)), InBand::TerminalError);
+///
+/// let content = br#"{"choices":[{"delta":{"content":"error"}}]}"#;
+/// assert_eq!(rules.classify(&Chunk::new(content)), InBand::Content);
+/// ```
+#[derive(Clone)]
+pub struct InBandErrors {
+    transient: Vec<String>,
+    terminal: Vec<String>,
+    custom: Option<Custom>,
+}
+
+const TRANSIENT: &[&str] = &[
+    "overloaded",
+    "ratelimit",
+    "toomanyrequests",
+    "throttl",
+    "unavailable",
+    "internal",
+    "servererror",
+    "apierror",
+    "modelstreamerror",
+    "resourceexhausted",
+    "deadlineexceeded",
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+    "529",
+];
+
+impl Default for InBandErrors {
+    fn default() -> Self {
+        Self {
+            transient: TRANSIENT.iter().map(|m| normalize(m)).collect(),
+            terminal: Vec::new(),
+            custom: None,
+        }
+    }
+}
+
+impl fmt::Debug for InBandErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InBandErrors")
+            .field("transient", &self.transient)
+            .field("terminal", &self.terminal)
+            .field("custom", &self.custom.is_some())
+            .finish()
+    }
+}
+
+impl InBandErrors {
+    /// Rules that take every first chunk for content: in-band errors reach the caller
+    /// and are never retried.
+    pub fn none() -> Self {
+        Self::default().custom(|_| Some(InBand::Content))
+    }
+
+    /// Adds a marker for error codes that are transient (your provider's
+    /// `model_loading`, say).
+    pub fn transient(mut self, marker: &str) -> Self {
+        self.transient.push(normalize(marker));
+        self
+    }
+
+    /// Adds a marker for error codes that are terminal, even if a transient marker
+    /// matches too (`insufficient_quota` is a `429` that waiting does not cure).
+    pub fn terminal(mut self, marker: &str) -> Self {
+        self.terminal.push(normalize(marker));
+        self
+    }
+
+    /// A rule consulted before the built-in ones: `Some` decides, `None` leaves the
+    /// chunk to them.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::retry::{InBand, InBandErrors};
+    ///
+    /// // This provider reports overload as `data: {"status":"busy"}`.
+    /// let rules = InBandErrors::default().custom(|chunk| {
+    ///     (chunk.data() == br#"{"status":"busy"}"#).then_some(InBand::TransientError)
+    /// });
+    /// # let _ = rules;
+    /// ```
+    pub fn custom<F>(mut self, rule: F) -> Self
+    where
+        F: Fn(&Chunk<'_>) -> Option<InBand> + Send + Sync + 'static,
+    {
+        self.custom = Some(Arc::new(rule));
+        self
+    }
+
+    /// Classifies a first chunk.
+    pub fn classify(&self, chunk: &Chunk<'_>) -> InBand {
+        if let Some(verdict) = self.custom.as_ref().and_then(|rule| rule(chunk)) {
+            return verdict;
+        }
+        let Some(codes) = error_codes(chunk) else {
+            return InBand::Content;
+        };
+        let codes: Vec<String> = codes.iter().map(|code| normalize(code)).collect();
+        let matches = |markers: &[String]| {
+            markers.iter().any(|marker| {
+                codes.iter().any(|code| {
+                    if marker.bytes().all(|b| b.is_ascii_digit()) {
+                        code == marker
+                    } else {
+                        code.contains(marker.as_str())
+                    }
+                })
+            })
+        };
+        if matches(&self.terminal) || !matches(&self.transient) {
+            InBand::TerminalError
+        } else {
+            InBand::TransientError
+        }
+    }
+}
+
+/// Lower case, letters and digits only.
+fn normalize(text: &str) -> String {
+    text.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// The chunk's error codes, or `None` when it is not an error.
+fn error_codes(chunk: &Chunk<'_>) -> Option<Vec<String>> {
+    let mut codes = Vec::new();
+    let mut is_error = chunk.event() == Some("error");
+    if matches!(chunk.message_type(), Some("exception" | "error")) {
+        is_error = true;
+        codes.extend(chunk.event().map(str::to_owned));
+    }
+    // Only data that mentions `"error"` is parsed: content rarely does.
+    let data = chunk.data();
+    if !chunk.is_truncated() && memchr::memmem::find(data, b"\"error\"").is_some() {
+        if let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(data) {
+            match object.get("error") {
+                None | Some(Value::Null) => {}
+                Some(error) => {
+                    is_error = true;
+                    match error {
+                        Value::String(text) => codes.push(text.clone()),
+                        Value::Object(fields) => codes.extend(
+                            ["type", "code", "status"]
+                                .iter()
+                                .filter_map(|key| fields.get(*key))
+                                .filter_map(|value| match value {
+                                    Value::String(text) => Some(text.clone()),
+                                    Value::Number(number) => Some(number.to_string()),
+                                    _ => None,
+                                }),
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    is_error.then_some(codes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(chunk: Chunk<'_>) -> InBand {
+        InBandErrors::default().classify(&chunk)
+    }
+
+    #[test]
+    fn content_is_content() {
+        assert_eq!(classify(Chunk::new(b"[DONE]")), InBand::Content);
+        assert_eq!(classify(Chunk::new(br#"{"error": null}"#)), InBand::Content);
+        assert_eq!(
+            classify(Chunk::new(br#"{"text": "\"error\": 1"}"#)),
+            InBand::Content
+        );
+        assert_eq!(
+            classify(Chunk::new(b"x").with_event("message_start")),
+            InBand::Content
+        );
+        assert_eq!(
+            classify(
+                Chunk::new(b"{}")
+                    .with_message_type("event")
+                    .with_event("messageStart")
+            ),
+            InBand::Content
+        );
+    }
+
+    #[test]
+    fn transient_errors_by_provider() {
+        // Anthropic, OpenAI, Ollama, Gemini, Bedrock.
+        let anthropic =
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        assert_eq!(
+            classify(Chunk::new(anthropic).with_event("error")),
+            InBand::TransientError
+        );
+        let anthropic_api =
+            br#"{"type":"error","error":{"type":"api_error","message":"Internal server error"}}"#;
+        assert_eq!(
+            classify(Chunk::new(anthropic_api).with_event("error")),
+            InBand::TransientError
+        );
+        let openai =
+            br#"{"error":{"message":"oops","type":"server_error","param":null,"code":null}}"#;
+        assert_eq!(classify(Chunk::new(openai)), InBand::TransientError);
+        let rate = br#"{"error":{"type":"requests","code":"rate_limit_exceeded"}}"#;
+        assert_eq!(classify(Chunk::new(rate)), InBand::TransientError);
+        let ollama = br#"{"error":"rate limit exceeded, retry shortly"}"#;
+        assert_eq!(classify(Chunk::new(ollama)), InBand::TransientError);
+        let gemini = br#"{"error":{"code":503,"message":"The model is overloaded.","status":"UNAVAILABLE"}}"#;
+        assert_eq!(classify(Chunk::new(gemini)), InBand::TransientError);
+        let gemini_500 = br#"{"error":{"code":500,"status":"INTERNAL"}}"#;
+        assert_eq!(classify(Chunk::new(gemini_500)), InBand::TransientError);
+        for exception in [
+            "throttlingException",
+            "serviceUnavailableException",
+            "modelStreamErrorException",
+            "internalServerException",
+        ] {
+            let chunk = Chunk::new(br#"{"message":"x"}"#)
+                .with_message_type("exception")
+                .with_event(exception);
+            assert_eq!(classify(chunk), InBand::TransientError, "{exception}");
+        }
+    }
+
+    #[test]
+    fn terminal_errors_by_provider() {
+        let anthropic = br#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long"}}"#;
+        assert_eq!(
+            classify(Chunk::new(anthropic).with_event("error")),
+            InBand::TerminalError
+        );
+        let auth = br#"{"type":"error","error":{"type":"authentication_error"}}"#;
+        assert_eq!(
+            classify(Chunk::new(auth).with_event("error")),
+            InBand::TerminalError
+        );
+        let openai =
+            br#"{"error":{"type":"invalid_request_error","code":"context_length_exceeded"}}"#;
+        assert_eq!(classify(Chunk::new(openai)), InBand::TerminalError);
+        let ollama = br#"{"error":"model \"llama9\" not found, try pulling it first"}"#;
+        assert_eq!(classify(Chunk::new(ollama)), InBand::TerminalError);
+        let gemini = br#"{"error":{"code":400,"status":"INVALID_ARGUMENT"}}"#;
+        assert_eq!(classify(Chunk::new(gemini)), InBand::TerminalError);
+        let bedrock = Chunk::new(b"{}")
+            .with_message_type("exception")
+            .with_event("validationException");
+        assert_eq!(classify(bedrock), InBand::TerminalError);
+        // An error event whose data says nothing more.
+        assert_eq!(
+            classify(Chunk::new(b"oops").with_event("error")),
+            InBand::TerminalError
+        );
+        // A number must match exactly: 5030 is not 503.
+        assert_eq!(
+            classify(Chunk::new(br#"{"error":{"code":5030}}"#)),
+            InBand::TerminalError
+        );
+    }
+
+    #[test]
+    fn markers_and_custom_rules_are_added() {
+        let loading = br#"{"error":{"type":"Model-Loading"}}"#;
+        assert_eq!(classify(Chunk::new(loading)), InBand::TerminalError);
+        let rules = InBandErrors::default().transient("model_loading");
+        assert_eq!(rules.classify(&Chunk::new(loading)), InBand::TransientError);
+
+        let quota = br#"{"error":{"type":"insufficient_quota","code":"429"}}"#;
+        assert_eq!(classify(Chunk::new(quota)), InBand::TransientError);
+        let rules = InBandErrors::default().terminal("insufficient quota");
+        assert_eq!(rules.classify(&Chunk::new(quota)), InBand::TerminalError);
+
+        let busy = InBandErrors::default()
+            .custom(|chunk| (chunk.data() == b"busy").then_some(InBand::TransientError));
+        assert_eq!(busy.classify(&Chunk::new(b"busy")), InBand::TransientError);
+        assert_eq!(
+            busy.classify(&Chunk::new(b"x").with_event("error")),
+            InBand::TerminalError
+        );
+        let overloaded = Chunk::new(br#"{"error":"overloaded"}"#);
+        assert_eq!(InBandErrors::none().classify(&overloaded), InBand::Content);
+    }
+
+    #[test]
+    fn a_truncated_chunk_is_judged_by_its_names_only() {
+        let chunk = Chunk::new(br#"{"error":"overloaded"#).with_truncated(true);
+        assert_eq!(classify(chunk), InBand::Content);
+        assert_eq!(classify(chunk.with_event("error")), InBand::TerminalError);
+    }
+}
