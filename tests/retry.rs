@@ -77,12 +77,7 @@ async fn failures_before_the_first_chunk_are_retried() {
         ("429", Reply::status(429)),
         (
             "200 with only keep-alives, then the end",
-            Reply::Stream(support::upstream::Stream {
-                keepalives: 2,
-                events: Vec::new(),
-                gap: Duration::ZERO,
-                fault: Fault::None,
-            }),
+            Reply::chunks("text/event-stream", Vec::new()).keepalives(2),
         ),
     ];
     for protocol in BOTH {
@@ -341,15 +336,13 @@ async fn retry_disabled_counts_nothing() {
 async fn a_first_event_larger_than_the_buffer_fails_without_retry() {
     for protocol in BOTH {
         let upstream = Upstream::start(|_| {
-            Reply::Stream(support::upstream::Stream {
-                keepalives: 0,
-                events: vec![bytes::Bytes::from(format!(
+            Reply::chunks(
+                "text/event-stream",
+                vec![bytes::Bytes::from(format!(
                     "data: {}\n\n",
                     "x".repeat(64 * 1024)
                 ))],
-                gap: Duration::ZERO,
-                fault: Fault::None,
-            })
+            )
         })
         .await;
         let policy = RetryPolicy::default().max_buffer(16 * 1024);

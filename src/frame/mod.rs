@@ -33,11 +33,15 @@
 //! A detector is configured once on the layer and cloned, fresh, for each attempt.
 
 mod auto;
+#[cfg(test)]
+mod captures;
 mod chunk;
 mod event_stream;
 mod first_data;
 mod json_array;
 mod ndjson;
+#[cfg(test)]
+mod properties;
 mod sse;
 
 pub use self::auto::Auto;

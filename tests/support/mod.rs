@@ -217,6 +217,25 @@ pub fn full_stack(
     Future = impl Send,
 > + Clone
        + Send {
+    let detector = tower_stream_backpressure::frame::Auto::default();
+    full_stack_with(client, meter, limit, budget, policy, detector)
+}
+
+/// [`full_stack`] with another first-chunk detector.
+pub fn full_stack_with<D: tower_stream_backpressure::frame::Detector>(
+    client: HyperClient,
+    meter: &Meter,
+    limit: tower_stream_backpressure::StreamConcurrencyLayer,
+    budget: tower_stream_backpressure::RetryBudget,
+    policy: tower_stream_backpressure::RetryPolicy,
+    detector: D,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = http::Response<impl Body<Data = Bytes, Error = hyper::Error> + std::fmt::Debug>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone
+       + Send {
     use tower_stream_backpressure::{FirstChunkRetryLayer, RetryBudgetLayer};
     tower::ServiceBuilder::new()
         .layer(limit.meter(meter.clone()).provider("test"))
@@ -227,10 +246,17 @@ pub fn full_stack(
         )
         .layer(
             FirstChunkRetryLayer::new(policy)
+                .frames(detector)
                 .meter(meter.clone())
                 .provider("test"),
         )
         .service(client)
+}
+
+/// A capture from `tests/data/`.
+pub fn capture(name: &str) -> Bytes {
+    let path = format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"));
+    Bytes::from(std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
 }
 
 /// Attributes of every metric recorded by [`full_stack`].

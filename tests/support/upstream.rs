@@ -58,12 +58,13 @@ pub enum Reply {
     Hang,
 }
 
-/// An SSE stream and the fault it suffers, if any.
+/// A `200` stream and the fault it suffers, if any.
 #[derive(Debug, Clone)]
 pub struct Stream {
+    pub content_type: &'static str,
     /// `: keep-alive` comments sent before anything else.
     pub keepalives: usize,
-    /// Complete events (each ending in a blank line).
+    /// The body's pieces: for SSE, complete events (each ending in a blank line).
     pub events: Vec<Bytes>,
     /// Pause before each event.
     pub gap: Duration,
@@ -85,11 +86,17 @@ pub enum Fault {
 }
 
 impl Reply {
-    /// A healthy stream of `tokens` content events and a final `data: [DONE]`.
+    /// A healthy SSE stream of `tokens` content events and a final `data: [DONE]`.
     pub fn tokens(tokens: usize) -> Self {
+        Reply::chunks("text/event-stream", token_events(tokens))
+    }
+
+    /// A healthy `200` stream of `content_type`, sending `chunks` in order.
+    pub fn chunks(content_type: &'static str, chunks: Vec<Bytes>) -> Self {
         Reply::Stream(Stream {
+            content_type,
             keepalives: 0,
-            events: token_events(tokens),
+            events: chunks,
             gap: Duration::ZERO,
             fault: Fault::None,
         })
@@ -132,7 +139,7 @@ impl Reply {
         self
     }
 
-    /// Sends `n` keep-alive comments first (in a `Stream` reply).
+    /// Sends `n` SSE keep-alive comments first (in a `Stream` reply).
     pub fn keepalives(mut self, n: usize) -> Self {
         if let Reply::Stream(stream) = &mut self {
             stream.keepalives = n;
@@ -381,10 +388,11 @@ async fn answer(
             Ok(response)
         }
         Reply::Stream(stream) => {
+            let content_type = stream.content_type;
             let mut response = Response::new(MockBody::new(plan(stream), open));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
+                HeaderValue::from_static(content_type),
             );
             Ok(response)
         }
