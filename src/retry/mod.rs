@@ -25,15 +25,22 @@
 //! - **2xx**: the body is read until the [`Detector`](crate::frame::Detector) finds
 //!   the first chunk, within `first_chunk_timeout` (counted from the attempt's start)
 //!   and `max_buffer` bytes. A body error, the end of the body, or the timeout before
-//!   the first chunk: retried. More than `max_buffer` bytes: fails without retry. Once
-//!   found, the response goes to the caller with a [`ResponseBody`] that replays the
-//!   frames already read, then continues the live stream, without copying them.
+//!   the first chunk: retried. More than `max_buffer` bytes, or broken framing
+//!   ([`Malformed`](crate::frame::Malformed)): fails without retry. Once found, the
+//!   response goes to the caller with a [`ResponseBody`] that replays the frames
+//!   already read, then continues the live stream, without copying them.
+//! - **In-band error**: when that first chunk is an error the provider sent after
+//!   `200 OK` (Anthropic's `event: error`, a JSON `error` object, a Bedrock
+//!   `exception`), [`InBandErrors`] decide: a transient one (overloaded, rate limited,
+//!   unavailable) is retried like any failure before the first chunk; a terminal one
+//!   (invalid request) goes to the caller untouched, byte for byte.
 //!
 //! Before each retry, one unit is withdrawn from the [`RetryBudget`](crate::RetryBudget)
 //! that [`RetryBudgetLayer`](crate::RetryBudgetLayer) put in the request's
 //! extensions, if any; when it refuses, the last failure goes back at once. When the
-//! attempts run out, a retryable-status response goes back as it is, and other
-//! failures as a [`FirstChunkError`] saying what happened and after how many attempts.
+//! attempts run out, a retryable-status response or a transient in-band error goes back
+//! as it is, and other failures as a [`FirstChunkError`] saying what happened and after
+//! how many attempts.
 //!
 //! A response is never retried once it has been handed to the caller: from then on
 //! this layer only counts.
@@ -42,7 +49,9 @@
 //!
 //! `provider_calls_in_flight` (+1 per attempt, -1 when it fails or its body ends),
 //! `stream_first_chunk_latency_seconds` (first attempt's start to the first chunk) and
-//! `stream_retries_total{outcome}`:
+//! `stream_retries_total{outcome,reason}`, where `reason` is the failure that called
+//! for the retry (`status`, `upstream_error`, `body_error`, `end_of_stream`, `timeout`,
+//! `in_band_error`):
 //!
 //! | outcome | counted when |
 //! |---|---|
