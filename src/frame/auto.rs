@@ -109,21 +109,10 @@ impl Detector for Auto {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::test_util::run;
-
-    fn started(content_type: Option<&str>) -> Auto {
-        let mut response = http::Response::builder();
-        if let Some(value) = content_type {
-            response = response.header(CONTENT_TYPE, value);
-        }
-        let (head, ()) = response.body(()).unwrap().into_parts();
-        let mut auto = Auto::default();
-        auto.start(&head);
-        auto
-    }
+    use crate::frame::test_util::{run, started};
 
     fn picks(content_type: Option<&str>) -> &'static str {
-        match started(content_type).picked {
+        match started(Auto::default(), content_type).picked {
             Picked::Sse(_) => "sse",
             Picked::NdJson(_) => "ndjson",
             Picked::JsonArray(_) => "json array",
@@ -151,28 +140,22 @@ mod tests {
 
     #[test]
     fn the_picked_detector_decides() {
-        let sse = started(Some("text/event-stream"));
+        let sse = started(Auto::default(), Some("text/event-stream"));
         assert_eq!(
             run(&sse, &[b"event: ping\ndata: {}\n\n"]).progress,
             Progress::Pending
         );
         assert_eq!(run(&sse, &[b"data: x\n\n"]).chunk.unwrap().2, b"x");
         let custom = Auto::default().sse(Sse::new().keep_alive_events(["beat"]));
-        let mut custom = custom.clone();
-        let (head, ()) = http::Response::builder()
-            .header(CONTENT_TYPE, "text/event-stream")
-            .body(())
-            .unwrap()
-            .into_parts();
-        custom.start(&head);
+        let custom = started(custom, Some("text/event-stream"));
         assert_eq!(
             run(&custom, &[b"event: beat\ndata: {}\n\n"]).progress,
             Progress::Pending
         );
         // A plain JSON response is not held back.
-        let json = started(Some("application/json"));
+        let json = started(Auto::default(), Some("application/json"));
         assert_eq!(run(&json, &[b"{\"id\":"]).progress, Progress::Found);
-        let plain = started(None);
+        let plain = started(Auto::default(), None);
         assert_eq!(run(&plain, &[b"x"]).progress, Progress::Found);
     }
 }

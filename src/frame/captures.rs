@@ -2,7 +2,7 @@
 //! (`tests/data/`), fed whole, byte by byte, cut at every position and in random
 //! pieces, with the in-band error rules applied to the chunk found.
 
-use super::test_util::{assert_split_invariant, run, run_random_split, Outcome};
+use super::test_util::{assert_split_invariant, run, run_random_split, started, Outcome};
 use super::{Auto, Chunk, Detector, EventStream, JsonArray, Malformed, NdJson, Progress, Sse};
 use crate::retry::{InBand, InBandErrors};
 
@@ -165,14 +165,7 @@ fn classify(outcome: &Outcome) -> InBand {
 }
 
 fn auto(content_type: &str) -> Auto {
-    let (head, ()) = http::Response::builder()
-        .header(http::header::CONTENT_TYPE, content_type)
-        .body(())
-        .unwrap()
-        .into_parts();
-    let mut auto = Auto::default();
-    auto.start(&head);
-    auto
+    started(Auto::default(), Some(content_type))
 }
 
 #[test]

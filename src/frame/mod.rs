@@ -212,6 +212,17 @@ pub(crate) mod test_util {
         whole
     }
 
+    /// `detector`, started on a response head with this `Content-Type` (or none).
+    pub(crate) fn started<D: Detector>(mut detector: D, content_type: Option<&str>) -> D {
+        let mut response = http::Response::builder();
+        if let Some(value) = content_type {
+            response = response.header(http::header::CONTENT_TYPE, value);
+        }
+        let (head, ()) = response.body(()).expect("a valid head").into_parts();
+        detector.start(&head);
+        detector
+    }
+
     /// Feeds `input` in random pieces (seeded) and returns the outcome.
     pub(crate) fn run_random_split<D: Detector>(detector: &D, input: &[u8], seed: u64) -> Outcome {
         let mut rng = fastrand::Rng::with_seed(seed);

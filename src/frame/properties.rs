@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 
 use super::event_stream::tests::{message, raw_message};
-use super::test_util::run;
+use super::test_util::{run, started};
 use super::{Auto, Detector, EventStream, JsonArray, NdJson, Sse};
 
 /// Bytes that matter to some format, mixed with any byte.
@@ -85,17 +85,6 @@ fn same_when_split<D: Detector>(detector: &D, input: &[u8], points: &[prop::samp
     );
 }
 
-fn started(content_type: &str) -> Auto {
-    let (head, ()) = http::Response::builder()
-        .header(http::header::CONTENT_TYPE, content_type)
-        .body(())
-        .unwrap()
-        .into_parts();
-    let mut auto = Auto::default();
-    auto.start(&head);
-    auto
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -132,7 +121,7 @@ proptest! {
         input in body(),
         points in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
     ) {
-        same_when_split(&started(content_type), &input, &points);
+        same_when_split(&started(Auto::default(), Some(content_type)), &input, &points);
     }
 }
 
