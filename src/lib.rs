@@ -76,8 +76,15 @@ pub use retry::{FirstChunkError, FirstChunkRetryLayer, RetryPolicy};
 struct ReadmeDoctests;
 
 /// `now + after`, saturating far in the future (30 years) instead of overflowing.
-pub(crate) fn deadline_after(after: std::time::Duration) -> tokio::time::Instant {
+pub(crate) fn deadline(
+    now: tokio::time::Instant,
+    after: std::time::Duration,
+) -> tokio::time::Instant {
     const FAR: std::time::Duration = std::time::Duration::from_secs(30 * 365 * 24 * 3600);
-    let now = tokio::time::Instant::now();
     now.checked_add(after.min(FAR)).unwrap_or(now)
+}
+
+/// [`deadline`] from now.
+pub(crate) fn deadline_after(after: std::time::Duration) -> tokio::time::Instant {
+    deadline(tokio::time::Instant::now(), after)
 }

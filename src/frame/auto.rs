@@ -38,7 +38,8 @@ enum Picked {
     Sse(Sse),
     NdJson(NdJson),
     JsonArray(JsonArray),
-    EventStream(EventStream),
+    // Boxed: the largest detector, and the rarest.
+    EventStream(Box<EventStream>),
     #[default]
     FirstData,
 }
@@ -67,7 +68,7 @@ impl Detector for Auto {
         {
             Picked::NdJson(NdJson::default())
         } else if is("application/vnd.amazon.eventstream") {
-            Picked::EventStream(EventStream::default())
+            Picked::EventStream(Box::default())
         } else if is("application/json") {
             Picked::JsonArray(JsonArray::lenient())
         } else {

@@ -152,6 +152,10 @@ pub(crate) struct Capture {
 impl Capture {
     #[inline]
     pub(crate) fn push(&mut self, bytes: &[u8]) {
+        if self.bytes.capacity() == 0 && !bytes.is_empty() {
+            // One allocation for a typical event, rather than one per growth step.
+            self.bytes.reserve(bytes.len().clamp(256, CAPTURE_LIMIT));
+        }
         let room = CAPTURE_LIMIT - self.bytes.len();
         if bytes.len() <= room {
             self.bytes.extend_from_slice(bytes);

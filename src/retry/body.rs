@@ -33,6 +33,49 @@ impl fmt::Debug for CallGuard {
     }
 }
 
+/// The frames read while looking for the first chunk, in order. The first is kept
+/// inline: most first chunks arrive in one frame, and then no queue is allocated.
+pub(crate) struct Replay<T> {
+    first: Option<Frame<T>>,
+    rest: VecDeque<Frame<T>>,
+}
+
+impl<T> Default for Replay<T> {
+    fn default() -> Self {
+        Self {
+            first: None,
+            rest: VecDeque::new(),
+        }
+    }
+}
+
+impl<T> Replay<T> {
+    pub(crate) fn push_back(&mut self, frame: Frame<T>) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(frame);
+        } else {
+            self.rest.push_back(frame);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Frame<T>> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Frame<T>> {
+        self.first.iter().chain(&self.rest)
+    }
+}
+
 pin_project! {
     /// Response body of [`FirstChunkRetry`](super::FirstChunkRetry): first the frames
     /// read while looking for the first chunk, as they came (no copy), then the rest of
@@ -41,7 +84,7 @@ pin_project! {
     /// It also ends the attempt's count in `provider_calls_in_flight` at the end of the
     /// stream (the same end-of-stream rule as the concurrency slot).
     pub struct ResponseBody<B: Body> {
-        replay: VecDeque<Frame<B::Data>>,
+        replay: Replay<B::Data>,
         // The inner body has returned its end (while peeked, or since): it is not
         // polled again.
         inner_done: bool,
@@ -55,7 +98,7 @@ impl<B: Body> ResponseBody<B> {
     /// `replay` goes out first; `inner_done` says the inner body already ended.
     pub(crate) fn new(
         inner: B,
-        replay: VecDeque<Frame<B::Data>>,
+        replay: Replay<B::Data>,
         inner_done: bool,
         call: CallGuard,
     ) -> Self {
@@ -78,23 +121,16 @@ impl<B: Body> Body for ResponseBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if !self.replay.is_empty() || self.inner_done {
+            return self.poll_replay();
+        }
+        // The live stream: one source for the result, so that it is written in place.
         let this = self.project();
-        let inner_done = *this.inner_done;
-        if let Some(frame) = this.replay.pop_front() {
-            let poll = Poll::Ready(Some(Ok(frame)));
-            let (replay, inner) = (&*this.replay, this.inner.as_ref());
-            this.call
-                .observe(&poll, || ended(replay, inner_done, inner.get_ref()));
-            return poll;
-        }
-        if inner_done {
-            let poll = Poll::Ready(None);
-            this.call.observe(&poll, || true);
-            return poll;
-        }
         let mut inner = this.inner;
         let poll = inner.as_mut().poll_frame(cx);
-        *this.inner_done = matches!(poll, Poll::Ready(None));
+        if let Poll::Ready(None) = poll {
+            *this.inner_done = true;
+        }
         let inner = inner.as_ref();
         this.call.observe(&poll, || inner.is_end_stream());
         poll
@@ -126,9 +162,26 @@ impl<B: Body> Body for ResponseBody<B> {
     }
 }
 
+impl<B: Body> ResponseBody<B> {
+    /// The frames read while peeking, then the end if the inner body ended then.
+    #[cold]
+    #[inline(never)]
+    fn poll_replay(self: Pin<&mut Self>) -> Polled<B> {
+        let this = self.project();
+        let poll = Poll::Ready(this.replay.pop_front().map(Ok));
+        let (replay, inner_done, inner) = (&*this.replay, *this.inner_done, this.inner.as_ref());
+        this.call
+            .observe(&poll, || ended(replay, inner_done, inner.get_ref()));
+        poll
+    }
+}
+
+/// What `poll_frame` returns.
+type Polled<B> = Poll<Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>>;
+
 /// Nothing left to replay and the inner body at its end.
 #[inline]
-fn ended<B: Body>(replay: &VecDeque<Frame<B::Data>>, inner_done: bool, inner: &B) -> bool {
+fn ended<B: Body>(replay: &Replay<B::Data>, inner_done: bool, inner: &B) -> bool {
     replay.is_empty() && (inner_done || inner.is_end_stream())
 }
 

@@ -1,4 +1,3 @@
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -8,13 +7,13 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use http::{Request, Response, StatusCode};
-use http_body::{Body, Frame};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::BoxError;
 use tower_service::Service;
 
-use super::body::CallGuard;
+use super::body::{CallGuard, Replay};
 use super::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
 use super::in_band::InBand;
 use super::retry_after::retry_after;
@@ -22,7 +21,7 @@ use super::service::Shared;
 use super::ResponseBody;
 use crate::frame::{Detector, Malformed, Progress};
 use crate::metrics::{RetryMetrics, RetryOutcome, RetryReason};
-use crate::{deadline_after, RetryBudget};
+use crate::{deadline, deadline_after, RetryBudget};
 
 pin_project! {
     /// Response future of [`FirstChunkRetry`](super::FirstChunkRetry).
@@ -39,29 +38,67 @@ pin_project! {
         call: Option<S::Future>,
         // The current attempt's first-chunk deadline, or the backoff before the next.
         #[pin]
-        timer: Sleep,
-        phase: Phase<ResBody, D>,
+        timer: Timer,
+        phase: Phase,
+        // The response being read for its first chunk, while peeking. Kept out of
+        // `phase`, which moves on every poll.
+        peek: Option<Peek<ResBody, D>>,
         attempts: Attempts<S, ReqBody, D>,
     }
 }
 
-enum Phase<B: Body, D> {
+enum Phase {
     /// Waiting for the service to be ready for the next attempt.
     Ready,
     /// The attempt's request is in flight, until its response head.
     Calling(CallGuard),
-    /// A 2xx response: reading its body until the first chunk.
-    Peeking(Peek<B, D>),
+    /// A 2xx response: reading its body until the first chunk (in `peek`).
+    Peeking,
     /// Waiting before the next attempt.
     Backoff,
     /// The output has been returned.
     Done,
 }
 
+pin_project! {
+    /// A deadline whose timer is only made when it is first polled: a call that
+    /// completes without waiting (a cached or in-memory answer) never registers one.
+    struct Timer {
+        at: Instant,
+        #[pin]
+        sleep: Option<Sleep>,
+    }
+}
+
+impl Timer {
+    fn new(at: Instant) -> Self {
+        Self { at, sleep: None }
+    }
+
+    fn reset(self: Pin<&mut Self>, at: Instant) {
+        let this = self.project();
+        *this.at = at;
+        if let Some(sleep) = this.sleep.as_pin_mut() {
+            sleep.reset(at);
+        }
+    }
+
+    fn poll_elapsed(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if this.sleep.is_none() {
+            this.sleep.set(Some(tokio::time::sleep_until(*this.at)));
+        }
+        match this.sleep.as_pin_mut() {
+            Some(sleep) => sleep.poll(cx),
+            None => unreachable!("the timer was just made"),
+        }
+    }
+}
+
 struct Peek<B: Body, D> {
     head: http::response::Parts,
     body: B,
-    frames: VecDeque<Frame<B::Data>>,
+    frames: Replay<B::Data>,
     buffered: usize,
     detector: D,
     call: CallGuard,
@@ -126,15 +163,17 @@ where
     /// Starts the first attempt on `service`, which the caller has polled ready.
     pub(crate) fn new(
         mut service: S,
-        request: Request<ReqBody>,
+        mut request: Request<ReqBody>,
         shared: Arc<Shared<D>>,
         metrics: Arc<RetryMetrics>,
     ) -> Self {
         let started = Instant::now();
         let retries = shared.policy.attempts_allowed() > 1;
-        let budget = retries
-            .then(|| request.extensions().get::<RetryBudget>().cloned())
-            .flatten();
+        let budget = if retries {
+            take_budget(request.extensions_mut())
+        } else {
+            None
+        };
         let head_request = request.method() == http::Method::HEAD;
         let (first, request) = if retries {
             (request.clone(), Some(request))
@@ -145,8 +184,9 @@ where
         let future = service.call(first);
         Self {
             call: Some(future),
-            timer: tokio::time::sleep_until(deadline_after(shared.policy.attempt_timeout())),
+            timer: Timer::new(deadline(started, shared.policy.attempt_timeout())),
             phase: Phase::Calling(call),
+            peek: None,
             attempts: Attempts {
                 service,
                 request,
@@ -202,7 +242,7 @@ where
                     };
                     let result = match future.poll(cx) {
                         Poll::Ready(result) => Some(result),
-                        Poll::Pending if this.timer.as_mut().poll(cx).is_ready() => None,
+                        Poll::Pending if this.timer.as_mut().poll_elapsed(cx).is_ready() => None,
                         Poll::Pending => {
                             *this.phase = Phase::Calling(call);
                             return Poll::Pending;
@@ -222,33 +262,38 @@ where
                             Judged::Failure(failure) => failure,
                             Judged::Return(response) => return Poll::Ready(Ok(response)),
                             Judged::Peek(peek) => {
-                                *this.phase = Phase::Peeking(peek);
+                                *this.peek = Some(peek);
+                                *this.phase = Phase::Peeking;
                                 continue;
                             }
                         },
                     }
                 }
-                Phase::Peeking(mut peek) => {
+                Phase::Peeking => {
+                    let Some(peek) = this.peek.as_mut() else {
+                        unreachable!("a response is read while peeking")
+                    };
                     let limit = this.attempts.shared.policy.buffer_limit();
-                    match peek.poll_first_chunk(cx, limit) {
-                        Poll::Ready(Ok(body_done)) => {
-                            match this.attempts.first_chunk(peek, body_done) {
-                                Ok(response) => return Poll::Ready(Ok(response)),
-                                Err(failure) => failure,
-                            }
-                        }
-                        Poll::Ready(Err(failure)) => failure,
-                        Poll::Pending if this.timer.as_mut().poll(cx).is_ready() => {
-                            Failure::Timeout
+                    let found = match peek.poll_first_chunk(cx, limit) {
+                        Poll::Ready(found) => found,
+                        Poll::Pending if this.timer.as_mut().poll_elapsed(cx).is_ready() => {
+                            Err(Failure::Timeout)
                         }
                         Poll::Pending => {
-                            *this.phase = Phase::Peeking(peek);
+                            *this.phase = Phase::Peeking;
                             return Poll::Pending;
                         }
+                    };
+                    let Some(peek) = this.peek.take() else {
+                        unreachable!("a response is read while peeking")
+                    };
+                    match found.and_then(|body_done| this.attempts.first_chunk(peek, body_done)) {
+                        Ok(response) => return Poll::Ready(Ok(response)),
+                        Err(failure) => failure,
                     }
                 }
                 Phase::Backoff => {
-                    if this.timer.as_mut().poll(cx).is_pending() {
+                    if this.timer.as_mut().poll_elapsed(cx).is_pending() {
                         *this.phase = Phase::Backoff;
                         return Poll::Pending;
                     }
@@ -272,7 +317,9 @@ where
 /// The OpenAI and Anthropic SDKs' per-response override of the retry decision.
 static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
 
-/// What follows a failed attempt.
+/// What follows a failed attempt. (Made once per failure and matched at once: the
+/// size of a response is no cost here.)
+#[allow(clippy::large_enum_variant)]
 enum Next<B: Body> {
     Retry { after: Duration },
     Done(Output<B>),
@@ -357,7 +404,7 @@ where
         Judged::Peek(Peek {
             head,
             body,
-            frames: VecDeque::new(),
+            frames: Replay::default(),
             buffered: 0,
             detector,
             call,
@@ -441,7 +488,18 @@ where
 }
 
 fn pass_through<B: Body>(response: Response<B>, call: CallGuard) -> Response<ResponseBody<B>> {
-    response.map(|body| ResponseBody::new(body, VecDeque::new(), false, call))
+    response.map(|body| ResponseBody::new(body, Replay::default(), false, call))
+}
+
+/// Takes the budget that [`RetryBudgetLayer`](crate::RetryBudgetLayer) put in the
+/// request's extensions. With nothing else in them, they are emptied, so that the
+/// copy of the request each attempt sends does not copy a map.
+fn take_budget(extensions: &mut http::Extensions) -> Option<RetryBudget> {
+    let budget = extensions.remove::<RetryBudget>()?;
+    if extensions.is_empty() {
+        *extensions = http::Extensions::new();
+    }
+    Some(budget)
 }
 
 impl<B, D> Peek<B, D>
@@ -505,7 +563,7 @@ where
         let phase = match &self.phase {
             Phase::Ready => "ready",
             Phase::Calling(_) => "calling",
-            Phase::Peeking(_) => "reading for the first chunk",
+            Phase::Peeking => "reading for the first chunk",
             Phase::Backoff => "backing off",
             Phase::Done => "done",
         };
