@@ -2,6 +2,7 @@
 //! both protocols, and metrics read back through the SDK and through Prometheus.
 #![allow(dead_code)]
 
+pub mod raw_h2;
 pub mod upstream;
 
 use std::time::Duration;

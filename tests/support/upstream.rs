@@ -83,6 +83,8 @@ pub enum Fault {
     StallAfter(usize),
     /// This many events, then the stream is reset.
     ResetAfter(usize),
+    /// Headers, then a keep-alive comment every so often, forever: never an event.
+    KeepAlivesForever(Duration),
 }
 
 impl Reply {
@@ -408,6 +410,8 @@ enum Step {
     Flush,
     Stall,
     Reset,
+    /// A keep-alive comment, then this step again after the pause, forever.
+    KeepAlive(Duration),
 }
 
 fn plan(stream: Stream) -> VecDeque<Step> {
@@ -416,7 +420,7 @@ fn plan(stream: Stream) -> VecDeque<Step> {
         steps.push_back(Step::Send(Bytes::from_static(b": keep-alive\n\n")));
     }
     let cut = match stream.fault {
-        Fault::StallBeforeFirst | Fault::ResetBeforeFirst => 0,
+        Fault::StallBeforeFirst | Fault::ResetBeforeFirst | Fault::KeepAlivesForever(_) => 0,
         Fault::StallAfter(n) | Fault::ResetAfter(n) => n,
         Fault::None => usize::MAX,
     };
@@ -430,6 +434,7 @@ fn plan(stream: Stream) -> VecDeque<Step> {
     match stream.fault {
         Fault::StallBeforeFirst | Fault::StallAfter(_) => steps.extend([Step::Flush, Step::Stall]),
         Fault::ResetBeforeFirst | Fault::ResetAfter(_) => steps.extend([Step::Flush, Step::Reset]),
+        Fault::KeepAlivesForever(every) => steps.push_back(Step::KeepAlive(every)),
         Fault::None => {}
     }
     steps
@@ -535,6 +540,13 @@ impl Body for MockBody {
                         io::ErrorKind::ConnectionAborted,
                         "connection killed",
                     ))));
+                }
+                Some(Step::KeepAlive(every)) => {
+                    self.steps.push_front(Step::KeepAlive(every));
+                    self.steps.push_front(Step::Pause(every));
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                        b": keep-alive\n\n",
+                    )))));
                 }
                 Some(Step::Reset) => {
                     self.open.close(false);

@@ -1,0 +1,588 @@
+//! Every upstream fault in `docs/faults.md`, through the full stack against a real
+//! upstream on loopback, on each protocol it applies to: the decision (retried or
+//! not), the upstream's hit count, what the caller receives, how long the call waited,
+//! and the metrics. The catalogue and this table are checked against each other, so
+//! the document stays true.
+//!
+//! Time is tokio's paused clock. Unless a case says otherwise, a call may make 3
+//! attempts with no backoff and a first-chunk timeout of 1 s.
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body::Body;
+use http_body_util::BodyExt;
+use support::raw_h2::{H2Connection, H2Reply, RawH2};
+use support::upstream::token_events;
+use support::{
+    capture, client, full_stack, post, Fault, Hit, Metrics, Protocol, Reply, Upstream, BOTH, TEST,
+};
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower_stream_backpressure::retry::{FirstChunkError, FirstChunkErrorKind, StopReason};
+use tower_stream_backpressure::{RetryBudget, RetryPolicy, StreamConcurrencyLayer};
+
+/// The upstream a case runs against.
+enum Server {
+    /// The mock upstream (both protocols), answering by the script.
+    Mock(Box<dyn Fn(&Hit) -> Reply + Send + Sync>),
+    /// The raw HTTP/2 upstream.
+    RawH2(fn(u64) -> H2Connection, fn(u64) -> H2Reply),
+    /// Nothing listens on the port.
+    Closed,
+}
+
+/// What the caller gets.
+#[derive(Debug)]
+enum Receives {
+    /// A response with this status and exactly this body.
+    Response(u16, Bytes),
+    /// `200`, these bytes, then a body error.
+    BodyError(Bytes),
+    /// `200`, these bytes, then nothing more (for a minute, at least).
+    BodyStalls(Bytes),
+    /// A `FirstChunkError`.
+    Error(FirstChunkErrorKind, StopReason, u32),
+}
+
+struct Case {
+    /// The row of `docs/faults.md`.
+    id: &'static str,
+    h2_only: bool,
+    server: Server,
+    policy: RetryPolicy,
+    retried: bool,
+    hits: u64,
+    receives: Receives,
+    /// How long the call took to return, at least and at most.
+    waited: (Duration, Duration),
+    /// `stream_retries_total` by outcome and reason; every other count is 0.
+    retries: &'static [(&'static str, &'static str, u64)],
+}
+
+const NO_WAIT: (Duration, Duration) = (Duration::ZERO, Duration::ZERO);
+
+fn secs(from: f64, to: f64) -> (Duration, Duration) {
+    (Duration::from_secs_f64(from), Duration::from_secs_f64(to))
+}
+
+fn policy() -> RetryPolicy {
+    RetryPolicy::default()
+        .max_attempts(3)
+        .backoff(Duration::ZERO, Duration::ZERO)
+        .first_chunk_timeout(Duration::from_secs(1))
+}
+
+/// The healthy answer: 3 events and `data: [DONE]`.
+fn healthy() -> Bytes {
+    Bytes::from(token_events(3).concat())
+}
+
+/// Fails the first request with `fault`, then answers healthily.
+fn once(fault: Reply) -> Server {
+    Server::Mock(Box::new(move |hit| {
+        if hit.index == 0 {
+            fault.clone()
+        } else {
+            Reply::tokens(3)
+        }
+    }))
+}
+
+fn always(reply: Reply) -> Server {
+    Server::Mock(Box::new(move |_| reply.clone()))
+}
+
+/// `status` with one header.
+fn status(code: u16, header: &'static str, value: impl Into<String>) -> Reply {
+    Reply::status(code).header(header, value)
+}
+
+fn first_events(n: usize) -> Bytes {
+    Bytes::from(token_events(3)[..n].concat())
+}
+
+fn cases() -> Vec<Case> {
+    let in_three = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3));
+    vec![
+        Case {
+            id: "connection-refused",
+            h2_only: false,
+            server: Server::Closed,
+            policy: policy(),
+            retried: true,
+            hits: 0,
+            receives: Receives::Error(
+                FirstChunkErrorKind::Upstream,
+                StopReason::AttemptsExhausted,
+                3,
+            ),
+            waited: NO_WAIT,
+            retries: &[
+                ("failed", "upstream_error", 2),
+                ("exhausted", "upstream_error", 1),
+            ],
+        },
+        Case {
+            id: "closed-before-response",
+            h2_only: false,
+            server: once(Reply::DropConnection),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            retries: &[("success", "upstream_error", 1)],
+        },
+        Case {
+            id: "reset-before-first-event",
+            h2_only: false,
+            server: once(Reply::faulty(3, Fault::ResetBeforeFirst)),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            retries: &[("success", "body_error", 1)],
+        },
+        Case {
+            id: "h2-refused-stream",
+            h2_only: true,
+            server: Server::RawH2(
+                |_| H2Connection::Serve,
+                |hit| match hit {
+                    0 => H2Reply::Refuse,
+                    _ => H2Reply::Events(token_events(3)),
+                },
+            ),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            retries: &[("success", "upstream_error", 1)],
+        },
+        Case {
+            id: "h2-goaway-covering-stream",
+            h2_only: true,
+            server: Server::RawH2(
+                |_| H2Connection::Serve,
+                |hit| match hit {
+                    0 => H2Reply::GoAwayCovering,
+                    _ => H2Reply::Events(token_events(3)),
+                },
+            ),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            retries: &[("success", "upstream_error", 1)],
+        },
+        Case {
+            id: "h2-goaway-before-stream",
+            h2_only: true,
+            server: Server::RawH2(
+                |connection| match connection {
+                    0 => H2Connection::GoAwayFirst,
+                    _ => H2Connection::Serve,
+                },
+                |_| H2Reply::Events(token_events(3)),
+            ),
+            policy: policy(),
+            retried: true,
+            hits: 1,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            retries: &[("success", "upstream_error", 1)],
+        },
+        Case {
+            id: "retry-after-seconds",
+            h2_only: false,
+            server: once(status(503, "retry-after", "2")),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: secs(2.0, 2.0),
+            retries: &[("success", "status", 1)],
+        },
+        Case {
+            id: "retry-after-http-date",
+            h2_only: false,
+            server: once(status(429, "retry-after", in_three)),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            // The date has whole seconds, and real time passes before it is read.
+            waited: secs(2.0, 3.0),
+            retries: &[("success", "status", 1)],
+        },
+        Case {
+            id: "retry-after-ms",
+            h2_only: false,
+            server: once(status(503, "retry-after-ms", "700")),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: secs(0.7, 0.7),
+            retries: &[("success", "status", 1)],
+        },
+        Case {
+            id: "retry-after-negative",
+            h2_only: false,
+            server: once(status(503, "retry-after", "-5")),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            retries: &[("success", "status", 1)],
+        },
+        Case {
+            id: "retry-after-huge",
+            h2_only: false,
+            server: always(status(503, "retry-after", "99999999999999999999")),
+            policy: policy(),
+            retried: false,
+            hits: 1,
+            receives: Receives::Response(
+                503,
+                Bytes::from_static(br#"{"error":{"message":"injected"}}"#),
+            ),
+            waited: NO_WAIT,
+            retries: &[],
+        },
+        Case {
+            id: "retry-after-garbage",
+            h2_only: false,
+            server: once(status(503, "retry-after", "soon, maybe")),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            retries: &[("success", "status", 1)],
+        },
+        Case {
+            id: "status-not-retried",
+            h2_only: false,
+            server: always(Reply::status(500)),
+            policy: policy(),
+            retried: false,
+            hits: 1,
+            receives: Receives::Response(
+                500,
+                Bytes::from_static(br#"{"error":{"message":"injected"}}"#),
+            ),
+            waited: NO_WAIT,
+            retries: &[],
+        },
+        Case {
+            id: "stall-before-headers",
+            h2_only: false,
+            server: once(Reply::Hang),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: secs(1.0, 1.0),
+            retries: &[("success", "timeout", 1)],
+        },
+        Case {
+            id: "stall-before-first-event",
+            h2_only: false,
+            server: once(Reply::faulty(3, Fault::StallBeforeFirst)),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: secs(1.0, 1.0),
+            retries: &[("success", "timeout", 1)],
+        },
+        Case {
+            id: "endless-keep-alives",
+            h2_only: false,
+            server: always(Reply::faulty(
+                3,
+                Fault::KeepAlivesForever(Duration::from_millis(100)),
+            )),
+            policy: policy(),
+            retried: true,
+            hits: 3,
+            receives: Receives::Error(
+                FirstChunkErrorKind::Timeout,
+                StopReason::AttemptsExhausted,
+                3,
+            ),
+            waited: secs(3.0, 3.0),
+            retries: &[("failed", "timeout", 2), ("exhausted", "timeout", 1)],
+        },
+        Case {
+            id: "first-event-over-buffer",
+            h2_only: false,
+            server: always(
+                Reply::chunks("text/event-stream", {
+                    // In 512-byte frames: a frame that completes the first chunk is
+                    // never held back, whatever its size.
+                    let event = Bytes::from(format!("data: {}\n\n", "x".repeat(4096)));
+                    (0..event.len())
+                        .step_by(512)
+                        .map(|at| event.slice(at..(at + 512).min(event.len())))
+                        .collect()
+                })
+                .gap(Duration::from_millis(1)),
+            ),
+            policy: policy().max_buffer(1024),
+            retried: false,
+            hits: 1,
+            receives: Receives::Error(
+                FirstChunkErrorKind::BufferLimit,
+                StopReason::NotRetryable,
+                1,
+            ),
+            // The third frame passes the cap.
+            waited: secs(0.003, 0.003),
+            retries: &[],
+        },
+        Case {
+            id: "malformed-framing",
+            h2_only: false,
+            server: always(Reply::chunks(
+                "application/vnd.amazon.eventstream",
+                vec![capture("bedrock_bad_message_crc.eventstream")],
+            )),
+            policy: policy(),
+            retried: false,
+            hits: 1,
+            receives: Receives::Error(FirstChunkErrorKind::Malformed, StopReason::NotRetryable, 1),
+            waited: NO_WAIT,
+            retries: &[],
+        },
+        Case {
+            id: "in-band-transient-error",
+            h2_only: false,
+            server: once(Reply::chunks(
+                "text/event-stream",
+                vec![capture("anthropic_overloaded.sse")],
+            )),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            retries: &[("success", "in_band_error", 1)],
+        },
+        Case {
+            id: "in-band-terminal-error",
+            h2_only: false,
+            server: always(Reply::chunks(
+                "text/event-stream",
+                vec![capture("anthropic_invalid_request.sse")],
+            )),
+            policy: policy(),
+            retried: false,
+            hits: 1,
+            receives: Receives::Response(200, capture("anthropic_invalid_request.sse")),
+            waited: NO_WAIT,
+            retries: &[],
+        },
+        Case {
+            id: "stall-mid-stream",
+            h2_only: false,
+            server: always(Reply::faulty(3, Fault::StallAfter(1))),
+            policy: policy(),
+            retried: false,
+            hits: 1,
+            receives: Receives::BodyStalls(first_events(1)),
+            waited: NO_WAIT,
+            retries: &[],
+        },
+        Case {
+            id: "reset-mid-stream",
+            h2_only: false,
+            server: always(Reply::faulty(3, Fault::ResetAfter(2))),
+            policy: policy(),
+            retried: false,
+            hits: 1,
+            receives: Receives::BodyError(first_events(2)),
+            waited: NO_WAIT,
+            retries: &[],
+        },
+    ]
+}
+
+/// A running upstream of either kind.
+enum Running {
+    Mock(Upstream),
+    RawH2(RawH2),
+    Closed(std::net::SocketAddr),
+}
+
+impl Running {
+    async fn start(server: Server) -> Self {
+        match server {
+            Server::Mock(script) => Running::Mock(Upstream::start(script).await),
+            Server::RawH2(connection, script) => {
+                Running::RawH2(RawH2::start(connection, script).await)
+            }
+            Server::Closed => {
+                // A port that was free a moment ago: nothing listens on it.
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                Running::Closed(listener.local_addr().expect("addr"))
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        const PATH: &str = "/v1/chat/completions";
+        match self {
+            Running::Mock(upstream) => upstream.url(PATH),
+            Running::RawH2(upstream) => upstream.url(PATH),
+            Running::Closed(addr) => format!("http://{addr}{PATH}"),
+        }
+    }
+
+    fn hits(&self) -> u64 {
+        match self {
+            Running::Mock(upstream) => upstream.hits(),
+            Running::RawH2(upstream) => upstream.hits(),
+            Running::Closed(_) => 0,
+        }
+    }
+}
+
+/// Reads `body` until `expected.len()` bytes have come.
+async fn read_bytes<B>(body: &mut B, expected: usize) -> Bytes
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut read = Vec::new();
+    while read.len() < expected {
+        let frame = body
+            .frame()
+            .await
+            .expect("more frames")
+            .expect("no error yet");
+        if let Ok(data) = frame.into_data() {
+            read.extend_from_slice(&data);
+        }
+    }
+    Bytes::from(read)
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_fault_in_the_catalogue() {
+    for protocol in BOTH {
+        for case in cases() {
+            if case.h2_only && protocol == Protocol::Http1 {
+                continue;
+            }
+            let id = case.id;
+            let upstream = Running::start(case.server).await;
+            let metrics = Metrics::new();
+            let stack = full_stack(
+                client(protocol),
+                &metrics.meter(),
+                StreamConcurrencyLayer::new(4),
+                RetryBudget::default(),
+                case.policy,
+            );
+            let started = Instant::now();
+            let result = stack.oneshot(post(&upstream.url())).await;
+            let waited = started.elapsed();
+            let at = format!("{id} over {protocol:?}");
+
+            match (result, case.receives) {
+                (Ok(response), Receives::Response(status, body)) => {
+                    assert_eq!(response.status(), status, "{at}");
+                    let read = response.into_body().collect().await;
+                    assert_eq!(read.expect("a whole body").to_bytes(), body, "{at}");
+                }
+                (Ok(response), Receives::BodyError(before)) => {
+                    assert_eq!(response.status(), 200, "{at}");
+                    let mut body = response.into_body();
+                    assert_eq!(read_bytes(&mut body, before.len()).await, before, "{at}");
+                    let error = support::read_until_error(&mut body).await;
+                    assert!(!error.to_string().is_empty(), "{at}");
+                }
+                (Ok(response), Receives::BodyStalls(before)) => {
+                    assert_eq!(response.status(), 200, "{at}");
+                    let mut body = response.into_body();
+                    assert_eq!(read_bytes(&mut body, before.len()).await, before, "{at}");
+                    let next = tokio::time::timeout(Duration::from_secs(60), body.frame()).await;
+                    assert!(next.is_err(), "{at}: the body should stall, got {next:?}");
+                }
+                (Err(error), Receives::Error(kind, stop, attempts)) => {
+                    let error = error
+                        .downcast_ref::<FirstChunkError>()
+                        .unwrap_or_else(|| panic!("{at}: {error}"));
+                    assert_eq!(error.kind(), kind, "{at}");
+                    assert_eq!(error.stop_reason(), stop, "{at}");
+                    assert_eq!(error.attempts(), attempts, "{at}");
+                }
+                (result, expected) => panic!("{at}: expected {expected:?}, got {result:?}"),
+            }
+
+            let (least, most) = case.waited;
+            assert!(
+                least <= waited && waited <= most,
+                "{at}: the call took {waited:?}, expected {least:?} to {most:?}"
+            );
+            assert_eq!(upstream.hits(), case.hits, "{at}: upstream hits");
+
+            // The response and its body are gone: nothing is held.
+            let snapshot = metrics.snapshot();
+            assert_eq!(snapshot.count("streams_in_flight", &[TEST]), 0.0, "{at}");
+            assert_eq!(
+                snapshot.count("provider_calls_in_flight", &[TEST]),
+                0.0,
+                "{at}"
+            );
+            let mut counted = 0;
+            for &(outcome, reason, count) in case.retries {
+                let attrs = [TEST, ("outcome", outcome), ("reason", reason)];
+                assert_eq!(
+                    snapshot.count("stream_retries", &attrs),
+                    count as f64,
+                    "{at}: retries {outcome} {reason}"
+                );
+                counted += count;
+            }
+            assert_eq!(
+                snapshot.count("stream_retries", &[TEST]),
+                counted as f64,
+                "{at}: no other retry counts"
+            );
+            assert_eq!(case.retried, counted > 0, "{at}: retried or not");
+        }
+    }
+}
+
+/// The catalogue lists exactly the faults tested here, with the same decision.
+#[test]
+fn the_catalogue_matches_the_tests() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/faults.md");
+    let catalogue = std::fs::read_to_string(path).expect("docs/faults.md");
+    let mut rows: Vec<(String, bool)> = catalogue
+        .lines()
+        .filter_map(|line| {
+            let mut cells = line.strip_prefix("| `")?.split('|');
+            let id = cells.next()?.trim().trim_end_matches('`').to_owned();
+            let decision = cells.nth(1)?.trim();
+            Some((id, decision.starts_with("**retried**")))
+        })
+        .collect();
+    let mut tested: Vec<(String, bool)> = cases()
+        .into_iter()
+        .map(|case| (case.id.to_owned(), case.retried))
+        .collect();
+    rows.sort();
+    tested.sort();
+    assert_eq!(rows, tested);
+}

@@ -1,0 +1,141 @@
+//! An HTTP/2 upstream written on the `h2` crate directly, for the faults hyper's server
+//! cannot produce on purpose: a stream refused with `REFUSED_STREAM`, and a connection
+//! that goes away (GOAWAY) with a stream on it, or before any.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::Reason;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+/// How the upstream treats one request, or the connection it came on.
+#[derive(Debug, Clone)]
+pub enum H2Reply {
+    /// `200 text/event-stream` with these events, then the end.
+    Events(Vec<Bytes>),
+    /// Reset the stream with `REFUSED_STREAM`: the server did not process it.
+    Refuse,
+    /// Send GOAWAY whose last stream id covers this stream, and close the connection.
+    GoAwayCovering,
+}
+
+/// What the upstream does with a new connection, before any stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H2Connection {
+    /// Serve its streams.
+    Serve,
+    /// Send GOAWAY with last stream id 0 at once: no stream on it is processed.
+    GoAwayFirst,
+}
+
+type Script = dyn Fn(u64) -> H2Reply + Send + Sync;
+type ConnectionScript = dyn Fn(u64) -> H2Connection + Send + Sync;
+
+/// A raw HTTP/2 (prior knowledge) upstream on 127.0.0.1.
+pub struct RawH2 {
+    addr: std::net::SocketAddr,
+    hits: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RawH2 {
+    /// Serves each request (numbered from 0) as `script` says, and each connection
+    /// (numbered from 0) as `connection` says.
+    pub async fn start(
+        connection: impl Fn(u64) -> H2Connection + Send + Sync + 'static,
+        script: impl Fn(u64) -> H2Reply + Send + Sync + 'static,
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let hits = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(connection),
+            Arc::new(script),
+            hits.clone(),
+            connections.clone(),
+        ));
+        Self {
+            addr,
+            hits,
+            connections,
+            server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Requests that reached the server (a refused one included).
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RawH2 {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    on_connection: Arc<ConnectionScript>,
+    script: Arc<Script>,
+    hits: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
+) {
+    let mut tasks = JoinSet::new();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let index = connections.fetch_add(1, Ordering::SeqCst);
+        let mode = on_connection(index);
+        let (script, hits) = (script.clone(), hits.clone());
+        tasks.spawn(async move {
+            let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                return;
+            };
+            if mode == H2Connection::GoAwayFirst {
+                connection.abrupt_shutdown(Reason::NO_ERROR);
+            }
+            let mut streams = JoinSet::new();
+            while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                let reply = script(hits.fetch_add(1, Ordering::SeqCst));
+                match reply {
+                    H2Reply::Refuse => respond.send_reset(Reason::REFUSED_STREAM),
+                    H2Reply::GoAwayCovering => connection.abrupt_shutdown(Reason::NO_ERROR),
+                    H2Reply::Events(events) => {
+                        streams.spawn(async move {
+                            let head = http::Response::builder()
+                                .header("content-type", "text/event-stream")
+                                .body(())
+                                .expect("a valid head");
+                            let Ok(mut send) = respond.send_response(head, false) else {
+                                return;
+                            };
+                            for event in events {
+                                if send.send_data(event, false).is_err() {
+                                    return;
+                                }
+                            }
+                            let _ = send.send_data(Bytes::new(), true);
+                        });
+                    }
+                }
+            }
+        });
+    }
+}
