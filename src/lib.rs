@@ -63,11 +63,13 @@ pub mod concurrency;
 mod error;
 pub mod frame;
 pub mod metrics;
+pub mod replay;
 pub mod retry;
 
 pub use budget::{RetryBudget, RetryBudgetLayer};
 pub use concurrency::{RejectReason, Rejected, StreamConcurrencyLayer};
 pub use error::ConfigError;
+pub use replay::BufferRequestBodyLayer;
 pub use retry::{FirstChunkError, FirstChunkRetryLayer, RetryPolicy};
 
 // The README's examples are compiled (and run) as doctests.

@@ -18,6 +18,7 @@ use super::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
 use super::in_band::InBand;
 use super::retry_after::retry_after;
 use super::service::Shared;
+use super::NotReplayable;
 use super::ResponseBody;
 use crate::frame::{Detector, Malformed, Progress};
 use crate::metrics::{RetryMetrics, RetryOutcome, RetryReason};
@@ -110,6 +111,8 @@ struct Attempts<S, ReqBody, D> {
     /// Cloned for each attempt but the last, which takes it.
     request: Option<Request<ReqBody>>,
     head_request: bool,
+    /// The policy's `max_attempts`, or 1 for a request that cannot be replayed.
+    max_attempts: u32,
     attempt: u32,
     /// Why the attempt in progress is a retry (`None` for the first).
     retried_for: Option<RetryReason>,
@@ -168,7 +171,12 @@ where
         metrics: Arc<RetryMetrics>,
     ) -> Self {
         let started = Instant::now();
-        let retries = shared.policy.attempts_allowed() > 1;
+        let max_attempts = if request.extensions().get::<NotReplayable>().is_some() {
+            1
+        } else {
+            shared.policy.attempts_allowed()
+        };
+        let retries = max_attempts > 1;
         let budget = if retries {
             take_budget(request.extensions_mut())
         } else {
@@ -191,6 +199,7 @@ where
                 service,
                 request,
                 head_request,
+                max_attempts,
                 attempt: 1,
                 retried_for: None,
                 started,
@@ -355,7 +364,7 @@ where
     where
         S: Service<Request<ReqBody>>,
     {
-        let request = if self.attempt < self.shared.policy.attempts_allowed() {
+        let request = if self.attempt < self.max_attempts {
             self.request.clone()
         } else {
             self.request.take()
@@ -444,8 +453,8 @@ where
         };
         let stop = match reason {
             None => StopReason::NotRetryable,
-            Some(reason) if self.attempt >= policy.attempts_allowed() => {
-                if policy.attempts_allowed() > 1 {
+            Some(reason) if self.attempt >= self.max_attempts => {
+                if self.max_attempts > 1 {
                     self.metrics.retry(RetryOutcome::Exhausted, reason);
                 }
                 StopReason::AttemptsExhausted

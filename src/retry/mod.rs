@@ -13,7 +13,9 @@
 //! # How
 //!
 //! Each attempt sends a clone of the request (the body must be `Clone`, e.g.
-//! `Full<Bytes>`; the last attempt takes the original). Then:
+//! `Full<Bytes>`, or made so by [`BufferRequestBodyLayer`](crate::BufferRequestBodyLayer);
+//! the last attempt takes the original). A request marked [`NotReplayable`] gets one
+//! attempt. Then:
 //!
 //! - **Inner error**: retried when [transient](is_transient) (connect failure, reset,
 //!   `REFUSED_STREAM`, GOAWAY, ...); any other error goes back unchanged.
@@ -78,7 +80,7 @@ pub use self::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
 pub use self::future::ResponseFuture;
 pub use self::in_band::{InBand, InBandErrors};
 pub use self::layer::FirstChunkRetryLayer;
-pub use self::policy::RetryPolicy;
+pub use self::policy::{NotReplayable, RetryPolicy};
 pub use self::service::FirstChunkRetry;
 
 #[cfg(test)]

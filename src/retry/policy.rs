@@ -10,6 +10,22 @@ use crate::ConfigError;
 
 type Classifier = Arc<dyn Fn(&(dyn Error + 'static)) -> bool + Send + Sync>;
 
+/// A request extension: this request's body cannot be sent again, so the request gets
+/// one attempt, whatever the policy.
+///
+/// [`BufferRequestBodyLayer`](crate::BufferRequestBodyLayer) puts it on a request whose
+/// body was larger than its cap and so streams through unbuffered. Put it on a request
+/// yourself to send it once.
+///
+/// ```
+/// use tower_stream_backpressure::retry::NotReplayable;
+///
+/// let mut request = http::Request::new(());
+/// request.extensions_mut().insert(NotReplayable);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NotReplayable;
+
 /// When and how [`FirstChunkRetry`](super::FirstChunkRetry) retries.
 ///
 /// | setting | default | meaning |

@@ -363,6 +363,20 @@ async fn a_refusing_budget_returns_the_last_failure_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_that_cannot_be_replayed_gets_one_attempt() {
+    let mock = Mock::new(vec![reset(), reset()]);
+    let mut request = request();
+    request.extensions_mut().insert(super::NotReplayable);
+    let error = run(FirstChunkRetryLayer::new(policy()), &mock, request)
+        .await
+        .unwrap_err();
+    let error = first_chunk_error(&error);
+    assert_eq!(error.stop_reason(), StopReason::AttemptsExhausted);
+    assert_eq!(error.attempts(), 1);
+    assert_eq!(mock.attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn first_data_finds_the_first_non_empty_frame() {
     let mock = Mock::new(vec![
         ok(Scripted::data(&["", ""])),
