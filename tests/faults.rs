@@ -345,8 +345,8 @@ fn cases() -> Vec<Case> {
                 StopReason::NotRetryable,
                 1,
             ),
-            // The third frame passes the cap.
-            waited: secs(0.003, 0.003),
+            // The second frame passes the cap: 512 bytes and its bookkeeping each.
+            waited: secs(0.002, 0.002),
             retries: &[],
         },
         Case {

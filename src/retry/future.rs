@@ -7,7 +7,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use http::{Request, Response, StatusCode};
-use http_body::Body;
+use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::BoxError;
@@ -537,8 +537,16 @@ where
                 return Poll::Ready(self.ended());
             };
             let bytes = data.as_ref();
+            if bytes.is_empty() {
+                // Carries nothing: not held, so that a stream of empty frames cannot
+                // grow the replay without bound.
+                continue;
+            }
             let progress = self.detector.feed(bytes);
-            self.buffered = self.buffered.saturating_add(bytes.len());
+            // What holding the frame costs: its bytes and its place in the replay, so
+            // that tiny frames cannot hold more memory than the cap.
+            let held = bytes.len() + std::mem::size_of::<Frame<B::Data>>();
+            self.buffered = self.buffered.saturating_add(held);
             self.frames.push_back(frame);
             match progress {
                 Progress::Pending if self.buffered > limit => {

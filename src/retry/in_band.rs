@@ -118,16 +118,18 @@ impl InBandErrors {
     }
 
     /// Adds a marker for error codes that are transient (your provider's
-    /// `model_loading`, say).
+    /// `model_loading`, say). A marker with no letter or digit would match every code:
+    /// it is ignored.
     pub fn transient(mut self, marker: &str) -> Self {
-        self.transient.push(normalize(marker));
+        self.transient.extend(normalized(marker));
         self
     }
 
     /// Adds a marker for error codes that are terminal, even if a transient marker
-    /// matches too (`insufficient_quota` is a `429` that waiting does not cure).
+    /// matches too (`insufficient_quota` is a `429` that waiting does not cure). A
+    /// marker with no letter or digit is ignored.
     pub fn terminal(mut self, marker: &str) -> Self {
-        self.terminal.push(normalize(marker));
+        self.terminal.extend(normalized(marker));
         self
     }
 
@@ -177,6 +179,11 @@ impl InBandErrors {
             InBand::TransientError
         }
     }
+}
+
+/// A marker as matched, or `None` when nothing of it is left to match.
+fn normalized(marker: &str) -> Option<String> {
+    Some(normalize(marker)).filter(|marker| !marker.is_empty())
 }
 
 /// Lower case, letters and digits only.
@@ -349,6 +356,13 @@ mod tests {
         );
         let overloaded = Chunk::new(br#"{"error":"overloaded"}"#);
         assert_eq!(InBandErrors::none().classify(&overloaded), InBand::Content);
+
+        // An empty marker would match everything: ignored.
+        let terminal = Chunk::new(br#"{"error":{"type":"invalid_request_error"}}"#);
+        let rules = InBandErrors::default().transient("").transient("__");
+        assert_eq!(rules.classify(&terminal), InBand::TerminalError);
+        let rules = InBandErrors::default().terminal(" - ");
+        assert_eq!(rules.classify(&overloaded), InBand::TransientError);
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub struct NotReplayable;
 /// | [`backoff`](Self::backoff) | 250 ms, 2 s | full jitter: a retry waits `U(0, min(max, initial * 2^n))` |
 /// | [`first_chunk_timeout`](Self::first_chunk_timeout) | 30 s | per attempt, from its start to its first chunk |
 /// | [`max_retry_after`](Self::max_retry_after) | 30 s | a longer server hint is not waited for: the response goes back |
-/// | [`max_buffer`](Self::max_buffer) | 1 MiB | bytes held while looking for the first chunk |
+/// | [`max_buffer`](Self::max_buffer) | 1 MiB | memory held while looking for the first chunk (bytes, plus ~100 bytes per frame) |
 /// | [`retry_statuses`](Self::retry_statuses) | 408, 429, 502, 503, 504, 529 | statuses retried |
 /// | [`classify_errors`](Self::classify_errors) | [`is_transient`](super::is_transient) | inner errors retried |
 /// | [`in_band_errors`](Self::in_band_errors) | [`InBandErrors::default`] | which error in the first chunk of a `2xx` is retried |
@@ -119,9 +119,11 @@ impl RetryPolicy {
         }
     }
 
-    /// How many body bytes may be held while looking for the first chunk (default
-    /// 1 MiB). A first chunk larger than this fails the call without retry: the upstream
-    /// would send the same again. Must be above zero.
+    /// How much memory the body may hold while looking for the first chunk (default
+    /// 1 MiB): the bytes of each frame read, plus about 100 bytes of bookkeeping per
+    /// frame, so that an upstream sending tiny frames cannot hold more. Empty frames are
+    /// not held. A first chunk that does not fit fails the call without retry: the
+    /// upstream would send the same again. Must be above zero.
     pub fn max_buffer(self, bytes: usize) -> Self {
         Self {
             max_buffer: bytes,

@@ -363,6 +363,37 @@ async fn a_refusing_budget_returns_the_last_failure_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn empty_frames_are_not_held_and_tiny_frames_count_their_bookkeeping() {
+    // A million empty frames before the first event: none is held.
+    let mut frames = vec![""; 1_000_000];
+    frames.extend(["data: x\n\n", "data: y\n\n"]);
+    let mock = Mock::new(vec![ok(Scripted::data(&frames))]);
+    let layer = FirstChunkRetryLayer::new(policy().max_buffer(1024));
+    let response = run(layer, &mock, request()).await.unwrap();
+    assert!(
+        format!("{response:?}").contains("replay_frames: 1"),
+        "{response:?}"
+    );
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, Bytes::from_static(b"data: x\n\ndata: y\n\n"));
+
+    // A 508-byte first event in one-byte frames, under a 10,000-byte cap: it would fit
+    // as bytes, but not as 508 frames held.
+    let text = "data: ".to_owned() + &"x".repeat(500) + "\n\n";
+    let bytes: Vec<&'static str> = text
+        .chars()
+        .map(|c| &*Box::leak(c.to_string().into_boxed_str()))
+        .collect();
+    let mock = Mock::new(vec![ok(Scripted::data(&bytes))]);
+    let layer = FirstChunkRetryLayer::new(policy().max_buffer(10_000).max_attempts(1));
+    let error = run(layer, &mock, request()).await.unwrap_err();
+    assert_eq!(
+        first_chunk_error(&error).kind(),
+        FirstChunkErrorKind::BufferLimit
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_request_that_cannot_be_replayed_gets_one_attempt() {
     let mock = Mock::new(vec![reset(), reset()]);
     let mut request = request();
