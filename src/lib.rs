@@ -60,6 +60,9 @@
 mod body;
 pub mod budget;
 pub mod concurrency;
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+pub mod config;
 mod error;
 pub mod frame;
 pub mod metrics;
@@ -68,6 +71,8 @@ pub mod retry;
 
 pub use budget::{RetryBudget, RetryBudgetLayer};
 pub use concurrency::{RejectReason, Rejected, StreamConcurrencyLayer};
+#[cfg(feature = "serde")]
+pub use config::Config;
 pub use error::ConfigError;
 pub use replay::BufferRequestBodyLayer;
 pub use retry::{FirstChunkError, FirstChunkRetryLayer, RetryPolicy};

@@ -1,6 +1,12 @@
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+// Under `--cfg shuttle` the lock is shuttle's, so that its scheduler can explore the
+// interleavings of concurrent deposits and withdrawals (see the tests below).
+#[cfg(shuttle)]
+use shuttle::sync::{Arc, Mutex, MutexGuard};
+#[cfg(not(shuttle))]
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::time::Instant;
 
@@ -394,5 +400,71 @@ mod tests {
         let b = budget(10, 0, 1.0);
         assert!(spend(&b));
         assert_eq!(b.available(), 0);
+    }
+}
+
+/// Model-checked with shuttle: `RUSTFLAGS="--cfg shuttle" cargo test --lib shuttle`.
+#[cfg(all(test, shuttle))]
+mod shuttle_tests {
+    use super::*;
+
+    /// Threads deposit and withdraw at once, in every order shuttle tries: no more
+    /// retries are granted than the formula allows, none is lost, and the balance left
+    /// is exactly the formula's.
+    #[test]
+    fn concurrent_withdrawals_never_overdraw() {
+        shuttle::check_random(
+            || {
+                // Two retries' worth of reserve, half a retry per deposit.
+                let budget = RetryBudget::new(Duration::from_secs(60), 0, 0.5).unwrap();
+                for _ in 0..4 {
+                    budget.deposit();
+                }
+                let threads: Vec<_> = (0..3)
+                    .map(|_| {
+                        let budget = budget.clone();
+                        shuttle::thread::spawn(move || {
+                            budget.deposit();
+                            (0..2).filter(|_| budget.withdraw()).count() as u64
+                        })
+                    })
+                    .collect();
+                let granted: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+                // 7 deposits: 3.5 retries.
+                assert_eq!(granted, 3, "granted");
+                assert_eq!(budget.available(), 0);
+                assert!(!budget.withdraw());
+            },
+            2_000,
+        );
+    }
+
+    /// `available` read while others withdraw never exceeds what was deposited.
+    #[test]
+    fn available_is_never_above_the_formula() {
+        shuttle::check_random(
+            || {
+                let budget = RetryBudget::new(Duration::from_secs(60), 0, 1.0).unwrap();
+                let depositor = {
+                    let budget = budget.clone();
+                    shuttle::thread::spawn(move || {
+                        for _ in 0..3 {
+                            budget.deposit();
+                        }
+                    })
+                };
+                let withdrawer = {
+                    let budget = budget.clone();
+                    shuttle::thread::spawn(move || (0..3).filter(|_| budget.withdraw()).count())
+                };
+                for _ in 0..3 {
+                    assert!(budget.available() <= 3);
+                }
+                depositor.join().unwrap();
+                let granted = withdrawer.join().unwrap() as u64;
+                assert_eq!(budget.available(), 3 - granted);
+            },
+            2_000,
+        );
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! # Why
 //!
-//! [`FirstChunkRetry`](crate::FirstChunkRetry) sends a copy of the request on each
+//! [`FirstChunkRetry`](crate::retry::FirstChunkRetry) sends a copy of the request on each
 //! attempt, so the request body must be `Clone`. A client building its own requests
 //! uses `Full<Bytes>` and is done. A proxy or gateway is not: the body it forwards
 //! (axum's `Body`, hyper's `Incoming`) is a stream that can be read once. Buffering
