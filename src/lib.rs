@@ -63,6 +63,7 @@ pub mod concurrency;
 #[cfg(feature = "serde")]
 #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 pub mod config;
+pub mod connection;
 mod error;
 pub mod frame;
 pub mod metrics;
@@ -73,6 +74,7 @@ pub use budget::{RetryBudget, RetryBudgetLayer};
 pub use concurrency::{RejectReason, Rejected, StreamConcurrencyLayer};
 #[cfg(feature = "serde")]
 pub use config::Config;
+pub use connection::ConnectionGaugeLayer;
 pub use error::ConfigError;
 pub use replay::BufferRequestBodyLayer;
 pub use retry::{FirstChunkError, FirstChunkRetryLayer, RetryPolicy};

@@ -17,6 +17,7 @@
 //! | `stream_retry_budget_available` | gauge | the budget's [`available()`](crate::RetryBudget::available), read at collection |
 //! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded` or `context_canceled` |
 //! | `stream_concurrency_wait_seconds` | histogram | time waited for a slot, granted or not (0 when granted at once) |
+//! | `http_client_open_connections` | gauge | +1 when a connector wrapped by [`ConnectionGaugeLayer`](crate::ConnectionGaugeLayer) connects, -1 when that connection's IO is dropped |
 //!
 //! The constants below are the OpenTelemetry instrument names; the exporter adds the
 //! `_seconds` unit suffix (unit `s`) and the `_total` counter suffix.
@@ -45,6 +46,8 @@ pub const STREAM_RETRY_BUDGET_AVAILABLE: &str = "stream_retry_budget_available";
 pub const STREAM_CONCURRENCY_REJECTIONS: &str = "stream_concurrency_rejections";
 /// Histogram (seconds) of the time spent waiting for a concurrency slot.
 pub const STREAM_CONCURRENCY_WAIT: &str = "stream_concurrency_wait";
+/// Gauge of client connections open (made and not yet dropped).
+pub const HTTP_CLIENT_OPEN_CONNECTIONS: &str = "http_client_open_connections";
 
 /// Bucket boundaries of `stream_first_chunk_latency_seconds`.
 pub const FIRST_CHUNK_LATENCY_BUCKETS: [f64; 11] = [
@@ -315,6 +318,33 @@ impl RetryMetrics {
     pub(crate) fn retry(&self, outcome: RetryOutcome, reason: RetryReason) {
         self.retries
             .add(1, &self.retry_attrs[outcome as usize][reason as usize]);
+    }
+}
+
+/// Instruments of [`ConnectionGaugeLayer`](crate::ConnectionGaugeLayer).
+#[derive(Debug)]
+pub(crate) struct ConnectionMetrics {
+    open: UpDownCounter<i64>,
+    provider: [KeyValue; 1],
+}
+
+impl ConnectionMetrics {
+    pub(crate) fn new(meter: &Meter, provider: KeyValue) -> Self {
+        Self {
+            open: meter
+                .i64_up_down_counter(HTTP_CLIENT_OPEN_CONNECTIONS)
+                .with_description("Client connections open: made and not yet dropped")
+                .build(),
+            provider: [provider],
+        }
+    }
+
+    pub(crate) fn opened(&self) {
+        self.open.add(1, &self.provider);
+    }
+
+    pub(crate) fn closed(&self) {
+        self.open.add(-1, &self.provider);
     }
 }
 
