@@ -1,0 +1,363 @@
+//! The `openai_proxy` example, end to end on loopback: a Rust client (hyper-util, as
+//! a user would build one) calls the proxy, which forwards through the crate's layers
+//! to the example's OpenAI-compatible mock or to the tests' fault-injecting upstream.
+
+mod support;
+
+#[path = "../examples/openai_proxy/app.rs"]
+mod app;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use support::{client, parse_prometheus, prometheus_value, Fault, Protocol, Reply, Upstream};
+use tokio::task::JoinHandle;
+
+/// A proxy serving on 127.0.0.1; stops when dropped.
+struct Proxy {
+    addr: SocketAddr,
+    server: JoinHandle<()>,
+    /// The example's mock upstream, when the proxy uses it.
+    mock: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// A proxy in front of the example's own mock upstream.
+    async fn with_mock(configure: impl FnOnce(&mut app::Settings)) -> Self {
+        let (addr, mock) = app::mock::start().await.expect("start the mock");
+        let mut proxy = Self::start(&format!("http://{addr}"), configure).await;
+        proxy.mock = Some(mock);
+        proxy
+    }
+
+    async fn start(upstream: &str, configure: impl FnOnce(&mut app::Settings)) -> Self {
+        let mut settings = app::Settings::new(upstream);
+        configure(&mut settings);
+        let metrics = app::Metrics::new().expect("metrics");
+        let router = app::router(&settings, &metrics).expect("a router");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1");
+        let addr = listener.local_addr().expect("local addr");
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router).await.expect("serve");
+        });
+        Self {
+            addr,
+            server,
+            mock: None,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `POST /v1/chat/completions` with this JSON body.
+    async fn chat(&self, body: impl Into<Bytes>) -> Response<Incoming> {
+        let request = Request::post(self.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer test")
+            .header("accept-encoding", "gzip")
+            .body(Full::new(body.into()))
+            .expect("a request");
+        client(Protocol::Http1)
+            .request(request)
+            .await
+            .expect("the proxy answers")
+    }
+
+    /// The samples of `GET /metrics`, after checking its content type.
+    async fn metrics(&self) -> Vec<support::Sample> {
+        let request = Request::get(self.url("/metrics"))
+            .body(Full::default())
+            .expect("a request");
+        let response = client(Protocol::Http1)
+            .request(request)
+            .await
+            .expect("the proxy answers");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(header(&response, "content-type").starts_with("text/plain"));
+        let text = support::read_to_end(response.into_body())
+            .await
+            .expect("the metrics");
+        let text = String::from_utf8(text.to_vec()).expect("utf-8");
+        parse_prometheus(&text)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.server.abort();
+        if let Some(mock) = &self.mock {
+            mock.abort();
+        }
+    }
+}
+
+fn header<'a>(response: &'a Response<Incoming>, name: &str) -> &'a str {
+    response
+        .headers()
+        .get(name)
+        .map(|value| value.to_str().expect("an ASCII header"))
+        .unwrap_or("")
+}
+
+fn chat_request(stream: bool, content: &str) -> Bytes {
+    let body = json!({
+        "model": "mock-model",
+        "stream": stream,
+        "messages": [{"role": "user", "content": content}],
+    });
+    Bytes::from(body.to_string())
+}
+
+/// A streamed answer, read as it came.
+struct Streamed {
+    /// The `data` of each SSE event, in order.
+    events: Vec<String>,
+    /// When the first and the last bytes arrived, from the start of the read.
+    first: Duration,
+    last: Duration,
+}
+
+async fn read_stream(response: Response<Incoming>) -> Streamed {
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        header(&response, "content-type").starts_with("text/event-stream"),
+        "content-type {:?}",
+        header(&response, "content-type")
+    );
+    let started = Instant::now();
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let mut first = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("the stream does not fail");
+        if let Ok(data) = frame.into_data() {
+            first.get_or_insert_with(|| started.elapsed());
+            text.push_str(std::str::from_utf8(&data).expect("utf-8"));
+        }
+    }
+    let last = started.elapsed();
+    let events = text
+        .split("\n\n")
+        .filter(|event| !event.is_empty())
+        .map(|event| {
+            event
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("an event without data: {event:?}"))
+                .to_owned()
+        })
+        .collect();
+    Streamed {
+        events,
+        first: first.expect("some data"),
+        last,
+    }
+}
+
+/// The text of a stream of `chat.completion.chunk` events, after checking their shape
+/// and that the stream ends with `finish_reason: "stop"` and `[DONE]`.
+fn chunks_text(events: &[String]) -> String {
+    let (done, chunks) = events.split_last().expect("events");
+    assert_eq!(done, "[DONE]", "the stream ends with [DONE]");
+    let chunks: Vec<Value> = chunks
+        .iter()
+        .map(|data| serde_json::from_str(data).expect("a JSON chunk"))
+        .collect();
+    assert!(chunks.len() > 3, "a few chunks: {chunks:?}");
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert_eq!(chunk["model"], "mock-model");
+        assert_eq!(chunk["id"], chunks[0]["id"]);
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let last = chunks.last().expect("chunks");
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    chunks
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn streams_a_chat_completion_and_passes_plain_json() {
+    let proxy = Proxy::with_mock(|_| {}).await;
+
+    // Streaming: events arrive as the upstream sends them, not all at the end.
+    let request = chat_request(true, "hi");
+    let streamed = read_stream(proxy.chat(request.clone()).await).await;
+    assert_eq!(
+        chunks_text(&streamed.events),
+        app::mock::reply(1, request.len())
+    );
+    let events = streamed.events.len() as u32;
+    assert!(
+        streamed.last - streamed.first >= app::mock::GAP * (events - 2) / 2,
+        "streamed, not buffered: first bytes after {:?}, last after {:?}",
+        streamed.first,
+        streamed.last
+    );
+
+    // Not streaming: the upstream's JSON, as it is.
+    let request = chat_request(false, "hi");
+    let response = proxy.chat(request.clone()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(header(&response, "content-type"), "application/json");
+    let body = support::read_to_end(response.into_body())
+        .await
+        .expect("a body");
+    let completion: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(completion["object"], "chat.completion");
+    assert_eq!(completion["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        completion["choices"][0]["message"]["content"],
+        app::mock::reply(1, request.len())
+    );
+    assert_eq!(completion["choices"][0]["finish_reason"], "stop");
+
+    // Both calls are in the metrics, under provider="openai", and both slots are free.
+    let samples = proxy.metrics().await;
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        let mut labels = labels.to_vec();
+        labels.push(("provider", app::PROVIDER));
+        prometheus_value(&samples, name, &labels)
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in {samples:?}"))
+    };
+    assert_eq!(value("stream_first_chunk_latency_seconds_count", &[]), 2.0);
+    assert_eq!(value("stream_concurrency_wait_seconds_count", &[]), 2.0);
+    assert_eq!(value("streams_in_flight", &[]), 0.0);
+    assert_eq!(value("provider_calls_in_flight", &[]), 0.0);
+    assert!(value("stream_retry_budget_available", &[]) > 0.0);
+    assert!(
+        !samples.iter().any(|s| s.name == "stream_retries_total"),
+        "no retries"
+    );
+}
+
+#[tokio::test]
+async fn a_body_over_the_buffer_cap_streams_through() {
+    let proxy = Proxy::with_mock(|settings| settings.buffer = 1024).await;
+    let request = chat_request(true, &"x".repeat(64 * 1024));
+    let streamed = read_stream(proxy.chat(request.clone()).await).await;
+    // The mock counts the bytes it received.
+    assert_eq!(
+        chunks_text(&streamed.events),
+        app::mock::reply(1, request.len())
+    );
+}
+
+#[tokio::test]
+async fn retries_a_failure_before_the_first_chunk_if_the_body_was_held() {
+    // The first request of each pair fails before its first event; the next succeeds.
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let seen = hits.clone();
+    let upstream = Upstream::start(move |hit| {
+        seen.lock().expect("hits").push(hit.clone());
+        if hit.index % 2 == 0 {
+            Reply::faulty(5, Fault::ResetBeforeFirst)
+        } else {
+            Reply::tokens(5)
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&upstream.url(""), |settings| settings.buffer = 1024).await;
+
+    // Within the cap: retried, and the client sees one clean stream.
+    let streamed = read_stream(proxy.chat(chat_request(true, "hi")).await).await;
+    let expected: Vec<String> = (0..5)
+        .map(|i| format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"tok{i} "}}}}]}}"#))
+        .chain(["[DONE]".to_owned()])
+        .collect();
+    assert_eq!(streamed.events, expected);
+    assert_eq!(upstream.hits(), 2, "one failed attempt, one retry");
+    // What the upstream got: the path, and the client's end-to-end headers, less
+    // `accept-encoding` (the layers read the stream), with its own host.
+    for hit in hits.lock().expect("hits").iter() {
+        assert_eq!(
+            (hit.method.as_str(), hit.path.as_str()),
+            ("POST", "/v1/chat/completions")
+        );
+        assert_eq!(hit.headers["authorization"], "Bearer test");
+        assert_eq!(hit.headers["content-type"], "application/json");
+        assert_eq!(hit.headers["host"], upstream.addr().to_string());
+        assert!(!hit.headers.contains_key("accept-encoding"));
+    }
+
+    // Over the cap: sent once, so not retried; the failure comes back as a 502.
+    let response = proxy.chat(chat_request(true, &"x".repeat(4096))).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(upstream.hits(), 3, "no retry");
+    let body = support::read_to_end(response.into_body())
+        .await
+        .expect("a body");
+    let error: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(error["error"]["type"], "server_error");
+    assert_eq!(error["error"]["code"], "upstream_error");
+    assert!(error["error"]["message"].as_str().is_some());
+
+    let samples = proxy.metrics().await;
+    let retries = |outcome: &str| {
+        prometheus_value(
+            &samples,
+            "stream_retries_total",
+            &[
+                ("provider", app::PROVIDER),
+                ("outcome", outcome),
+                ("reason", "body_error"),
+            ],
+        )
+    };
+    assert_eq!(retries("success"), Some(1.0));
+    assert_eq!(retries("failed"), None);
+}
+
+#[tokio::test]
+async fn a_full_proxy_answers_503_in_openai_shape() {
+    let proxy = Proxy::with_mock(|settings| {
+        settings.limit = 1;
+        settings.max_wait = Duration::ZERO;
+    })
+    .await;
+    // Holds the one slot while its body is unread.
+    let open = proxy.chat(chat_request(true, "hi")).await;
+    assert_eq!(open.status(), StatusCode::OK);
+
+    let response = proxy.chat(chat_request(true, "hi")).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(header(&response, "retry-after"), "1");
+    let body = support::read_to_end(response.into_body())
+        .await
+        .expect("a body");
+    let error: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(error["error"]["code"], "proxy_overloaded");
+    assert_eq!(error["error"]["param"], Value::Null);
+
+    // Once the open stream ends, its slot is free again.
+    chunks_text(&read_stream(open).await.events);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = proxy.chat(chat_request(false, "hi")).await;
+        if response.status() == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was never released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let samples = proxy.metrics().await;
+    assert_eq!(
+        prometheus_value(
+            &samples,
+            "stream_concurrency_rejections_total",
+            &[("provider", app::PROVIDER), ("reason", "deadline_exceeded")],
+        ),
+        Some(1.0)
+    );
+}
