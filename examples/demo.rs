@@ -9,6 +9,17 @@
 //! cargo run --release --example demo -- --help
 //! ```
 //!
+//! A soak: a minute at 10,000 concurrent streams with the faults on, the process's
+//! memory (RSS) sampled every 5 s, and the slots, gauges and upstream streams checked
+//! at the end (HTTP/2, because 10,000 HTTP/1.1 connections need 20,000 file
+//! descriptors in one process; `--drop` stays 0, because over HTTP/2 it would close the
+//! one connection every stream shares):
+//!
+//! ```text
+//! cargo run --release --example demo -- --http2 --duration 60 --concurrency 10000 \
+//!     --limit 10000 --reset 0.05 --stall 0.02 --mid-reset 0.01
+//! ```
+//!
 //! What it shows:
 //!
 //! - `StreamConcurrencyLayer` holds a slot until the stream ends and across every
@@ -71,6 +82,8 @@ Usage: cargo run --release --example demo -- [FLAGS]
 
 Flags (default in brackets):
   --calls N           calls to make [4000]
+  --duration SECS     make calls for this long instead of a number of calls
+  --rss-every SECS    print the process's RSS this often [5 with --duration, else off]
   --concurrency N     callers at once, each making one call at a time [400]
   --limit N           the stream concurrency limit [64]
   --max-wait MS       how long a call may wait for a slot [1000]
@@ -150,6 +163,8 @@ impl Faults {
 #[derive(Debug)]
 struct Args {
     calls: u64,
+    duration: Option<Duration>,
+    rss_every: Option<Duration>,
     concurrency: u64,
     limit: usize,
     max_wait: Duration,
@@ -164,6 +179,8 @@ impl Args {
         use lexopt::prelude::*;
         let mut args = Args {
             calls: 4000,
+            duration: None,
+            rss_every: None,
             concurrency: 400,
             limit: 64,
             max_wait: Duration::from_millis(1000),
@@ -189,6 +206,12 @@ impl Args {
             let (p, f) = (&mut parser, &mut args.faults);
             match flag.as_str() {
                 "--calls" => args.calls = value(p, &flag, 1, 1_000_000)?,
+                "--duration" => {
+                    args.duration = Some(Duration::from_secs(value(p, &flag, 1, 86_400)?))
+                }
+                "--rss-every" => {
+                    args.rss_every = Some(Duration::from_secs(value(p, &flag, 1, 3600)?))
+                }
                 "--concurrency" => args.concurrency = value(p, &flag, 1, 100_000)?,
                 "--limit" => args.limit = value(p, &flag, 1, 100_000)?,
                 "--max-wait" => {
@@ -206,6 +229,10 @@ impl Args {
                 "--help" => return Ok(None),
                 _ => return Err(format!("invalid option '{flag}'")),
             }
+        }
+        if args.duration.is_some() {
+            args.calls = u64::MAX;
+            args.rss_every.get_or_insert(Duration::from_secs(5));
         }
         let f = &args.faults;
         if f.reset + f.stall + f.mid_reset + f.drop > 1.0 {
@@ -258,6 +285,46 @@ impl Counts {
         );
         let _ = std::io::stderr().flush();
     }
+}
+
+/// First-chunk latencies in 1 ms buckets up to 60 s: memory that does not grow with
+/// the number of calls, so a long run measures the layers, not the demo's records.
+struct Latencies([AtomicU64; 60_001]);
+
+impl Latencies {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(std::array::from_fn(|_| AtomicU64::new(0))))
+    }
+
+    fn record(&self, latency: Duration) {
+        let bucket = (latency.as_millis() as usize).min(self.0.len() - 1);
+        self.0[bucket].fetch_add(1, Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.0.iter().map(|n| n.load(Relaxed)).sum()
+    }
+
+    /// The `p` quantile (0..=1), nearest rank, to the millisecond.
+    fn quantile(&self, p: f64) -> Duration {
+        let rank = ((p * self.count() as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (ms, n) in self.0.iter().enumerate() {
+            seen += n.load(Relaxed);
+            if seen >= rank {
+                return Duration::from_millis(ms as u64);
+            }
+        }
+        Duration::ZERO
+    }
+}
+
+/// The process's resident memory, from `/proc/self/status` (Linux), in bytes.
+fn rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// How one call ended: `failure` is `None` for a 2xx stream read to `data: [DONE]`.
@@ -351,23 +418,16 @@ fn by_label(families: &[MetricFamily], name: &str, label: &str) -> BTreeMap<Stri
     values
 }
 
-/// The `p` quantile (0..=1) of sorted durations, nearest rank.
-fn quantile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// Everything the summary table is made of.
 struct Summary<'a> {
     args: &'a Args,
     ok: u64,
     /// Failed calls by reason: count and one example error.
     failures: &'a BTreeMap<String, (u64, String)>,
-    /// First-chunk latencies of the calls that got a 2xx, sorted.
-    latencies: &'a [Duration],
+    /// First-chunk latencies of the calls that got a 2xx.
+    latencies: &'a Latencies,
+    /// RSS samples: seconds since the start, bytes.
+    rss: &'a [(u64, u64)],
     wall: Duration,
     upstream: &'a Upstream,
     injected: &'a Injected,
@@ -386,7 +446,7 @@ fn print_summary(s: &Summary<'_>) {
     let at_end = |name| metric(name, "provider").values().sum::<f64>();
     let injected = |count: &AtomicU64| count.load(Relaxed);
     let failed: u64 = s.failures.values().map(|(n, _)| n).sum();
-    let ms = |p| quantile(s.latencies, p).as_secs_f64() * 1e3;
+    let ms = |p| s.latencies.quantile(p).as_secs_f64() * 1e3;
     let row = |name: &str, value: &dyn Display| println!("{name:<56} {value}");
 
     let protocol = if args.http2 {
@@ -395,9 +455,12 @@ fn print_summary(s: &Summary<'_>) {
         "HTTP/1.1"
     };
     println!();
+    let calls = match args.duration {
+        Some(duration) => format!("calls for {} s", duration.as_secs()),
+        None => format!("{} calls", args.calls),
+    };
     println!(
-        "== {protocol}: {} calls by {} callers, limit {}, max wait {} ms ==",
-        args.calls,
+        "== {protocol}: {calls} by {} callers, limit {}, max wait {} ms ==",
         args.concurrency,
         args.limit,
         args.max_wait.as_millis()
@@ -426,7 +489,8 @@ fn print_summary(s: &Summary<'_>) {
         row(&format!("  {reason}"), n);
     }
     row("upstream attempts (upstream.hits())", &s.upstream.hits());
-    let attempts = args.calls.saturating_sub(rejected) + retry("success") + retry("failed");
+    let calls = s.ok + failed;
+    let attempts = calls.saturating_sub(rejected) + retry("success") + retry("failed");
     row(
         "  client attempts (calls given a slot + retried ones)",
         &attempts,
@@ -455,13 +519,33 @@ fn print_summary(s: &Summary<'_>) {
         "{:.1} ms / {:.1} ms ({} calls)",
         ms(0.50),
         ms(0.99),
-        s.latencies.len()
+        s.latencies.count()
     );
     row(
         "first-chunk latency p50 / p99 (slot wait included)",
         &latency,
     );
     row("wall time", &format!("{:.2} s", s.wall.as_secs_f64()));
+    if let (Some(first), Some(last)) = (s.rss.first(), s.rss.last()) {
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        // After warm-up: the first sample at least 10 s in, if the run was that long.
+        let warm = s.rss.iter().find(|(t, _)| *t >= 10).unwrap_or(first);
+        let samples: Vec<String> = s
+            .rss
+            .iter()
+            .map(|(t, bytes)| format!("{t}s {:.0}", mib(*bytes)))
+            .collect();
+        row("RSS samples (MiB)", &samples.join(", "));
+        let growth = format!(
+            "{:.1} MiB at {} s, {:.1} MiB at {} s ({:+.1} MiB)",
+            mib(warm.1),
+            warm.0,
+            mib(last.1),
+            last.0,
+            mib(last.1) - mib(warm.1)
+        );
+        row("RSS after warm-up, at the end", &growth);
+    }
     let examples: Vec<_> = s
         .failures
         .iter()
@@ -555,29 +639,61 @@ async fn main() {
     let started = Instant::now();
     let counts = Arc::new(Counts::default());
     let next = Arc::new(AtomicU64::new(0));
+    let latencies = Latencies::new();
+    let deadline = args.duration.map(|duration| started + duration);
     let mut callers = Vec::new();
     for _ in 0..args.concurrency.min(args.calls) {
         let (service, url, counts, next) =
             (service.clone(), url.clone(), counts.clone(), next.clone());
+        let latencies = latencies.clone();
         let calls = args.calls;
         callers.push(tokio::spawn(async move {
-            let mut outcomes = Vec::new();
-            while next.fetch_add(1, Relaxed) < calls {
+            // Failed calls by reason: a count and the first error.
+            let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();
+            while next.fetch_add(1, Relaxed) < calls
+                && deadline.map_or(true, |deadline| Instant::now() < deadline)
+            {
                 counts.in_flight.fetch_add(1, Relaxed);
                 let outcome = call(service.clone(), &url).await;
                 counts.in_flight.fetch_sub(1, Relaxed);
-                let done = if outcome.failure.is_none() {
-                    &counts.ok
-                } else {
-                    &counts.failed
+                if let Some(latency) = outcome.first_chunk {
+                    latencies.record(latency);
+                }
+                match outcome.failure {
+                    None => counts.ok.fetch_add(1, Relaxed),
+                    Some((reason, example)) => {
+                        failures.entry(reason).or_insert((0, example)).0 += 1;
+                        counts.failed.fetch_add(1, Relaxed)
+                    }
                 };
-                done.fetch_add(1, Relaxed);
                 counts.done.fetch_add(1, Relaxed);
-                outcomes.push(outcome);
             }
-            outcomes
+            failures
         }));
     }
+
+    // RSS, sampled while the calls run.
+    let rss_samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = args.rss_every.map(|every| {
+        let samples = rss_samples.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                if let Some(bytes) = rss() {
+                    let at = started.elapsed().as_secs();
+                    eprintln!(
+                        "\n[{at:>4} s] RSS {:.1} MiB",
+                        bytes as f64 / (1024.0 * 1024.0)
+                    );
+                    samples
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((at, bytes));
+                }
+            }
+        })
+    });
 
     // The progress line, on stderr, redrawn until every caller is done.
     let progress = {
@@ -593,36 +709,43 @@ async fn main() {
     };
 
     let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();
-    let mut latencies = Vec::new();
-    let mut ok = 0u64;
     for caller in callers {
-        let outcomes = match caller.await {
-            Ok(outcomes) => outcomes,
-            Err(error) => {
-                eprintln!("demo: a caller task failed: {error}");
-                continue;
-            }
-        };
-        for outcome in outcomes {
-            latencies.extend(outcome.first_chunk);
-            match outcome.failure {
-                None => ok += 1,
-                Some((reason, example)) => {
-                    let entry = failures.entry(reason).or_insert((0, example));
-                    entry.0 += 1;
+        match caller.await {
+            Ok(theirs) => {
+                for (reason, (n, example)) in theirs {
+                    failures.entry(reason).or_insert((0, example)).0 += n;
                 }
             }
+            Err(error) => eprintln!("demo: a caller task failed: {error}"),
         }
     }
     let wall = started.elapsed();
     progress.abort();
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
+    // Let the last streams close on both sides before counting what is left open.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if args.rss_every.is_some() {
+        if let Some(bytes) = rss() {
+            let at = started.elapsed().as_secs();
+            rss_samples
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((at, bytes));
+        }
+    }
+    let ok = counts.ok.load(Relaxed);
+    let rss_samples = rss_samples
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     counts.draw(
         args.calls,
         args.limit - concurrency.available_slots(),
         args.limit,
     );
     eprintln!();
-    latencies.sort();
 
     let families = registry.gather();
     print_summary(&Summary {
@@ -630,6 +753,7 @@ async fn main() {
         ok,
         failures: &failures,
         latencies: &latencies,
+        rss: &rss_samples,
         wall,
         upstream: &upstream,
         injected: &injected,
