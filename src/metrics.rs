@@ -168,6 +168,11 @@ impl ConcurrencyMetrics {
         }
     }
 
+    /// The `provider` attribute's value, for log events.
+    pub(crate) fn provider(&self) -> std::borrow::Cow<'_, str> {
+        self.provider[0].value.as_str()
+    }
+
     pub(crate) fn slot_taken(&self, waited: Duration) {
         self.in_flight.add(1, &self.provider);
         self.wait.record(waited.as_secs_f64(), &self.provider);
@@ -249,7 +254,7 @@ impl RetryReason {
         RetryReason::InBandError,
     ];
 
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             RetryReason::Status => "status",
             RetryReason::Upstream => "upstream_error",
@@ -300,6 +305,11 @@ impl RetryMetrics {
             }),
             provider: [provider],
         }
+    }
+
+    /// The `provider` attribute's value, for log events.
+    pub(crate) fn provider(&self) -> std::borrow::Cow<'_, str> {
+        self.provider[0].value.as_str()
     }
 
     pub(crate) fn call_started(&self) {

@@ -69,9 +69,27 @@ impl Wait {
 impl Drop for Wait {
     fn drop(&mut self) {
         if !self.finished {
-            self.metrics.context_canceled(self.started.elapsed());
+            let waited = self.started.elapsed();
+            self.metrics.context_canceled(waited);
+            tracing::debug!(
+                provider = %self.metrics.provider(),
+                waited_ms = waited.as_millis() as u64,
+                "the caller gave up while waiting for a concurrency slot"
+            );
         }
     }
+}
+
+/// A call gets no slot within its `max_wait`: counted, logged, and the error made.
+pub(crate) fn reject(metrics: &ConcurrencyMetrics, limit: usize, waited: Duration) -> Rejected {
+    metrics.deadline_exceeded(waited);
+    tracing::warn!(
+        provider = %metrics.provider(),
+        limit,
+        waited_ms = waited.as_millis() as u64,
+        "rejected: no concurrency slot within max_wait"
+    );
+    Rejected::deadline_exceeded(limit, waited)
 }
 
 /// Resolves to a permit, or `None` once the call's deadline has passed.
@@ -186,8 +204,7 @@ where
                     let permit = ready!(acquire.as_mut().poll(cx));
                     let waited = wait.finish();
                     let Some(permit) = permit else {
-                        wait.metrics.deadline_exceeded(waited);
-                        let error = Rejected::deadline_exceeded(*limit, waited);
+                        let error = reject(&wait.metrics, *limit, waited);
                         self.as_mut().project().state.set(State::Rejected { error });
                         continue;
                     };

@@ -8,7 +8,7 @@ use tokio::sync::Semaphore;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::{MaxWait, Rejected, ResponseBody, ResponseFuture, Slot};
+use super::{MaxWait, ResponseBody, ResponseFuture, Slot};
 use crate::metrics::ConcurrencyMetrics;
 
 /// Limits the number of streams open at once; a stream holds its slot until its
@@ -102,11 +102,8 @@ where
             .get::<MaxWait>()
             .map_or(shared.max_wait, |max_wait| max_wait.get());
         if max_wait == Some(Duration::ZERO) {
-            self.metrics.deadline_exceeded(Duration::ZERO);
-            return ResponseFuture::rejected(Rejected::deadline_exceeded(
-                shared.limit,
-                Duration::ZERO,
-            ));
+            let error = super::future::reject(&self.metrics, shared.limit, Duration::ZERO);
+            return ResponseFuture::rejected(error);
         }
         // Slow path: queue. The ready inner service goes with the request into the
         // future; this one keeps a fresh clone, which will be polled ready again.
@@ -126,6 +123,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::concurrency::Rejected;
     use crate::StreamConcurrencyLayer;
     use http_body_util::Empty;
     use std::fmt;

@@ -446,7 +446,23 @@ where
     /// After a failure: the delay before the next attempt, or the call's output.
     fn after_failure<B: Body>(&mut self, failure: Failure<B>) -> Next<B> {
         let policy = &self.shared.policy;
+        let provider = self.metrics.provider();
         self.retry_ended(RetryOutcome::Failed);
+        match &failure {
+            Failure::Timeout => tracing::warn!(
+                %provider,
+                attempt = self.attempt,
+                timeout_ms = policy.attempt_timeout().as_millis() as u64,
+                "stalled: no first chunk within first_chunk_timeout"
+            ),
+            Failure::Malformed(error) => tracing::warn!(
+                %provider,
+                attempt = self.attempt,
+                %error,
+                "the stream's framing is broken before its first chunk: not retried"
+            ),
+            _ => {}
+        }
         let reason = match &failure {
             Failure::Status(_, _, Some(hint)) if *hint > policy.longest_hint() => None,
             failure => failure.reason(),
@@ -456,6 +472,12 @@ where
             Some(reason) if self.attempt >= self.max_attempts => {
                 if self.max_attempts > 1 {
                     self.metrics.retry(RetryOutcome::Exhausted, reason);
+                    tracing::warn!(
+                        %provider,
+                        attempts = self.attempt,
+                        reason = reason.label(),
+                        "attempts exhausted before the first chunk"
+                    );
                 }
                 StopReason::AttemptsExhausted
             }
@@ -466,6 +488,12 @@ where
                     .is_some_and(|budget| !budget.withdraw()) =>
             {
                 self.metrics.retry(RetryOutcome::BudgetExhausted, reason);
+                tracing::warn!(
+                    %provider,
+                    attempt = self.attempt,
+                    reason = reason.label(),
+                    "retry budget exhausted: the failure goes back without a retry"
+                );
                 StopReason::BudgetExhausted
             }
             Some(reason) => {
@@ -473,6 +501,14 @@ where
                     Failure::Status(_, _, Some(hint)) => *hint,
                     _ => policy.backoff_delay(self.attempt - 1),
                 };
+                tracing::info!(
+                    %provider,
+                    attempt = self.attempt + 1,
+                    reason = reason.label(),
+                    delay_ms = delay.as_millis() as u64,
+                    "retrying before the first chunk"
+                );
+                drop(provider);
                 self.attempt += 1;
                 self.retried_for = Some(reason);
                 return Next::Retry { after: delay };
