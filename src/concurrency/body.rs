@@ -45,8 +45,7 @@ impl<B: Body> Body for ResponseBody<B> {
         let mut this = self.project();
         let poll = this.inner.as_mut().poll_frame(cx);
         let inner = this.inner.as_ref();
-        this.slot.observe(&poll, || inner.is_end_stream());
-        poll
+        this.slot.pass(poll, || inner.is_end_stream())
     }
 
     #[inline]

@@ -121,10 +121,11 @@ impl<B: Body> Body for ResponseBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        if !self.replay.is_empty() || self.inner_done {
-            return self.poll_replay();
+        if !self.replay.is_empty() || self.inner_done || !self.call.is_held() {
+            return self.poll_slow(cx);
         }
-        // The live stream: one source for the result, so that it is written in place.
+        // The live stream, with the attempt still counted: the path every frame takes
+        // does nothing but poll and look (see `ReleaseOnEnd::pass`).
         let this = self.project();
         let mut inner = this.inner;
         let poll = inner.as_mut().poll_frame(cx);
@@ -132,8 +133,7 @@ impl<B: Body> Body for ResponseBody<B> {
             *this.inner_done = true;
         }
         let inner = inner.as_ref();
-        this.call.observe(&poll, || inner.is_end_stream());
-        poll
+        this.call.pass(poll, || inner.is_end_stream())
     }
 
     #[inline]
@@ -163,16 +163,23 @@ impl<B: Body> Body for ResponseBody<B> {
 }
 
 impl<B: Body> ResponseBody<B> {
-    /// The frames read while peeking, then the end if the inner body ended then.
+    /// Everything but a live frame while the attempt is counted: the frames read while
+    /// peeking, the end once the inner body has ended, and polls after the count ended.
     #[cold]
     #[inline(never)]
-    fn poll_replay(self: Pin<&mut Self>) -> Polled<B> {
-        let this = self.project();
-        let poll = Poll::Ready(this.replay.pop_front().map(Ok));
+    fn poll_slow(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled<B> {
+        let mut this = self.project();
+        let poll = match this.replay.pop_front() {
+            Some(frame) => Poll::Ready(Some(Ok(frame))),
+            None if *this.inner_done => Poll::Ready(None),
+            None => this.inner.as_mut().poll_frame(cx),
+        };
+        if let Poll::Ready(None) = poll {
+            *this.inner_done = true;
+        }
         let (replay, inner_done, inner) = (&*this.replay, *this.inner_done, this.inner.as_ref());
         this.call
-            .observe(&poll, || ended(replay, inner_done, inner.get_ref()));
-        poll
+            .pass(poll, || ended(replay, inner_done, inner.get_ref()))
     }
 }
 
