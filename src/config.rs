@@ -141,6 +141,21 @@ use crate::{
 ///
 /// Every field has a default ([`Config::default`]); [`layer`](Self::layer) checks the
 /// values and builds the layers.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_backpressure::config::{Config, StreamRetry};
+///
+/// let config: Config =
+///     serde_json::from_str(r#"{"stream_max_concurrent": 100, "max_wait": "2s"}"#)?;
+/// assert_eq!(config.stream_max_concurrent, 100);
+/// assert_eq!(config.max_wait, Some(Duration::from_secs(2)));
+/// assert_eq!(config.stream_retry, StreamRetry::default());
+///
+/// let typo = serde_json::from_str::<Config>(r#"{"stream_max_concurent": 100}"#).unwrap_err();
+/// assert!(typo.to_string().contains("unknown field `stream_max_concurent`"), "{typo}");
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(
     default,
@@ -187,6 +202,18 @@ impl Default for Config {
 }
 
 /// The `stream_retry` section: retry before the first chunk, never after.
+///
+/// ```
+/// use tower_stream_backpressure::config::Config;
+///
+/// let config: Config = serde_json::from_str(r#"{"stream_retry": {"enabled": false}}"#)?;
+/// assert!(!config.stream_retry.enabled);
+///
+/// let layers = config.layer("openai")?;
+/// assert!(layers.budget().is_none(), "no retries, no budget");
+/// assert!(format!("{:?}", layers.policy()).contains("max_attempts: 1"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(
     default,
@@ -233,6 +260,22 @@ impl Default for StreamRetry {
 /// Either this crate's settings (`ttl`, `min_per_sec`, `retry_ratio`, each defaulting as
 /// in [`RetryBudget::default`]) or the Go runtime's token bucket (`rate_per_sec` and
 /// `burst`, mapped as the [module docs](self#the-budget) say), not both.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_backpressure::config::Config;
+///
+/// // The Go runtime's token bucket: 20 retries at once, 5 a second in the long run.
+/// let config: Config =
+///     serde_json::from_str(r#"{"stream_retry": {"budget": {"rate_per_sec": 5, "burst": 20}}}"#)?;
+/// assert_eq!(config.stream_retry.budget.burst, Some(20));
+///
+/// let layers = config.layer("openai")?;
+/// let budget = layers.budget().expect("a budget");
+/// assert_eq!(budget.available(), 20);
+/// assert_eq!((budget.min_per_sec(), budget.ttl()), (5, Duration::from_secs(4)));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(
     default,
@@ -266,6 +309,15 @@ pub struct Budget {
 }
 
 /// What the first chunk of a stream is: the [`frame`] detector the retry layer uses.
+///
+/// ```
+/// use tower_stream_backpressure::config::{Config, Frames};
+///
+/// let config: Config = serde_json::from_str(r#"{"frames": "ndjson"}"#)?;
+/// assert_eq!(config.frames, Frames::NdJson);
+/// assert_eq!(Config::default().frames, Frames::Auto);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Frames {
@@ -295,6 +347,13 @@ impl Frames {
     ];
 
     /// Its name in a configuration file, e.g. `"json_array"`.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::config::Frames;
+    ///
+    /// assert_eq!(Frames::JsonArray.name(), "json_array");
+    /// assert_eq!(Frames::EventStream.to_string(), "eventstream");
+    /// ```
     pub fn name(self) -> &'static str {
         Self::NAMES
             .iter()
@@ -322,6 +381,18 @@ impl fmt::Display for Frames {
 
 impl Config {
     /// Checks every value; the error names the first field out of range.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::config::Config;
+    ///
+    /// assert!(Config::default().validate().is_ok());
+    ///
+    /// let json = r#"{"stream_retry": {"initial_delay": "5s", "max_delay": "1s"}}"#;
+    /// let config: Config = serde_json::from_str(json)?;
+    /// let error = config.validate().unwrap_err();
+    /// assert_eq!(error.setting(), "stream_retry.initial_delay");
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.layer("unknown").map(drop)
     }
@@ -500,6 +571,31 @@ fn rename(error: ConfigError, field: &'static str) -> ConfigError {
 ///
 /// The services it builds are [`StreamStack`]s. Clones, and every service built, share
 /// one concurrency limit and one budget.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::{BodyExt, Full};
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+/// use tower_stream_backpressure::config::{Config, StreamLayers};
+///
+/// let config: Config = serde_json::from_str(r#"{"stream_max_concurrent": 10}"#)?;
+/// let layers: StreamLayers = config.layer("openai")?;
+/// let upstream = service_fn(|_: http::Request<()>| async {
+///     http::Response::builder()
+///         .header("content-type", "text/event-stream")
+///         .body(Full::new(Bytes::from("data: {\"text\":\"Hi\"}\n\n")))
+/// });
+/// let client = ServiceBuilder::new().layer(layers.clone()).service(upstream);
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+/// let response = client.oneshot(http::Request::new(())).await?;
+/// assert_eq!(layers.concurrency().unwrap().available_slots(), 9, "the stream is open");
+/// let body = response.into_body().collect().await?.to_bytes();
+/// assert_eq!(body, "data: {\"text\":\"Hi\"}\n\n");
+/// assert_eq!(layers.concurrency().unwrap().available_slots(), 10);
+/// # Ok::<(), tower::BoxError>(())
+/// # })?;
+/// # Ok::<(), tower::BoxError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct StreamLayers {
     concurrency: Option<StreamConcurrencyLayer>,
@@ -511,6 +607,49 @@ pub struct StreamLayers {
 impl StreamLayers {
     /// The meter every layer records to (default: the global meter provider's, taken
     /// when the stack first builds a service).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use opentelemetry::metrics::MeterProvider as _;
+    /// use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::config::Config;
+    ///
+    /// let exporter = InMemoryMetricExporter::default();
+    /// let provider = SdkMeterProvider::builder()
+    ///     .with_reader(PeriodicReader::builder(exporter.clone()).build())
+    ///     .build();
+    /// let config: Config = serde_json::from_str(r#"{"stream_max_concurrent": 10}"#)?;
+    /// let layers = config.layer("openai")?.meter(provider.meter("my-client"));
+    /// let upstream = service_fn(|_: http::Request<()>| async {
+    ///     http::Response::builder()
+    ///         .header("content-type", "text/event-stream")
+    ///         .body(Full::new(Bytes::from("data: {\"text\":\"Hi\"}\n\n")))
+    /// });
+    /// let client = layers.layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let _stream = client.oneshot(http::Request::new(())).await?;
+    ///
+    /// provider.force_flush()?;
+    /// let exported = exporter.get_finished_metrics()?;
+    /// let names: Vec<_> = exported
+    ///     .iter()
+    ///     .flat_map(|m| m.scope_metrics())
+    ///     .flat_map(|s| s.metrics())
+    ///     .map(|metric| metric.name().to_owned())
+    ///     .collect();
+    /// for name in [
+    ///     "streams_in_flight",
+    ///     "provider_calls_in_flight",
+    ///     "stream_retry_budget_available",
+    /// ] {
+    ///     assert!(names.iter().any(|exported| exported == name), "{name}");
+    /// }
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn meter(self, meter: Meter) -> Self {
         Self {
             concurrency: self.concurrency.map(|layer| layer.meter(meter.clone())),
@@ -521,21 +660,63 @@ impl StreamLayers {
     }
 
     /// The concurrency limit, if `stream_max_concurrent` is not 0.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::config::Config;
+    ///
+    /// let config: Config = serde_json::from_str(r#"{"stream_max_concurrent": 64}"#)?;
+    /// let layers = config.layer("openai")?;
+    /// assert_eq!(layers.concurrency().map(|limit| limit.available_slots()), Some(64));
+    /// assert!(Config::default().layer("openai")?.concurrency().is_none(), "0: no limit");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn concurrency(&self) -> Option<&StreamConcurrencyLayer> {
         self.concurrency.as_ref()
     }
 
     /// The retry budget, if retry and the budget are enabled.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::config::Config;
+    ///
+    /// let layers = Config::default().layer("openai")?;
+    /// assert_eq!(layers.budget().map(|budget| budget.available()), Some(100));
+    ///
+    /// let json = r#"{"stream_retry": {"budget": {"enabled": false}}}"#;
+    /// let config: Config = serde_json::from_str(json)?;
+    /// assert!(config.layer("openai")?.budget().is_none());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn budget(&self) -> Option<&RetryBudget> {
         self.budget.as_ref().map(RetryBudgetLayer::budget)
     }
 
     /// The retry policy in force.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::config::Config;
+    ///
+    /// let config: Config = serde_json::from_str(r#"{"stream_retry": {"max_attempts": 2}}"#)?;
+    /// let layers = config.layer("openai")?;
+    /// // E.g. to log the settings in force at startup.
+    /// let policy = format!("{:?}", layers.policy());
+    /// assert!(policy.contains("max_attempts: 2"), "{policy}");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn policy(&self) -> &RetryPolicy {
         self.retry.policy()
     }
 
     /// The longest wait for the next frame once the first chunk has arrived.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::config::Config;
+    ///
+    /// let config: Config = serde_json::from_str(r#"{"stream_idle_timeout": "1m"}"#)?;
+    /// assert_eq!(config.layer("openai")?.stream_idle_timeout(), Duration::from_secs(60));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn stream_idle_timeout(&self) -> Duration {
         self.stream_idle_timeout
     }
@@ -567,6 +748,30 @@ impl<S> Layer<S> for StreamLayers {
 /// Its errors are [`tower::BoxError`]s: [`Rejected`](crate::Rejected),
 /// [`FirstChunkError`](crate::FirstChunkError), or the inner service's. Its response
 /// bodies are [`ResponseBody`]s.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use tower::{service_fn, Layer, ServiceExt};
+/// use tower_stream_backpressure::config::{Config, StreamStack};
+/// use tower_stream_backpressure::Rejected;
+///
+/// let config: Config =
+///     serde_json::from_str(r#"{"stream_max_concurrent": 1, "max_wait": "0s"}"#)?;
+/// let upstream = service_fn(|_: http::Request<()>| async {
+///     http::Response::builder()
+///         .header("content-type", "text/event-stream")
+///         .body(Full::new(Bytes::from("data: {\"text\":\"Hi\"}\n\n")))
+/// });
+/// let client: StreamStack<_> = config.layer("openai")?.layer(upstream);
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+/// let _open = client.clone().oneshot(http::Request::new(())).await?;
+/// let error = client.oneshot(http::Request::new(())).await.unwrap_err();
+/// assert!(error.is::<Rejected>(), "{error}");
+/// # Ok::<(), tower::BoxError>(())
+/// # })?;
+/// # Ok::<(), tower::BoxError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct StreamStack<S> {
     stack: Stack<S>,
@@ -651,6 +856,27 @@ where
 pin_project! {
     /// Response future of [`StreamStack`]: resolves once the first chunk has arrived
     /// (or the call failed).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, Service, ServiceExt};
+    /// use tower_stream_backpressure::config::{Config, ResponseFuture};
+    ///
+    /// let upstream = service_fn(|_: http::Request<()>| async {
+    ///     http::Response::builder()
+    ///         .header("content-type", "text/event-stream")
+    ///         .body(Full::new(Bytes::from("data: {\"text\":\"Hi\"}\n\n")))
+    /// });
+    /// let mut client = Config::default().layer("openai")?.layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let future: ResponseFuture<_, (), Full<Bytes>> =
+    ///     client.ready().await?.call(http::Request::new(()));
+    /// assert_eq!(future.await?.status(), 200);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub struct ResponseFuture<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -742,6 +968,60 @@ where
 /// Fails with tower-http's [`TimeoutError`](tower_http::timeout::TimeoutError) when the
 /// caller waits longer than `stream_idle_timeout` for a frame. Holds the concurrency
 /// slot, if any, until the stream ends or the body is dropped.
+///
+/// ```
+/// use std::pin::Pin;
+/// use std::task::{Context, Poll};
+/// use std::time::Duration;
+/// use bytes::Bytes;
+/// use http_body::Frame;
+/// use http_body_util::BodyExt;
+/// use tower::{service_fn, Layer, ServiceExt};
+/// use tower_http::timeout::TimeoutError;
+/// use tower_stream_backpressure::config::{Config, ResponseBody};
+///
+/// /// An upstream stream that sends one event, then stalls.
+/// struct Stalls(Option<Bytes>);
+///
+/// impl http_body::Body for Stalls {
+///     type Data = Bytes;
+///     type Error = std::convert::Infallible;
+///
+///     fn poll_frame(
+///         mut self: Pin<&mut Self>,
+///         _: &mut Context<'_>,
+///     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+///         match self.0.take() {
+///             Some(event) => Poll::Ready(Some(Ok(Frame::data(event)))),
+///             None => Poll::Pending,
+///         }
+///     }
+/// }
+///
+/// let upstream = service_fn(|_: http::Request<()>| async {
+///     let body = Stalls(Some(Bytes::from("data: {}\n\n")));
+///     http::Response::builder().header("content-type", "text/event-stream").body(body)
+/// });
+/// let config: Config = serde_json::from_str(r#"{"stream_idle_timeout": "10s"}"#)?;
+/// let client = config.layer("openai")?.layer(upstream);
+/// # tokio::runtime::Builder::new_current_thread()
+/// #     .enable_all()
+/// #     .start_paused(true)
+/// #     .build()?
+/// #     .block_on(async {
+/// let response = client.oneshot(http::Request::new(())).await?;
+/// let mut body: ResponseBody<Stalls> = response.into_body();
+/// let first = body.frame().await.unwrap()?;
+/// assert_eq!(first.into_data().unwrap(), "data: {}\n\n");
+///
+/// let started = tokio::time::Instant::now();
+/// let error = body.frame().await.unwrap().unwrap_err();
+/// assert!(error.is::<TimeoutError>(), "{error}");
+/// assert_eq!(started.elapsed(), Duration::from_secs(10));
+/// # Ok::<(), tower::BoxError>(())
+/// # })?;
+/// # Ok::<(), tower::BoxError>(())
+/// ```
 pub struct ResponseBody<B: Body> {
     inner: Pin<Box<TimeoutBody<Chunks<B>>>>,
 }

@@ -40,6 +40,17 @@ impl ConfigError {
     }
 
     /// The name of the parameter that is out of range, e.g. `"retry_ratio"`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::{RetryBudget, RetryPolicy};
+    ///
+    /// let error = RetryBudget::new(Duration::from_secs(10), 10, 2000.0).unwrap_err();
+    /// assert_eq!(error.setting(), "retry_ratio");
+    ///
+    /// let error = RetryPolicy::default().max_attempts(0).validate().unwrap_err();
+    /// assert_eq!(error.setting(), "max_attempts");
+    /// ```
     pub fn setting(&self) -> &'static str {
         self.setting
     }

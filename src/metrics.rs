@@ -30,30 +30,104 @@ use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
 use opentelemetry::{InstrumentationScope, KeyValue};
 
 /// Instrumentation scope name of the meter taken from the global provider.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::SCOPE;
+///
+/// assert_eq!(SCOPE, "tower-stream-backpressure");
+/// ```
 pub const SCOPE: &str = "tower-stream-backpressure";
 
 /// Gauge of concurrency slots held (streams open through the limit).
+///
+/// ```
+/// use tower_stream_backpressure::metrics::STREAMS_IN_FLIGHT;
+///
+/// assert_eq!(STREAMS_IN_FLIGHT, "streams_in_flight");
+/// ```
 pub const STREAMS_IN_FLIGHT: &str = "streams_in_flight";
 /// Gauge of upstream attempts open (a retry counts as a new attempt).
+///
+/// ```
+/// use tower_stream_backpressure::metrics::PROVIDER_CALLS_IN_FLIGHT;
+///
+/// assert_eq!(PROVIDER_CALLS_IN_FLIGHT, "provider_calls_in_flight");
+/// ```
 pub const PROVIDER_CALLS_IN_FLIGHT: &str = "provider_calls_in_flight";
 /// Histogram (seconds) from the first attempt's start to the first chunk.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::STREAM_FIRST_CHUNK_LATENCY;
+///
+/// assert_eq!(STREAM_FIRST_CHUNK_LATENCY, "stream_first_chunk_latency");
+/// // Exported to Prometheus as `stream_first_chunk_latency_seconds`.
+/// ```
 pub const STREAM_FIRST_CHUNK_LATENCY: &str = "stream_first_chunk_latency";
 /// Counter of retry outcomes, attributes `outcome` and `reason`.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::STREAM_RETRIES;
+///
+/// assert_eq!(STREAM_RETRIES, "stream_retries");
+/// // Exported to Prometheus as `stream_retries_total`.
+/// ```
 pub const STREAM_RETRIES: &str = "stream_retries";
 /// Observable gauge of the retries a budget would allow now.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::STREAM_RETRY_BUDGET_AVAILABLE;
+///
+/// assert_eq!(STREAM_RETRY_BUDGET_AVAILABLE, "stream_retry_budget_available");
+/// ```
 pub const STREAM_RETRY_BUDGET_AVAILABLE: &str = "stream_retry_budget_available";
 /// Counter of calls that got no concurrency slot, attribute `reason`.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::STREAM_CONCURRENCY_REJECTIONS;
+///
+/// assert_eq!(STREAM_CONCURRENCY_REJECTIONS, "stream_concurrency_rejections");
+/// // Exported to Prometheus as `stream_concurrency_rejections_total`.
+/// ```
 pub const STREAM_CONCURRENCY_REJECTIONS: &str = "stream_concurrency_rejections";
 /// Histogram (seconds) of the time spent waiting for a concurrency slot.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::STREAM_CONCURRENCY_WAIT;
+///
+/// assert_eq!(STREAM_CONCURRENCY_WAIT, "stream_concurrency_wait");
+/// // Exported to Prometheus as `stream_concurrency_wait_seconds`.
+/// ```
 pub const STREAM_CONCURRENCY_WAIT: &str = "stream_concurrency_wait";
 /// Gauge of client connections open (made and not yet dropped).
+///
+/// ```
+/// use tower_stream_backpressure::metrics::HTTP_CLIENT_OPEN_CONNECTIONS;
+///
+/// assert_eq!(HTTP_CLIENT_OPEN_CONNECTIONS, "http_client_open_connections");
+/// ```
 pub const HTTP_CLIENT_OPEN_CONNECTIONS: &str = "http_client_open_connections";
 
 /// Bucket boundaries of `stream_first_chunk_latency_seconds`.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::FIRST_CHUNK_LATENCY_BUCKETS;
+///
+/// // In seconds: from 100 ms to 5 minutes.
+/// assert_eq!(FIRST_CHUNK_LATENCY_BUCKETS.first(), Some(&0.1));
+/// assert_eq!(FIRST_CHUNK_LATENCY_BUCKETS.last(), Some(&300.0));
+/// ```
 pub const FIRST_CHUNK_LATENCY_BUCKETS: [f64; 11] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 /// Bucket boundaries of `stream_concurrency_wait_seconds`.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::CONCURRENCY_WAIT_BUCKETS;
+///
+/// // In seconds: from 1 ms to a minute.
+/// assert_eq!(CONCURRENCY_WAIT_BUCKETS.first(), Some(&0.001));
+/// assert_eq!(CONCURRENCY_WAIT_BUCKETS.last(), Some(&60.0));
+/// ```
 pub const CONCURRENCY_WAIT_BUCKETS: [f64; 14] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];

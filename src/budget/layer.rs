@@ -30,6 +30,32 @@ pub struct RetryBudgetLayer {
 
 impl RetryBudgetLayer {
     /// Deposits into, and hands down, `budget`.
+    ///
+    /// Each request through a service of this layer deposits once into `budget` (or
+    /// the clone it shares counts with):
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::{RetryBudget, RetryBudgetLayer};
+    ///
+    /// // No reserve, one retry per request.
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0)?;
+    /// let layer = RetryBudgetLayer::new(budget.clone());
+    /// let service = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(()))
+    /// }));
+    /// assert_eq!(budget.available(), 0);
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+    /// service.clone().oneshot(http::Request::new(())).await?;
+    /// service.oneshot(http::Request::new(())).await?;
+    /// # Ok::<(), Infallible>(())
+    /// # })?;
+    /// assert_eq!(budget.available(), 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(budget: RetryBudget) -> Self {
         Self {
             budget,
@@ -39,6 +65,41 @@ impl RetryBudgetLayer {
 
     /// The `provider` attribute of `stream_retry_budget_available` (default
     /// `"unknown"`).
+    ///
+    /// ```
+    /// use opentelemetry::metrics::MeterProvider as _;
+    /// use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    /// use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    /// use tower::Layer;
+    /// use tower_stream_backpressure::{RetryBudget, RetryBudgetLayer};
+    ///
+    /// let exporter = InMemoryMetricExporter::default();
+    /// let provider = SdkMeterProvider::builder()
+    ///     .with_reader(PeriodicReader::builder(exporter.clone()).build())
+    ///     .build();
+    /// let layer = RetryBudgetLayer::new(RetryBudget::default())
+    ///     .provider("openai")
+    ///     .meter(provider.meter("my-client"));
+    /// let _service = layer.layer(tower::service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(()))
+    /// }));
+    ///
+    /// provider.force_flush()?;
+    /// let exported = exporter.get_finished_metrics()?;
+    /// let gauge = exported
+    ///     .iter()
+    ///     .flat_map(|m| m.scope_metrics())
+    ///     .flat_map(|s| s.metrics())
+    ///     .find(|metric| metric.name() == "stream_retry_budget_available")
+    ///     .map(|metric| metric.data());
+    /// let Some(AggregatedMetrics::I64(MetricData::Gauge(gauge))) = gauge else {
+    ///     panic!("no budget gauge");
+    /// };
+    /// let point = gauge.data_points().next().unwrap();
+    /// let attribute = point.attributes().find(|kv| kv.key.as_str() == "provider");
+    /// assert_eq!(attribute.unwrap().value.as_str(), "openai");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn provider(self, provider: impl Into<Cow<'static, str>>) -> Self {
         Self {
             telemetry: self.telemetry.with_provider(provider),
@@ -48,6 +109,29 @@ impl RetryBudgetLayer {
 
     /// The meter the budget gauge is registered with (default: the global meter
     /// provider's, taken when the layer first builds a service).
+    ///
+    /// ```
+    /// use opentelemetry::metrics::MeterProvider as _;
+    /// use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    /// use tower::Layer;
+    /// use tower_stream_backpressure::{RetryBudget, RetryBudgetLayer};
+    ///
+    /// let exporter = InMemoryMetricExporter::default();
+    /// let provider = SdkMeterProvider::builder()
+    ///     .with_reader(PeriodicReader::builder(exporter.clone()).build())
+    ///     .build();
+    /// let layer = RetryBudgetLayer::new(RetryBudget::default())
+    ///     .meter(provider.meter("my-client"));
+    /// let _service = layer.layer(tower::service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(()))
+    /// }));
+    ///
+    /// provider.force_flush()?;
+    /// let exported = exporter.get_finished_metrics()?;
+    /// let mut names = exported.iter().flat_map(|m| m.scope_metrics()).flat_map(|s| s.metrics());
+    /// assert!(names.any(|metric| metric.name() == "stream_retry_budget_available"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn meter(self, meter: Meter) -> Self {
         Self {
             telemetry: self.telemetry.with_meter(meter),
@@ -56,6 +140,15 @@ impl RetryBudgetLayer {
     }
 
     /// The budget this layer deposits into.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::{RetryBudget, RetryBudgetLayer};
+    ///
+    /// let layer = RetryBudgetLayer::new(RetryBudget::default());
+    /// assert_eq!(layer.budget().retry_ratio(), 0.2);
+    /// // The default reserve: 10 retries a second over 10 s.
+    /// assert_eq!(layer.budget().available(), 100);
+    /// ```
     pub fn budget(&self) -> &RetryBudget {
         &self.budget
     }

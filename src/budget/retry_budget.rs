@@ -86,6 +86,19 @@ impl RetryBudget {
     ///
     /// Errors name the parameter out of range: `ttl` must be within 1 s and 60 s,
     /// `retry_ratio` a number within 0 and 1000.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::RetryBudget;
+    ///
+    /// // A 10 s window, 5 retries a second always, plus 10 % of requests.
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 5, 0.1)?;
+    /// assert_eq!(budget.available(), 50);
+    ///
+    /// let error = RetryBudget::new(Duration::from_secs(10), 5, -1.0).unwrap_err();
+    /// assert_eq!(error.setting(), "retry_ratio");
+    /// # Ok::<(), tower_stream_backpressure::ConfigError>(())
+    /// ```
     pub fn new(ttl: Duration, min_per_sec: u32, retry_ratio: f64) -> Result<Self, ConfigError> {
         if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&ttl) {
             return Err(ConfigError::new(
@@ -122,6 +135,18 @@ impl RetryBudget {
     }
 
     /// Records one original request; it allows `retry_ratio` retries for `ttl`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::RetryBudget;
+    ///
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.5)?;
+    /// budget.deposit();
+    /// assert_eq!(budget.available(), 0, "half a retry is not a retry");
+    /// budget.deposit();
+    /// assert_eq!(budget.available(), 1);
+    /// # Ok::<(), tower_stream_backpressure::ConfigError>(())
+    /// ```
     pub fn deposit(&self) {
         let mut window = self.window();
         let current = window.current;
@@ -133,6 +158,18 @@ impl RetryBudget {
     ///
     /// The check and the withdrawal are one step: concurrent callers never take more
     /// than the budget holds.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::RetryBudget;
+    ///
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0)?;
+    /// assert!(!budget.withdraw(), "nothing deposited yet");
+    /// budget.deposit();
+    /// assert!(budget.withdraw());
+    /// assert!(!budget.withdraw());
+    /// # Ok::<(), tower_stream_backpressure::ConfigError>(())
+    /// ```
     pub fn withdraw(&self) -> bool {
         let mut window = self.window();
         let granted = self.balance(&window) >= RETRY_COST;
@@ -145,22 +182,54 @@ impl RetryBudget {
     }
 
     /// How many retries the budget would allow now.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::RetryBudget;
+    ///
+    /// let budget = RetryBudget::default();
+    /// assert_eq!(budget.available(), 100, "10 retries a second over 10 s");
+    /// assert!(budget.withdraw());
+    /// assert_eq!(budget.available(), 99);
+    /// ```
     pub fn available(&self) -> u64 {
         let window = self.window();
         u64::try_from(self.balance(&window) / RETRY_COST).unwrap_or(u64::MAX)
     }
 
     /// The window over which deposits and retries count.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::RetryBudget;
+    ///
+    /// assert_eq!(RetryBudget::default().ttl(), Duration::from_secs(10));
+    /// ```
     pub fn ttl(&self) -> Duration {
         self.inner.ttl
     }
 
     /// Retries per second always allowed.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::RetryBudget;
+    ///
+    /// let budget = RetryBudget::new(Duration::from_secs(2), 3, 0.0)?;
+    /// assert_eq!(budget.min_per_sec(), 3);
+    /// assert_eq!(budget.available(), 6, "3 a second over 2 s");
+    /// # Ok::<(), tower_stream_backpressure::ConfigError>(())
+    /// ```
     pub fn min_per_sec(&self) -> u32 {
         self.inner.min_per_sec
     }
 
     /// Retries allowed per original request, beyond the reserve.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::RetryBudget;
+    ///
+    /// assert_eq!(RetryBudget::default().retry_ratio(), 0.2);
+    /// ```
     pub fn retry_ratio(&self) -> f64 {
         self.inner.retry_ratio
     }

@@ -15,6 +15,31 @@ pin_project! {
     /// body error, trailers, a data frame after which `is_end_stream()` is true, or
     /// the drop of this body. A consumer that read to the end but keeps the body object
     /// does not hold the slot. Frames, errors and size hints pass through unchanged.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::concurrency::ResponseBody;
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let layer = StreamConcurrencyLayer::new(1);
+    /// let service = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data: {}\n\n"))))
+    /// }));
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let response = service.oneshot(http::Request::new(())).await?;
+    /// let mut body: ResponseBody<Full<Bytes>> = response.into_body();
+    /// assert_eq!(layer.available_slots(), 0);
+    /// let frame = body.frame().await.unwrap()?;
+    /// assert_eq!(frame.into_data().unwrap(), "data: {}\n\n");
+    /// // That was the last frame: the slot is free, though `body` is still alive.
+    /// assert_eq!(layer.available_slots(), 1);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]

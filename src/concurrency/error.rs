@@ -36,16 +36,86 @@ impl Rejected {
     }
 
     /// Why the call was rejected.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::{RejectReason, Rejected, StreamConcurrencyLayer};
+    ///
+    /// let layer = StreamConcurrencyLayer::new(1).max_wait(Duration::ZERO);
+    /// let service = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// }));
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let _open = service.clone().oneshot(http::Request::new(())).await?; // holds the slot
+    /// let error = service.oneshot(http::Request::new(())).await.unwrap_err();
+    /// let rejected = error.downcast_ref::<Rejected>().expect("a rejection");
+    /// assert_eq!(rejected.reason(), RejectReason::DeadlineExceeded);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn reason(&self) -> RejectReason {
         self.reason
     }
 
     /// The limit that was reached.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::{Rejected, StreamConcurrencyLayer};
+    ///
+    /// let layer = StreamConcurrencyLayer::new(2).max_wait(Duration::ZERO);
+    /// let service = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// }));
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let _first = service.clone().oneshot(http::Request::new(())).await?;
+    /// let _second = service.clone().oneshot(http::Request::new(())).await?;
+    /// let error = service.oneshot(http::Request::new(())).await.unwrap_err();
+    /// assert_eq!(error.downcast_ref::<Rejected>().map(Rejected::limit), Some(2));
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn limit(&self) -> usize {
         self.limit
     }
 
     /// How long the call waited for a slot before giving up.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::{Rejected, StreamConcurrencyLayer};
+    ///
+    /// let layer = StreamConcurrencyLayer::new(1).max_wait(Duration::from_millis(200));
+    /// let service = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// }));
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let _open = service.clone().oneshot(http::Request::new(())).await?;
+    /// let error = service.oneshot(http::Request::new(())).await.unwrap_err();
+    /// let rejected = error.downcast_ref::<Rejected>().expect("a rejection");
+    /// assert!(rejected.waited() >= Duration::from_millis(200));
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn waited(&self) -> Duration {
         self.waited
     }
@@ -70,6 +140,23 @@ impl std::error::Error for Rejected {}
 /// The metric `stream_concurrency_rejections_total` also counts `context_canceled`: a
 /// caller that dropped its call while waiting. No caller sees that one as an error,
 /// since the caller is gone.
+///
+/// ```
+/// use tower_stream_backpressure::{RejectReason, Rejected};
+///
+/// /// What to tell the end user about a failed call.
+/// fn explain(error: &tower::BoxError) -> &'static str {
+///     match error.downcast_ref::<Rejected>().map(Rejected::reason) {
+///         Some(RejectReason::DeadlineExceeded) => "too busy: try again shortly",
+///         Some(_) => "too busy",
+///         None => "the upstream failed",
+///     }
+/// }
+///
+/// let error: tower::BoxError = "connection reset".into();
+/// assert_eq!(explain(&error), "the upstream failed");
+/// assert_eq!(RejectReason::DeadlineExceeded.to_string(), "deadline_exceeded");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RejectReason {
@@ -80,6 +167,12 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// The value of the metric attribute `reason`: `"deadline_exceeded"`.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::RejectReason;
+    ///
+    /// assert_eq!(RejectReason::DeadlineExceeded.as_str(), "deadline_exceeded");
+    /// ```
     pub fn as_str(&self) -> &'static str {
         match self {
             RejectReason::DeadlineExceeded => "deadline_exceeded",

@@ -101,6 +101,29 @@ pin_project! {
     /// Waits for a slot (when none was free at `call`), then calls the inner service and
     /// moves the slot into the response body. Dropping it while waiting leaves the queue;
     /// dropping it while the inner call runs releases the slot.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, Service, ServiceExt};
+    /// use tower_stream_backpressure::concurrency::ResponseFuture;
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let layer = StreamConcurrencyLayer::new(1);
+    /// let mut service = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// }));
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let future: ResponseFuture<_, http::Request<()>> =
+    ///     service.ready().await?.call(http::Request::new(()));
+    /// assert_eq!(layer.available_slots(), 0, "the slot is taken at `call`");
+    /// drop(future);
+    /// assert_eq!(layer.available_slots(), 1, "and released with the future");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub struct ResponseFuture<S, Req>
     where
         S: Service<Req>,

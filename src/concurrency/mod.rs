@@ -96,16 +96,85 @@ pub struct MaxWait(Option<Duration>);
 
 impl MaxWait {
     /// Wait at most `max_wait` for a slot; `Duration::ZERO` fails at once when full.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::concurrency::MaxWait;
+    /// use tower_stream_backpressure::{Rejected, StreamConcurrencyLayer};
+    ///
+    /// // The layer would let calls queue without bound ...
+    /// let layer = StreamConcurrencyLayer::new(1);
+    /// let service = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// }));
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let _open = service.clone().oneshot(http::Request::new(())).await?;
+    ///
+    /// // ... but this call fails at once.
+    /// let mut request = http::Request::new(());
+    /// request.extensions_mut().insert(MaxWait::new(Duration::ZERO));
+    /// let error = service.oneshot(request).await.unwrap_err();
+    /// assert!(error.is::<Rejected>());
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn new(max_wait: Duration) -> Self {
         Self(Some(max_wait))
     }
 
     /// Wait for a slot until the caller drops the call.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::concurrency::MaxWait;
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// // Calls through this layer fail fast ...
+    /// let layer = StreamConcurrencyLayer::new(1).max_wait(Duration::ZERO);
+    /// let service = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// }));
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let open = service.clone().oneshot(http::Request::new(())).await?;
+    ///
+    /// // ... but this batch job would rather wait for a slot.
+    /// let mut request = http::Request::new(());
+    /// request.extensions_mut().insert(MaxWait::unbounded());
+    /// let (batch, ()) = tokio::join!(service.oneshot(request), async move {
+    ///     tokio::time::sleep(Duration::from_secs(30)).await;
+    ///     drop(open); // the open stream ends: its slot goes to the waiting call
+    /// });
+    /// assert!(batch.is_ok());
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn unbounded() -> Self {
         Self(None)
     }
 
     /// The bound, `None` when unbounded.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::concurrency::MaxWait;
+    ///
+    /// assert_eq!(MaxWait::new(Duration::from_secs(1)).get(), Some(Duration::from_secs(1)));
+    /// assert_eq!(MaxWait::unbounded().get(), None);
+    /// ```
     pub fn get(self) -> Option<Duration> {
         self.0
     }

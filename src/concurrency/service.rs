@@ -16,6 +16,28 @@ use crate::metrics::ConcurrencyMetrics;
 ///
 /// Made by [`StreamConcurrencyLayer`](super::StreamConcurrencyLayer); see the
 /// [module docs](super) for the behaviour.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use tower::{service_fn, Layer, ServiceExt};
+/// use tower_stream_backpressure::concurrency::StreamConcurrency;
+/// use tower_stream_backpressure::StreamConcurrencyLayer;
+///
+/// let inner = service_fn(|_: http::Request<()>| async {
+///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+/// });
+/// let service: StreamConcurrency<_> = StreamConcurrencyLayer::new(8).layer(inner);
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+/// let response = service.clone().oneshot(http::Request::new(())).await?;
+/// assert_eq!(service.available_slots(), 7, "the body holds a slot");
+/// drop(response);
+/// assert_eq!(service.available_slots(), 8);
+/// # Ok::<(), tower::BoxError>(())
+/// # })?;
+/// # Ok::<(), tower::BoxError>(())
+/// ```
 #[derive(Debug)]
 pub struct StreamConcurrency<S> {
     inner: S,
@@ -51,21 +73,103 @@ impl<S> StreamConcurrency<S> {
     }
 
     /// Slots free right now, shared with every service of the same layer.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let inner = service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// });
+    /// let service = StreamConcurrencyLayer::new(2).layer(inner);
+    /// let clone = service.clone();
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let _open = service.oneshot(http::Request::new(())).await?;
+    /// assert_eq!(clone.available_slots(), 1, "clones share the limit");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn available_slots(&self) -> usize {
         self.shared.semaphore.available_permits()
     }
 
     /// The inner service.
+    ///
+    /// A call made through it bypasses the limit.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let inner = service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// });
+    /// let service = StreamConcurrencyLayer::new(1).layer(inner);
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let _response = service.get_ref().clone().oneshot(http::Request::new(())).await?;
+    /// assert_eq!(service.available_slots(), 1, "no slot taken");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
     /// The inner service, mutably.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, Service, ServiceExt};
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let inner = service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// });
+    /// let mut service = StreamConcurrencyLayer::new(1).layer(inner);
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// // Called in place, the inner service takes no slot.
+    /// let inner = service.get_mut().ready().await?;
+    /// let _response = inner.call(http::Request::new(())).await?;
+    /// assert_eq!(service.available_slots(), 1);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
     /// Consumes this service, returning the inner one.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let inner = service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// });
+    /// let layer = StreamConcurrencyLayer::new(1);
+    /// let unlimited = layer.layer(inner).into_inner();
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let _response = unlimited.oneshot(http::Request::new(())).await?;
+    /// assert_eq!(layer.available_slots(), 1);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn into_inner(self) -> S {
         self.inner
     }

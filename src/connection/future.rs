@@ -37,6 +37,26 @@ pin_project! {
     /// see [when the client is dropped](super#when-the-client-is-dropped).
     ///
     /// It is `Unpin` when the inner connector's future is, as hyper-util requires.
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use tower::{Layer, Service, ServiceExt};
+    /// use tower_stream_backpressure::connection::ConnectFuture;
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let layer = ConnectionGaugeLayer::new().max_per_host(4);
+    /// let mut connector = layer.layer(HttpConnector::new());
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let future: ConnectFuture<HttpConnector> = connector.ready().await?.call(uri);
+    /// let io = future.await?;
+    /// assert_eq!(layer.open_connections(), 1);
+    /// # drop(io);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub struct ConnectFuture<S>
     where
         S: Service<Uri>,

@@ -65,6 +65,28 @@ pin_project! {
     /// every request on it are gone) lowers `http_client_open_connections` by one and,
     /// with [`max_per_host`](super::ConnectionGaugeLayer::max_per_host), frees a place
     /// for the next connection to the same host.
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use hyper_util::rt::TokioIo;
+    /// use tokio::net::TcpStream;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::connection::CountedIo;
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let layer = ConnectionGaugeLayer::new();
+    /// let connector = layer.layer(HttpConnector::new());
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let io: CountedIo<TokioIo<TcpStream>> = connector.oneshot(uri).await?;
+    /// assert_eq!(layer.open_connections(), 1);
+    /// drop(io);
+    /// assert_eq!(layer.open_connections(), 0);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     #[derive(Debug)]
     pub struct CountedIo<T> {
         #[pin]
@@ -79,16 +101,71 @@ impl<T> CountedIo<T> {
     }
 
     /// The inner IO.
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let connector = ConnectionGaugeLayer::new().layer(HttpConnector::new());
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let io = connector.oneshot(uri).await?;
+    /// assert_eq!(io.get_ref().inner().peer_addr()?, listener.local_addr()?);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
 
     /// The inner IO, mutably.
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let connector = ConnectionGaugeLayer::new().layer(HttpConnector::new());
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let mut io = connector.oneshot(uri).await?;
+    /// io.get_mut().inner_mut().set_nodelay(true)?;
+    /// assert!(io.get_ref().inner().nodelay()?);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn get_mut(&mut self) -> &mut T {
         &mut self.inner
     }
 
     /// The inner IO, pinned.
+    ///
+    /// For IO wrappers that poll the connection themselves.
+    ///
+    /// ```
+    /// use std::future::poll_fn;
+    /// use std::pin::pin;
+    /// use hyper::rt::Write;
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let connector = ConnectionGaugeLayer::new().layer(HttpConnector::new());
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let mut io = pin!(connector.oneshot(uri).await?);
+    /// let written = poll_fn(|cx| io.as_mut().get_pin_mut().poll_write(cx, b"ping")).await?;
+    /// assert_eq!(written, 4);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut T> {
         self.project().inner
     }

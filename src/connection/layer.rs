@@ -45,6 +45,26 @@ impl Default for ConnectionGaugeLayer {
 
 impl ConnectionGaugeLayer {
     /// Counts connections, with no cap.
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let layer = ConnectionGaugeLayer::new();
+    /// let connector = layer.layer(HttpConnector::new());
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    ///
+    /// let io = connector.oneshot(uri).await?;
+    /// assert_eq!(layer.open_connections(), 1);
+    /// drop(io); // what hyper-util does when the connection closes
+    /// assert_eq!(layer.open_connections(), 0);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn new() -> Self {
         Self {
             shared: Arc::new(Shared::new(None)),
@@ -65,6 +85,31 @@ impl ConnectionGaugeLayer {
     /// When `max` is 0 or above [`Semaphore::MAX_PERMITS`]. To have no cap, do not
     /// call this. Use [`try_max_per_host`](Self::try_max_per_host) for a value read
     /// from configuration.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let layer = ConnectionGaugeLayer::new().max_per_host(1);
+    /// let connector = layer.layer(HttpConnector::new());
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    ///
+    /// let first = connector.clone().oneshot(uri.clone()).await?;
+    /// // A second connection to the same host waits for the first to close (while
+    /// // the connector, or a clone, is alive to use it).
+    /// let mut second = std::pin::pin!(connector.clone().oneshot(uri));
+    /// assert!(tokio::time::timeout(Duration::from_millis(50), &mut second).await.is_err());
+    /// drop(first);
+    /// let _second = second.await?;
+    /// assert_eq!(layer.open_connections(), 1);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn max_per_host(self, max: usize) -> Self {
         self.try_max_per_host(max)
             .unwrap_or_else(|error| panic!("ConnectionGaugeLayer: {error}"))
@@ -100,6 +145,47 @@ impl ConnectionGaugeLayer {
     }
 
     /// The `provider` attribute of this layer's metric (default `"unknown"`).
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use opentelemetry::metrics::MeterProvider as _;
+    /// use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    /// use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let exporter = InMemoryMetricExporter::default();
+    /// let provider = SdkMeterProvider::builder()
+    ///     .with_reader(PeriodicReader::builder(exporter.clone()).build())
+    ///     .build();
+    /// let layer = ConnectionGaugeLayer::new()
+    ///     .provider("openai")
+    ///     .meter(provider.meter("my-client"));
+    /// let connector = layer.layer(HttpConnector::new());
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let _io = connector.oneshot(uri).await?;
+    ///
+    /// provider.force_flush()?;
+    /// let exported = exporter.get_finished_metrics()?;
+    /// let open = exported
+    ///     .iter()
+    ///     .flat_map(|m| m.scope_metrics())
+    ///     .flat_map(|s| s.metrics())
+    ///     .find(|metric| metric.name() == "http_client_open_connections")
+    ///     .map(|metric| metric.data());
+    /// let Some(AggregatedMetrics::I64(MetricData::Sum(open))) = open else {
+    ///     panic!("no http_client_open_connections");
+    /// };
+    /// let point = open.data_points().next().unwrap();
+    /// assert_eq!(point.value(), 1);
+    /// let attribute = point.attributes().find(|kv| kv.key.as_str() == "provider");
+    /// assert_eq!(attribute.unwrap().value.as_str(), "openai");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn provider(self, provider: impl Into<Cow<'static, str>>) -> Self {
         Self {
             telemetry: self.telemetry.with_provider(provider),
@@ -109,6 +195,33 @@ impl ConnectionGaugeLayer {
 
     /// The meter this layer records to (default: the global meter provider's, taken
     /// when the layer first builds a connector).
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use opentelemetry::metrics::MeterProvider as _;
+    /// use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let exporter = InMemoryMetricExporter::default();
+    /// let provider = SdkMeterProvider::builder()
+    ///     .with_reader(PeriodicReader::builder(exporter.clone()).build())
+    ///     .build();
+    /// let layer = ConnectionGaugeLayer::new().meter(provider.meter("my-client"));
+    /// let connector = layer.layer(HttpConnector::new());
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let _io = connector.oneshot(uri).await?;
+    ///
+    /// provider.force_flush()?;
+    /// let exported = exporter.get_finished_metrics()?;
+    /// let mut metrics = exported.iter().flat_map(|m| m.scope_metrics()).flat_map(|s| s.metrics());
+    /// assert!(metrics.any(|metric| metric.name() == "http_client_open_connections"));
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn meter(self, meter: Meter) -> Self {
         Self {
             telemetry: self.telemetry.with_meter(meter),
@@ -117,12 +230,38 @@ impl ConnectionGaugeLayer {
     }
 
     /// The per-host cap, `None` when there is none.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// assert_eq!(ConnectionGaugeLayer::new().per_host_cap(), None);
+    /// assert_eq!(ConnectionGaugeLayer::new().max_per_host(16).per_host_cap(), Some(16));
+    /// ```
     pub fn per_host_cap(&self) -> Option<usize> {
         self.shared.max_per_host()
     }
 
     /// Connections open now (made and not yet dropped) through every connector made
     /// from this layer: the value of `http_client_open_connections`.
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let layer = ConnectionGaugeLayer::new();
+    /// // Two connectors made from one layer share the count.
+    /// let (a, b) = (layer.layer(HttpConnector::new()), layer.layer(HttpConnector::new()));
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let _one = a.oneshot(uri.clone()).await?;
+    /// let _two = b.oneshot(uri).await?;
+    /// assert_eq!(layer.open_connections(), 2);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn open_connections(&self) -> usize {
         self.shared.open_connections()
     }

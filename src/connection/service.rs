@@ -17,6 +17,23 @@ use crate::metrics::ConnectionMetrics;
 /// Made by [`ConnectionGaugeLayer`](super::ConnectionGaugeLayer); see the
 /// [module docs](super) for the behaviour. Its responses are [`CountedIo`]s; its errors
 /// are boxed, the inner connector's passing through unchanged (downcast them back).
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use hyper_util::client::legacy::{connect::HttpConnector, Client};
+/// use hyper_util::rt::TokioExecutor;
+/// use tower::Layer;
+/// use tower_stream_backpressure::connection::ConnectionGauge;
+/// use tower_stream_backpressure::ConnectionGaugeLayer;
+///
+/// let connector: ConnectionGauge<HttpConnector> =
+///     ConnectionGaugeLayer::new().layer(HttpConnector::new());
+/// assert_eq!(connector.open_connections(), 0);
+/// // hyper-util's client connects through it.
+/// let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(connector);
+/// # drop(client);
+/// ```
 #[derive(Debug)]
 pub struct ConnectionGauge<S> {
     inner: S,
@@ -99,21 +116,91 @@ impl<S> ConnectionGauge<S> {
     }
 
     /// Connections open now, made through any connector of the same layer.
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let connector = ConnectionGaugeLayer::new().layer(HttpConnector::new());
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let io = connector.clone().oneshot(uri).await?;
+    /// assert_eq!(connector.open_connections(), 1);
+    /// drop(io);
+    /// assert_eq!(connector.open_connections(), 0);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn open_connections(&self) -> usize {
         self.shared.open_connections()
     }
 
     /// The inner connector.
+    ///
+    /// A connection made through it is not counted.
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let connector = ConnectionGaugeLayer::new().layer(HttpConnector::new());
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let _io = connector.get_ref().clone().oneshot(uri).await?;
+    /// assert_eq!(connector.open_connections(), 0);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
     /// The inner connector, mutably.
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let mut connector = ConnectionGaugeLayer::new().layer(HttpConnector::new());
+    /// connector.get_mut().set_nodelay(true);
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let io = connector.oneshot(uri).await?;
+    /// assert!(io.get_ref().inner().nodelay()?);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
     /// Consumes this connector, returning the inner one.
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::connect::HttpConnector;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_stream_backpressure::ConnectionGaugeLayer;
+    ///
+    /// let layer = ConnectionGaugeLayer::new();
+    /// let connector: HttpConnector = layer.layer(HttpConnector::new()).into_inner();
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let uri: http::Uri = format!("http://{}", listener.local_addr()?).parse()?;
+    /// let _io = connector.oneshot(uri).await?;
+    /// assert_eq!(layer.open_connections(), 0, "not counted");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn into_inner(self) -> S {
         self.inner
     }

@@ -47,6 +47,20 @@ enum Picked {
 impl Auto {
     /// The SSE detector used for `text/event-stream` (default [`Sse::default`]), e.g.
     /// with other keep-alive event types.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Auto, Detector, Progress, Sse};
+    ///
+    /// let (head, ()) = http::Response::builder()
+    ///     .header("content-type", "text/event-stream; charset=utf-8")
+    ///     .body(())
+    ///     .unwrap()
+    ///     .into_parts();
+    /// let mut d = Auto::default().sse(Sse::new().keep_alive_events(["heartbeat"]));
+    /// d.start(&head);
+    /// assert_eq!(d.feed(b"event: heartbeat\ndata: {}\n\n"), Progress::Pending);
+    /// assert_eq!(d.feed(b"data: {\"text\":\"Hi\"}\n\n"), Progress::Found);
+    /// ```
     pub fn sse(self, sse: Sse) -> Self {
         Self { sse, ..self }
     }

@@ -38,6 +38,14 @@ pub struct Chunk<'a> {
 
 impl<'a> Chunk<'a> {
     /// A chunk carrying `data`, with no event name or message type.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::Chunk;
+    ///
+    /// let chunk = Chunk::new(br#"{"error":"overloaded"}"#);
+    /// assert_eq!(chunk.data(), br#"{"error":"overloaded"}"#);
+    /// assert_eq!((chunk.event(), chunk.message_type()), (None, None));
+    /// ```
     pub fn new(data: &'a [u8]) -> Self {
         Self {
             event: None,
@@ -49,6 +57,19 @@ impl<'a> Chunk<'a> {
 
     /// Sets the event name (SSE `event`, eventstream `:event-type` or
     /// `:exception-type`).
+    ///
+    /// A custom [`Detector`](super::Detector) builds its chunk this way; so can a test of
+    /// in-band error rules:
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::Chunk;
+    /// use tower_stream_backpressure::retry::{InBand, InBandErrors};
+    ///
+    /// let data = br#"{"type":"error","error":{"type":"overloaded_error"}}"#;
+    /// let chunk = Chunk::new(data).with_event("error");
+    /// assert_eq!(chunk.event(), Some("error"));
+    /// assert_eq!(InBandErrors::default().classify(&chunk), InBand::TransientError);
+    /// ```
     pub fn with_event(self, event: &'a str) -> Self {
         Self {
             event: Some(event),
@@ -58,6 +79,18 @@ impl<'a> Chunk<'a> {
 
     /// Sets the message type (eventstream `:message-type`: `event`, `exception`,
     /// `error`).
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::Chunk;
+    /// use tower_stream_backpressure::retry::{InBand, InBandErrors};
+    ///
+    /// // A Bedrock exception, as the eventstream detector reports it.
+    /// let chunk = Chunk::new(br#"{"message":"Too many requests"}"#)
+    ///     .with_message_type("exception")
+    ///     .with_event("throttlingException");
+    /// assert_eq!(chunk.message_type(), Some("exception"));
+    /// assert_eq!(InBandErrors::default().classify(&chunk), InBand::TransientError);
+    /// ```
     pub fn with_message_type(self, message_type: &'a str) -> Self {
         Self {
             message_type: Some(message_type),
@@ -66,26 +99,72 @@ impl<'a> Chunk<'a> {
     }
 
     /// Marks `data` as only the start of the chunk.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::Chunk;
+    ///
+    /// let chunk = Chunk::new(b"{\"choices\":[").with_truncated(true);
+    /// assert!(chunk.is_truncated());
+    /// ```
     pub fn with_truncated(self, truncated: bool) -> Self {
         Self { truncated, ..self }
     }
 
     /// The event name, if the format has one and it was sent.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Detector, Progress, Sse};
+    ///
+    /// let mut d = Sse::default();
+    /// let error = b"event: error\ndata: {\"type\":\"error\"}\n\n";
+    /// assert_eq!(d.feed(error), Progress::Found);
+    /// assert_eq!(d.first_chunk().unwrap().event(), Some("error"));
+    /// ```
     pub fn event(&self) -> Option<&'a str> {
         self.event
     }
 
     /// The message type, if the format has one and it was sent.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Chunk, Detector, NdJson, Progress};
+    ///
+    /// // SSE, NDJSON and JSON arrays have no message type; AWS eventstream does.
+    /// let mut d = NdJson::default();
+    /// assert_eq!(d.feed(b"{\"done\":false}\n"), Progress::Found);
+    /// assert_eq!(d.first_chunk().unwrap().message_type(), None);
+    /// assert_eq!(Chunk::new(b"").with_message_type("event").message_type(), Some("event"));
+    /// ```
     pub fn message_type(&self) -> Option<&'a str> {
         self.message_type
     }
 
     /// The chunk's content (see the table above), at most its first 16 KiB.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Detector, Progress, Sse};
+    ///
+    /// let mut d = Sse::default();
+    /// assert_eq!(d.feed(b"data: first line\ndata: second line\n\n"), Progress::Found);
+    /// assert_eq!(d.first_chunk().unwrap().data(), b"first line\nsecond line");
+    /// ```
     pub fn data(&self) -> &'a [u8] {
         self.data
     }
 
     /// Whether the chunk was longer than [`data`](Self::data).
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Detector, NdJson, Progress};
+    ///
+    /// let mut line = vec![b'x'; 20 * 1024];
+    /// line.push(b'\n');
+    /// let mut d = NdJson::default();
+    /// assert_eq!(d.feed(&line), Progress::Found);
+    /// let chunk = d.first_chunk().unwrap();
+    /// assert!(chunk.is_truncated());
+    /// assert_eq!(chunk.data().len(), 16 * 1024);
+    /// ```
     pub fn is_truncated(&self) -> bool {
         self.truncated
     }
@@ -116,6 +195,29 @@ pub struct Malformed {
 
 impl Malformed {
     /// The `format` (`"SSE"`, `"AWS eventstream"`, ...) has this `problem`.
+    ///
+    /// A custom [`Detector`](super::Detector) reports broken framing this way:
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Detector, Malformed, Progress};
+    ///
+    /// /// A binary format whose every stream starts with the magic bytes `SSTR`.
+    /// #[derive(Clone, Default)]
+    /// struct Magic;
+    ///
+    /// impl Detector for Magic {
+    ///     fn feed(&mut self, bytes: &[u8]) -> Progress {
+    ///         if bytes.starts_with(b"SSTR") {
+    ///             Progress::Found
+    ///         } else {
+    ///             Progress::Malformed(Malformed::new("SSTR", "bad magic bytes"))
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let Progress::Malformed(error) = Magic.feed(b"<html>") else { panic!() };
+    /// assert_eq!(error.problem(), "bad magic bytes");
+    /// ```
     pub fn new(format: &'static str, problem: impl Into<Cow<'static, str>>) -> Self {
         Self {
             format,
@@ -124,11 +226,25 @@ impl Malformed {
     }
 
     /// The stream format whose framing is broken.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Detector, JsonArray, Progress};
+    ///
+    /// let Progress::Malformed(error) = JsonArray::default().feed(b"[]") else { panic!() };
+    /// assert_eq!(error.format(), "JSON array");
+    /// ```
     pub fn format(&self) -> &'static str {
         self.format
     }
 
     /// What is wrong with it.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Detector, JsonArray, Progress};
+    ///
+    /// let Progress::Malformed(error) = JsonArray::default().feed(b"[]") else { panic!() };
+    /// assert_eq!(error.problem(), "the array is empty");
+    /// ```
     pub fn problem(&self) -> &str {
         &self.problem
     }

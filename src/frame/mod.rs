@@ -108,6 +108,28 @@ pub trait Detector: Clone + Send + Sync + 'static {
 }
 
 /// What a [`Detector`] has seen so far.
+///
+/// ```
+/// use tower_stream_backpressure::frame::{Detector, JsonArray, Progress};
+///
+/// fn describe(progress: Progress) -> String {
+///     match progress {
+///         Progress::Pending => "need more bytes".to_owned(),
+///         Progress::Found => "first chunk complete".to_owned(),
+///         Progress::Malformed(error) => error.to_string(),
+///         _ => "unknown".to_owned(),
+///     }
+/// }
+///
+/// let mut d = JsonArray::default();
+/// assert_eq!(describe(d.feed(b"[{\"text\":")), "need more bytes");
+/// assert_eq!(describe(d.feed(b"\"Hi\"},")), "first chunk complete");
+/// let broken = JsonArray::default().feed(b"{}");
+/// assert_eq!(
+///     describe(broken),
+///     "malformed JSON array stream: the body does not start with `[`"
+/// );
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Progress {

@@ -78,6 +78,15 @@ impl Default for Sse {
 
 impl Sse {
     /// An SSE detector whose only keep-alive event type is `ping`.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Detector, Progress, Sse};
+    ///
+    /// let mut d = Sse::new();
+    /// assert_eq!(d.feed(b"event: ping\ndata: {}\n\n"), Progress::Pending, "a keep-alive");
+    /// assert_eq!(d.feed(b"event: message_start\ndata: {}\n\n"), Progress::Found);
+    /// assert_eq!(d.first_chunk().unwrap().event(), Some("message_start"));
+    /// ```
     pub fn new() -> Self {
         Self {
             keep_alives: Arc::from([Box::from("ping")]),

@@ -17,6 +17,29 @@ use tower::BoxError;
 /// "request body cannot be replayed": such requests carry
 /// [`NotReplayable`](crate::retry::NotReplayable), so the retry layer never sends a
 /// clone of them.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use tower::{service_fn, Layer, ServiceExt};
+/// use tower_stream_backpressure::replay::ReplayBody;
+/// use tower_stream_backpressure::retry::NotReplayable;
+/// use tower_stream_backpressure::BufferRequestBodyLayer;
+///
+/// // What the service below sees of a body over the cap.
+/// let service = BufferRequestBodyLayer::new(4).layer(service_fn(
+///     |request: http::Request<ReplayBody<Full<Bytes>>>| async move {
+///         let once = request.extensions().get::<NotReplayable>().is_some();
+///         Ok::<_, tower::BoxError>((request.body().is_replayable(), once))
+///     },
+/// ));
+/// let request = http::Request::new(Full::new(Bytes::from("more than four bytes")));
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+/// assert_eq!(service.oneshot(request).await?, (false, true));
+/// # Ok::<(), tower::BoxError>(())
+/// # })?;
+/// # Ok::<(), tower::BoxError>(())
+/// ```
 pub struct ReplayBody<B> {
     kind: Kind<B>,
 }
@@ -64,6 +87,28 @@ impl<B> ReplayBody<B> {
     }
 
     /// Whether every clone of this body sends the same bytes.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::replay::ReplayBody;
+    /// use tower_stream_backpressure::BufferRequestBodyLayer;
+    ///
+    /// let service = BufferRequestBodyLayer::new(1024).layer(service_fn(
+    ///     |request: http::Request<ReplayBody<Full<Bytes>>>| async move {
+    ///         Ok::<_, tower::BoxError>(request.body().is_replayable())
+    ///     },
+    /// ));
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let small = http::Request::new(Full::new(Bytes::from("{}")));
+    /// assert!(service.clone().oneshot(small).await?);
+    /// let large = http::Request::new(Full::new(Bytes::from(vec![b' '; 2048])));
+    /// assert!(!service.oneshot(large).await?);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn is_replayable(&self) -> bool {
         matches!(self.kind, Kind::Held { .. })
     }

@@ -17,6 +17,27 @@ use crate::retry::NotReplayable;
 pin_project! {
     /// Response future of [`BufferRequestBody`](super::BufferRequestBody): reads the
     /// request body up to the cap, then calls the inner service.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{service_fn, Layer, Service, ServiceExt};
+    /// use tower_stream_backpressure::replay::{ReplayBody, ResponseFuture};
+    /// use tower_stream_backpressure::BufferRequestBodyLayer;
+    ///
+    /// let mut service = BufferRequestBodyLayer::new(1024).layer(service_fn(
+    ///     |request: http::Request<ReplayBody<Full<Bytes>>>| async move {
+    ///         Ok::<_, tower::BoxError>(request.into_body().collect().await?.to_bytes())
+    ///     },
+    /// ));
+    /// let request = http::Request::new(Full::new(Bytes::from("prompt")));
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let future: ResponseFuture<_, Full<Bytes>> = service.ready().await?.call(request);
+    /// assert_eq!(future.await?, "prompt");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<ReplayBody<B>>>,

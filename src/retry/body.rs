@@ -83,6 +83,30 @@ pin_project! {
     ///
     /// It also ends the attempt's count in `provider_calls_in_flight` at the end of the
     /// stream (the same end-of-stream rule as the concurrency slot).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::retry::ResponseBody;
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// let upstream = service_fn(|_: http::Request<()>| async {
+    ///     http::Response::builder()
+    ///         .header("content-type", "text/event-stream")
+    ///         .body(Full::new(Bytes::from(": keep-alive\n\ndata: {\"text\":\"Hi\"}\n\n")))
+    /// });
+    /// let client = FirstChunkRetryLayer::new(RetryPolicy::default()).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let response = client.oneshot(http::Request::new(())).await?;
+    /// let body: ResponseBody<Full<Bytes>> = response.into_body();
+    /// // The bytes read to find the first chunk reach the caller too, unchanged.
+    /// let bytes = body.collect().await?.to_bytes();
+    /// assert_eq!(bytes, ": keep-alive\n\ndata: {\"text\":\"Hi\"}\n\n");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub struct ResponseBody<B: Body> {
         replay: Replay<B::Data>,
         // The inner body has returned its end (while peeked, or since): it is not

@@ -46,16 +46,108 @@ impl FirstChunkError {
     }
 
     /// What went wrong on the last attempt.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::retry::{FirstChunkError, FirstChunkErrorKind};
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// // An upstream that answers `200 OK`, then ends the stream with only a keep-alive.
+    /// let upstream = service_fn(|_: http::Request<()>| async {
+    ///     http::Response::builder()
+    ///         .header("content-type", "text/event-stream")
+    ///         .body(Full::new(Bytes::from(": keep-alive\n\n")))
+    /// });
+    /// let client = FirstChunkRetryLayer::new(RetryPolicy::default()).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let error = client.oneshot(http::Request::new(())).await.unwrap_err();
+    /// let error = error.downcast_ref::<FirstChunkError>().expect("a first-chunk error");
+    /// assert_eq!(error.kind(), FirstChunkErrorKind::EndOfStream);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn kind(&self) -> FirstChunkErrorKind {
         self.kind
     }
 
     /// Why there was no further attempt.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::retry::{FirstChunkError, StopReason};
+    /// use tower_stream_backpressure::{
+    ///     FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy,
+    /// };
+    ///
+    /// // An upstream that answers `200 OK`, then ends the stream with only a keep-alive.
+    /// let upstream = service_fn(|_: http::Request<()>| async {
+    ///     http::Response::builder()
+    ///         .header("content-type", "text/event-stream")
+    ///         .body(Full::new(Bytes::from(": keep-alive\n\n")))
+    /// });
+    /// // A budget with nothing in it: no reserve, no share of the requests.
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.0)?;
+    /// let client = RetryBudgetLayer::new(budget)
+    ///     .layer(FirstChunkRetryLayer::new(RetryPolicy::default()).layer(upstream));
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let error = client.oneshot(http::Request::new(())).await.unwrap_err();
+    /// let error = error.downcast_ref::<FirstChunkError>().expect("a first-chunk error");
+    /// assert_eq!(error.stop_reason(), StopReason::BudgetExhausted);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn stop_reason(&self) -> StopReason {
         self.stop
     }
 
     /// Attempts made, the first included.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::retry::FirstChunkError;
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// // An upstream that answers `200 OK`, then ends the stream with only a keep-alive.
+    /// let upstream = service_fn(|_: http::Request<()>| async {
+    ///     http::Response::builder()
+    ///         .header("content-type", "text/event-stream")
+    ///         .body(Full::new(Bytes::from(": keep-alive\n\n")))
+    /// });
+    /// let policy = RetryPolicy::default().max_attempts(4);
+    /// let client = FirstChunkRetryLayer::new(policy).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let error = client.oneshot(http::Request::new(())).await.unwrap_err();
+    /// let error = error.downcast_ref::<FirstChunkError>().expect("a first-chunk error");
+    /// assert_eq!(error.attempts(), 4);
+    /// assert_eq!(
+    ///     error.to_string(),
+    ///     "the response body ended before the first chunk, after 4 attempts (attempts exhausted)"
+    /// );
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn attempts(&self) -> u32 {
         self.attempts
     }
@@ -95,6 +187,23 @@ impl std::error::Error for FirstChunkError {
 }
 
 /// What went wrong before the first chunk, on the last attempt.
+///
+/// ```
+/// use tower_stream_backpressure::retry::{FirstChunkError, FirstChunkErrorKind};
+///
+/// /// The status code a gateway answers its own caller with.
+/// fn gateway_status(error: &tower::BoxError) -> u16 {
+///     match error.downcast_ref::<FirstChunkError>().map(FirstChunkError::kind) {
+///         Some(FirstChunkErrorKind::Timeout) => 504,
+///         Some(FirstChunkErrorKind::BufferLimit | FirstChunkErrorKind::Malformed) => 502,
+///         Some(_) => 503,
+///         None => 500,
+///     }
+/// }
+///
+/// let error: tower::BoxError = "not a first-chunk error".into();
+/// assert_eq!(gateway_status(&error), 500);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FirstChunkErrorKind {
@@ -116,6 +225,20 @@ pub enum FirstChunkErrorKind {
 }
 
 /// Why a failed call was not tried again.
+///
+/// ```
+/// use tower_stream_backpressure::retry::{FirstChunkError, StopReason};
+///
+/// /// Whether a client should tell its user to come back later.
+/// fn try_later(error: &tower::BoxError) -> bool {
+///     matches!(
+///         error.downcast_ref::<FirstChunkError>().map(FirstChunkError::stop_reason),
+///         Some(StopReason::BudgetExhausted | StopReason::AttemptsExhausted)
+///     )
+/// }
+///
+/// assert!(!try_later(&"connection refused".into()));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StopReason {

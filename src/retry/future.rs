@@ -30,6 +30,43 @@ pin_project! {
     /// Runs attempts until one produces its first chunk (or a response that is not a
     /// failure), the attempts or the budget run out, or a failure is not retryable.
     /// Dropping it at any point ends the attempt in flight; nothing is left running.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, Service, ServiceExt};
+    /// use tower_stream_backpressure::frame::Auto;
+    /// use tower_stream_backpressure::retry::ResponseFuture;
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// let calls = Arc::new(AtomicUsize::new(0));
+    /// let upstream = {
+    ///     let calls = calls.clone();
+    ///     service_fn(move |_: http::Request<()>| {
+    ///         // Overloaded once, then fine.
+    ///         let status = if calls.fetch_add(1, Ordering::SeqCst) == 0 { 503 } else { 200 };
+    ///         let response = http::Response::builder().status(status);
+    ///         async move { response.body(Full::new(Bytes::from("data"))) }
+    ///     })
+    /// };
+    /// let mut client = FirstChunkRetryLayer::new(RetryPolicy::default()).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let future: ResponseFuture<_, (), Full<Bytes>, Auto> =
+    ///     client.ready().await?.call(http::Request::new(()));
+    /// // Resolves once an attempt has produced its first chunk.
+    /// let response = future.await?;
+    /// assert_eq!(response.status(), 200);
+    /// assert_eq!(calls.load(Ordering::SeqCst), 2);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub struct ResponseFuture<S, ReqBody, ResBody, D>
     where
         S: Service<Request<ReqBody>>,

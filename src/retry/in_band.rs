@@ -6,6 +6,29 @@ use serde_json::Value;
 use crate::frame::Chunk;
 
 /// What the first chunk of a `2xx` response turned out to be.
+///
+/// ```
+/// use tower_stream_backpressure::frame::{Chunk, Detector, Progress, Sse};
+/// use tower_stream_backpressure::retry::{InBand, InBandErrors};
+///
+/// // Anthropic's overload error, sent after `200 OK`.
+/// let mut d = Sse::default();
+/// let event = concat!(
+///     "event: error\n",
+///     r#"data: {"type":"error","error":{"type":"overloaded_error"}}"#,
+///     "\n\n",
+/// );
+/// assert_eq!(d.feed(event.as_bytes()), Progress::Found);
+///
+/// let rules = InBandErrors::default();
+/// let action = match rules.classify(&d.first_chunk().unwrap()) {
+///     InBand::Content => "stream it to the caller",
+///     InBand::TransientError => "retry",
+///     InBand::TerminalError => "give the error to the caller",
+/// };
+/// assert_eq!(action, "retry");
+/// assert_eq!(rules.classify(&Chunk::new(br#"{"choices":[]}"#)), InBand::Content);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum InBand {
     /// Content: the response goes to the caller.
@@ -113,6 +136,20 @@ impl fmt::Debug for InBandErrors {
 impl InBandErrors {
     /// Rules that take every first chunk for content: in-band errors reach the caller
     /// and are never retried.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::Chunk;
+    /// use tower_stream_backpressure::retry::{InBand, InBandErrors};
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// let overloaded = Chunk::new(br#"{"error":"overloaded"}"#);
+    /// assert_eq!(InBandErrors::default().classify(&overloaded), InBand::TransientError);
+    /// assert_eq!(InBandErrors::none().classify(&overloaded), InBand::Content);
+    ///
+    /// // Retry on statuses and stalls only.
+    /// let policy = RetryPolicy::default().in_band_errors(InBandErrors::none());
+    /// # let _ = policy;
+    /// ```
     pub fn none() -> Self {
         Self::default().custom(|_| Some(InBand::Content))
     }
@@ -120,6 +157,16 @@ impl InBandErrors {
     /// Adds a marker for error codes that are transient (your provider's
     /// `model_loading`, say). A marker with no letter or digit would match every code:
     /// it is ignored.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::Chunk;
+    /// use tower_stream_backpressure::retry::{InBand, InBandErrors};
+    ///
+    /// let loading = Chunk::new(br#"{"error":{"type":"model_loading","message":"warming up"}}"#);
+    /// assert_eq!(InBandErrors::default().classify(&loading), InBand::TerminalError);
+    /// let rules = InBandErrors::default().transient("ModelLoading");
+    /// assert_eq!(rules.classify(&loading), InBand::TransientError);
+    /// ```
     pub fn transient(mut self, marker: &str) -> Self {
         self.transient.extend(normalized(marker));
         self
@@ -128,6 +175,16 @@ impl InBandErrors {
     /// Adds a marker for error codes that are terminal, even if a transient marker
     /// matches too (`insufficient_quota` is a `429` that waiting does not cure). A
     /// marker with no letter or digit is ignored.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::Chunk;
+    /// use tower_stream_backpressure::retry::{InBand, InBandErrors};
+    ///
+    /// let quota = Chunk::new(br#"{"error":{"type":"insufficient_quota","code":"429"}}"#);
+    /// assert_eq!(InBandErrors::default().classify(&quota), InBand::TransientError);
+    /// let rules = InBandErrors::default().terminal("insufficient_quota");
+    /// assert_eq!(rules.classify(&quota), InBand::TerminalError);
+    /// ```
     pub fn terminal(mut self, marker: &str) -> Self {
         self.terminal.extend(normalized(marker));
         self
@@ -154,6 +211,17 @@ impl InBandErrors {
     }
 
     /// Classifies a first chunk.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Detector, NdJson, Progress};
+    /// use tower_stream_backpressure::retry::{InBand, InBandErrors};
+    ///
+    /// // Ollama reports some failures as the first line of a `200 OK` stream.
+    /// let mut d = NdJson::default();
+    /// assert_eq!(d.feed(b"{\"error\":\"model is overloaded\"}\n"), Progress::Found);
+    /// let verdict = InBandErrors::default().classify(&d.first_chunk().unwrap());
+    /// assert_eq!(verdict, InBand::TransientError);
+    /// ```
     pub fn classify(&self, chunk: &Chunk<'_>) -> InBand {
         if let Some(verdict) = self.custom.as_ref().and_then(|rule| rule(chunk)) {
             return verdict;

@@ -48,11 +48,54 @@ impl FirstChunkRetryLayer<Auto> {
     ///
     /// When a setting of `policy` is out of range (see [`RetryPolicy::validate`]). Use
     /// [`try_new`](Self::try_new) for a policy read from configuration.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// let calls = Arc::new(AtomicUsize::new(0));
+    /// let upstream = {
+    ///     let calls = calls.clone();
+    ///     service_fn(move |_: http::Request<()>| {
+    ///         // Overloaded once, then fine.
+    ///         let status = if calls.fetch_add(1, Ordering::SeqCst) == 0 { 503 } else { 200 };
+    ///         let response = http::Response::builder().status(status);
+    ///         async move { response.body(Full::new(Bytes::from("data"))) }
+    ///     })
+    /// };
+    /// let client = FirstChunkRetryLayer::new(RetryPolicy::default()).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let response = client.oneshot(http::Request::new(())).await?;
+    /// assert_eq!(response.status(), 200);
+    /// assert_eq!(calls.load(Ordering::SeqCst), 2);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn new(policy: RetryPolicy) -> Self {
         Self::try_new(policy).unwrap_or_else(|error| panic!("FirstChunkRetryLayer: {error}"))
     }
 
     /// Like [`new`](Self::new), but returns an error naming the setting out of range.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// // `max_attempts` read from configuration.
+    /// let max_attempts: u32 = "0".parse()?;
+    /// let policy = RetryPolicy::default().max_attempts(max_attempts);
+    /// let error = FirstChunkRetryLayer::try_new(policy).unwrap_err();
+    /// assert_eq!(error.setting(), "max_attempts");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn try_new(policy: RetryPolicy) -> Result<Self, ConfigError> {
         policy.validate()?;
         Ok(Self {
@@ -68,6 +111,35 @@ impl FirstChunkRetryLayer<Auto> {
 impl<D: Detector> FirstChunkRetryLayer<D> {
     /// What the first chunk is: a [`Detector`] from [`frame`](crate::frame), or your
     /// own (default [`Auto`], which picks one by `Content-Type`).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::frame::JsonArray;
+    /// use tower_stream_backpressure::retry::{FirstChunkError, FirstChunkErrorKind};
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// // This upstream should stream a JSON array, but sends an object.
+    /// let upstream = service_fn(|_: http::Request<()>| async {
+    ///     let body = Full::new(Bytes::from(r#"{"error":"bad request"}"#));
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(body))
+    /// });
+    /// let client = FirstChunkRetryLayer::new(RetryPolicy::default())
+    ///     .frames(JsonArray::default())
+    ///     .layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let error = client.oneshot(http::Request::new(())).await.unwrap_err();
+    /// let error = error.downcast_ref::<FirstChunkError>().expect("a first-chunk error");
+    /// assert_eq!(error.kind(), FirstChunkErrorKind::Malformed);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn frames<D2: Detector>(self, detector: D2) -> FirstChunkRetryLayer<D2> {
         FirstChunkRetryLayer {
             shared: Arc::new(Shared {
@@ -79,6 +151,48 @@ impl<D: Detector> FirstChunkRetryLayer<D> {
     }
 
     /// The `provider` attribute of this layer's metrics (default `"unknown"`).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use opentelemetry::metrics::MeterProvider as _;
+    /// use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    /// use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// let exporter = InMemoryMetricExporter::default();
+    /// let provider = SdkMeterProvider::builder()
+    ///     .with_reader(PeriodicReader::builder(exporter.clone()).build())
+    ///     .build();
+    /// let layer = FirstChunkRetryLayer::new(RetryPolicy::default())
+    ///     .provider("openai")
+    ///     .meter(provider.meter("my-client"));
+    /// let client = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// }));
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let _stream = client.oneshot(http::Request::new(())).await?;
+    ///
+    /// provider.force_flush()?;
+    /// let exported = exporter.get_finished_metrics()?;
+    /// let in_flight = exported
+    ///     .iter()
+    ///     .flat_map(|m| m.scope_metrics())
+    ///     .flat_map(|s| s.metrics())
+    ///     .find(|metric| metric.name() == "provider_calls_in_flight")
+    ///     .map(|metric| metric.data());
+    /// let Some(AggregatedMetrics::I64(MetricData::Sum(in_flight))) = in_flight else {
+    ///     panic!("no provider_calls_in_flight");
+    /// };
+    /// let point = in_flight.data_points().next().unwrap();
+    /// assert_eq!(point.value(), 1, "the stream is still open");
+    /// let attribute = point.attributes().find(|kv| kv.key.as_str() == "provider");
+    /// assert_eq!(attribute.unwrap().value.as_str(), "openai");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn provider(self, provider: impl Into<Cow<'static, str>>) -> Self {
         Self {
             telemetry: self.telemetry.with_provider(provider),
@@ -88,6 +202,35 @@ impl<D: Detector> FirstChunkRetryLayer<D> {
 
     /// The meter this layer records to (default: the global meter provider's, taken
     /// when the layer first builds a service).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use opentelemetry::metrics::MeterProvider as _;
+    /// use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// let exporter = InMemoryMetricExporter::default();
+    /// let provider = SdkMeterProvider::builder()
+    ///     .with_reader(PeriodicReader::builder(exporter.clone()).build())
+    ///     .build();
+    /// let layer = FirstChunkRetryLayer::new(RetryPolicy::default())
+    ///     .meter(provider.meter("my-client"));
+    /// let client = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// }));
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let _stream = client.oneshot(http::Request::new(())).await?;
+    ///
+    /// provider.force_flush()?;
+    /// let exported = exporter.get_finished_metrics()?;
+    /// let mut metrics = exported.iter().flat_map(|m| m.scope_metrics()).flat_map(|s| s.metrics());
+    /// assert!(metrics.any(|metric| metric.name() == "stream_first_chunk_latency"));
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn meter(self, meter: Meter) -> Self {
         Self {
             telemetry: self.telemetry.with_meter(meter),
@@ -96,6 +239,15 @@ impl<D: Detector> FirstChunkRetryLayer<D> {
     }
 
     /// The policy in force.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// let layer = FirstChunkRetryLayer::new(RetryPolicy::default().max_attempts(5));
+    /// // E.g. to log the settings in force at startup.
+    /// let settings = format!("{:?}", layer.policy());
+    /// assert!(settings.contains("max_attempts: 5"), "{settings}");
+    /// ```
     pub fn policy(&self) -> &RetryPolicy {
         &self.shared.policy
     }

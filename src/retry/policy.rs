@@ -83,6 +83,40 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// Attempts in all, the first included (default 3). 1 disables retry; 0 is invalid.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// let calls = Arc::new(AtomicUsize::new(0));
+    /// let upstream = {
+    ///     let calls = calls.clone();
+    ///     service_fn(move |_: http::Request<()>| {
+    ///         // Always overloaded.
+    ///         calls.fetch_add(1, Ordering::SeqCst);
+    ///         let response = http::Response::builder().status(503);
+    ///         async move { response.body(Full::new(Bytes::from("data"))) }
+    ///     })
+    /// };
+    /// let policy = RetryPolicy::default().max_attempts(2);
+    /// let client = FirstChunkRetryLayer::new(policy).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let response = client.oneshot(http::Request::new(())).await?;
+    /// // Out of attempts, the last retryable response goes back as it is.
+    /// assert_eq!(response.status(), 503);
+    /// assert_eq!(calls.load(Ordering::SeqCst), 2);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn max_attempts(self, max_attempts: u32) -> Self {
         Self {
             max_attempts,
@@ -93,6 +127,19 @@ impl RetryPolicy {
     /// Exponential backoff with full jitter: retry `n` (from 0) waits a uniformly random
     /// time in `[0, min(max, initial * 2^n)]` (default 250 ms and 2 s). `initial` must
     /// not exceed `max`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// let policy =
+    ///     RetryPolicy::default().backoff(Duration::from_millis(100), Duration::from_secs(5));
+    /// assert!(policy.validate().is_ok());
+    ///
+    /// let upside_down =
+    ///     RetryPolicy::default().backoff(Duration::from_secs(5), Duration::from_secs(1));
+    /// assert_eq!(upside_down.validate().unwrap_err().setting(), "backoff");
+    /// ```
     pub fn backoff(self, initial: Duration, max: Duration) -> Self {
         Self {
             initial_backoff: initial,
@@ -103,6 +150,38 @@ impl RetryPolicy {
 
     /// How long one attempt may take, from its start to its first chunk, before it
     /// counts as stalled and is retried (default 30 s). Must be above zero.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::retry::{FirstChunkError, FirstChunkErrorKind};
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// // An upstream that never answers.
+    /// let upstream = service_fn(|_: http::Request<()>| async {
+    ///     std::future::pending::<()>().await;
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// });
+    /// let policy = RetryPolicy::default()
+    ///     .max_attempts(1)
+    ///     .first_chunk_timeout(Duration::from_secs(5));
+    /// let client = FirstChunkRetryLayer::new(policy).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let started = tokio::time::Instant::now();
+    /// let error = client.oneshot(http::Request::new(())).await.unwrap_err();
+    /// let error = error.downcast_ref::<FirstChunkError>().expect("a first-chunk error");
+    /// assert_eq!(error.kind(), FirstChunkErrorKind::Timeout);
+    /// assert_eq!(started.elapsed(), Duration::from_secs(5));
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn first_chunk_timeout(self, timeout: Duration) -> Self {
         Self {
             first_chunk_timeout: timeout,
@@ -112,6 +191,41 @@ impl RetryPolicy {
 
     /// The longest server hint (`retry-after-ms`, `Retry-After`) waited for (default
     /// 30 s). A response asking for longer is not retried: it goes back to the caller.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// let calls = Arc::new(AtomicUsize::new(0));
+    /// let upstream = {
+    ///     let calls = calls.clone();
+    ///     service_fn(move |_: http::Request<()>| {
+    ///         // Rate limited, come back in two minutes.
+    ///         calls.fetch_add(1, Ordering::SeqCst);
+    ///         let response = http::Response::builder().status(429).header("retry-after", "120");
+    ///         async move { response.body(Full::new(Bytes::from("data"))) }
+    ///     })
+    /// };
+    /// let policy = RetryPolicy::default().max_retry_after(Duration::from_secs(30));
+    /// let client = FirstChunkRetryLayer::new(policy).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let response = client.oneshot(http::Request::new(())).await?;
+    /// // Not worth the wait: the `429` goes back at once, for the caller to decide.
+    /// assert_eq!(response.status(), 429);
+    /// assert_eq!(calls.load(Ordering::SeqCst), 1);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn max_retry_after(self, max: Duration) -> Self {
         Self {
             max_retry_after: max,
@@ -124,6 +238,36 @@ impl RetryPolicy {
     /// frame, so that an upstream sending tiny frames cannot hold more. Empty frames are
     /// not held. A first chunk that does not fit fails the call without retry: the
     /// upstream would send the same again. Must be above zero.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::retry::{FirstChunkError, FirstChunkErrorKind};
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// // Nearly 2 KiB of SSE keep-alives, and no event yet.
+    /// let upstream = service_fn(|_: http::Request<()>| async {
+    ///     let body = b": keep-alive\n\n".repeat(128);
+    ///     http::Response::builder()
+    ///         .header("content-type", "text/event-stream")
+    ///         .body(Full::new(Bytes::from(body)))
+    /// });
+    /// let policy = RetryPolicy::default().max_buffer(1024);
+    /// let client = FirstChunkRetryLayer::new(policy).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let error = client.oneshot(http::Request::new(())).await.unwrap_err();
+    /// let error = error.downcast_ref::<FirstChunkError>().expect("a first-chunk error");
+    /// assert_eq!(error.kind(), FirstChunkErrorKind::BufferLimit);
+    /// assert_eq!(error.attempts(), 1, "never retried");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn max_buffer(self, bytes: usize) -> Self {
         Self {
             max_buffer: bytes,
@@ -133,6 +277,41 @@ impl RetryPolicy {
 
     /// The response statuses that are retried (default 408, 429, 502, 503, 504, 529).
     /// An `x-should-retry: true` or `false` response header overrides this per response.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use http::StatusCode;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// let calls = Arc::new(AtomicUsize::new(0));
+    /// let upstream = {
+    ///     let calls = calls.clone();
+    ///     service_fn(move |_: http::Request<()>| {
+    ///         // This upstream reports overload as `500`, once.
+    ///         let status = if calls.fetch_add(1, Ordering::SeqCst) == 0 { 500 } else { 200 };
+    ///         let response = http::Response::builder().status(status);
+    ///         async move { response.body(Full::new(Bytes::from("data"))) }
+    ///     })
+    /// };
+    /// let policy = RetryPolicy::default()
+    ///     .retry_statuses([StatusCode::INTERNAL_SERVER_ERROR, StatusCode::SERVICE_UNAVAILABLE]);
+    /// let client = FirstChunkRetryLayer::new(policy).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let response = client.oneshot(http::Request::new(())).await?;
+    /// assert_eq!(response.status(), 200);
+    /// assert_eq!(calls.load(Ordering::SeqCst), 2);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
     pub fn retry_statuses(self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
         Self {
             statuses: statuses.into_iter().collect(),
@@ -187,6 +366,15 @@ impl RetryPolicy {
     }
 
     /// Checks every setting; the error names the one out of range.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// assert!(RetryPolicy::default().validate().is_ok());
+    /// let policy = RetryPolicy::default().first_chunk_timeout(Duration::ZERO);
+    /// assert_eq!(policy.validate().unwrap_err().setting(), "first_chunk_timeout");
+    /// ```
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_attempts == 0 {
             return Err(ConfigError::new(
