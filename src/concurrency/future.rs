@@ -143,7 +143,9 @@ pin_project! {
             acquire: Acquire,
             wait: Wait,
             limit: usize,
-            call: Option<(S, Req)>,
+            // Boxed: the service and request are needed only while waiting, and a
+            // future's size is kept by its caller's task for the whole stream.
+            call: Option<Box<(S, Req)>>,
         },
         Calling {
             #[pin]
@@ -201,7 +203,7 @@ where
                     finished: false,
                 },
                 limit,
-                call: Some((service, request)),
+                call: Some(Box::new((service, request))),
             },
         }
     }
@@ -232,7 +234,7 @@ where
                         continue;
                     };
                     let slot = Slot::new(permit, wait.metrics.clone(), waited);
-                    let Some((mut service, request)) = call.take() else {
+                    let Some((mut service, request)) = call.take().map(|call| *call) else {
                         unreachable!("the call is taken only when leaving this state")
                     };
                     let future = service.call(request);

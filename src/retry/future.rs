@@ -24,50 +24,62 @@ use crate::frame::{Detector, Malformed, Progress};
 use crate::metrics::{RetryMetrics, RetryOutcome, RetryReason};
 use crate::{deadline, deadline_after, RetryBudget};
 
+/// Response future of [`FirstChunkRetry`](super::FirstChunkRetry).
+///
+/// Runs attempts until one produces its first chunk (or a response that is not a
+/// failure), the attempts or the budget run out, or a failure is not retryable.
+/// Dropping it at any point ends the attempt in flight; nothing is left running.
+///
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::sync::Arc;
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use tower::{service_fn, Layer, Service, ServiceExt};
+/// use tower_stream_backpressure::frame::Auto;
+/// use tower_stream_backpressure::retry::ResponseFuture;
+/// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+///
+/// let calls = Arc::new(AtomicUsize::new(0));
+/// let upstream = {
+///     let calls = calls.clone();
+///     service_fn(move |_: http::Request<()>| {
+///         // Overloaded once, then fine.
+///         let status = if calls.fetch_add(1, Ordering::SeqCst) == 0 { 503 } else { 200 };
+///         let response = http::Response::builder().status(status);
+///         async move { response.body(Full::new(Bytes::from("data"))) }
+///     })
+/// };
+/// let mut client = FirstChunkRetryLayer::new(RetryPolicy::default()).layer(upstream);
+/// # tokio::runtime::Builder::new_current_thread()
+/// #     .enable_all()
+/// #     .start_paused(true)
+/// #     .build()?
+/// #     .block_on(async {
+/// let future: ResponseFuture<_, (), Full<Bytes>, Auto> =
+///     client.ready().await?.call(http::Request::new(()));
+/// // Resolves once an attempt has produced its first chunk.
+/// let response = future.await?;
+/// assert_eq!(response.status(), 200);
+/// assert_eq!(calls.load(Ordering::SeqCst), 2);
+/// # Ok::<(), tower::BoxError>(())
+/// # })?;
+/// # Ok::<(), tower::BoxError>(())
+/// ```
+pub struct ResponseFuture<S, ReqBody, ResBody, D>
+where
+    S: Service<Request<ReqBody>>,
+    ResBody: Body,
+{
+    // Boxed: the state of a call (the request kept for retries, the response being
+    // read, the timer) is about 1 KiB. Inline, it would be part of the caller's task
+    // for as long as the stream the call started, long after this future is done.
+    inner: Pin<Box<Attempting<S, ReqBody, ResBody, D>>>,
+}
+
 pin_project! {
-    /// Response future of [`FirstChunkRetry`](super::FirstChunkRetry).
-    ///
-    /// Runs attempts until one produces its first chunk (or a response that is not a
-    /// failure), the attempts or the budget run out, or a failure is not retryable.
-    /// Dropping it at any point ends the attempt in flight; nothing is left running.
-    ///
-    /// ```
-    /// use std::sync::atomic::{AtomicUsize, Ordering};
-    /// use std::sync::Arc;
-    /// use bytes::Bytes;
-    /// use http_body_util::Full;
-    /// use tower::{service_fn, Layer, Service, ServiceExt};
-    /// use tower_stream_backpressure::frame::Auto;
-    /// use tower_stream_backpressure::retry::ResponseFuture;
-    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
-    ///
-    /// let calls = Arc::new(AtomicUsize::new(0));
-    /// let upstream = {
-    ///     let calls = calls.clone();
-    ///     service_fn(move |_: http::Request<()>| {
-    ///         // Overloaded once, then fine.
-    ///         let status = if calls.fetch_add(1, Ordering::SeqCst) == 0 { 503 } else { 200 };
-    ///         let response = http::Response::builder().status(status);
-    ///         async move { response.body(Full::new(Bytes::from("data"))) }
-    ///     })
-    /// };
-    /// let mut client = FirstChunkRetryLayer::new(RetryPolicy::default()).layer(upstream);
-    /// # tokio::runtime::Builder::new_current_thread()
-    /// #     .enable_all()
-    /// #     .start_paused(true)
-    /// #     .build()?
-    /// #     .block_on(async {
-    /// let future: ResponseFuture<_, (), Full<Bytes>, Auto> =
-    ///     client.ready().await?.call(http::Request::new(()));
-    /// // Resolves once an attempt has produced its first chunk.
-    /// let response = future.await?;
-    /// assert_eq!(response.status(), 200);
-    /// assert_eq!(calls.load(Ordering::SeqCst), 2);
-    /// # Ok::<(), tower::BoxError>(())
-    /// # })?;
-    /// # Ok::<(), tower::BoxError>(())
-    /// ```
-    pub struct ResponseFuture<S, ReqBody, ResBody, D>
+    /// The attempts of one call.
+    struct Attempting<S, ReqBody, ResBody, D>
     where
         S: Service<Request<ReqBody>>,
         ResBody: Body,
@@ -202,6 +214,43 @@ where
 {
     /// Starts the first attempt on `service`, which the caller has polled ready.
     pub(crate) fn new(
+        service: S,
+        request: Request<ReqBody>,
+        shared: Arc<Shared<D>>,
+        metrics: Arc<RetryMetrics>,
+    ) -> Self {
+        Self {
+            inner: Box::pin(Attempting::new(service, request, shared, metrics)),
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody, D> Future for ResponseFuture<S, ReqBody, ResBody, D>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ReqBody: Clone,
+    ResBody: Body + Unpin,
+    ResBody::Data: AsRef<[u8]>,
+    ResBody::Error: Into<BoxError>,
+    D: Detector,
+{
+    type Output = Output<ResBody>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<S, ReqBody, ResBody, D> Attempting<S, ReqBody, ResBody, D>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ReqBody: Clone,
+    ResBody: Body,
+    D: Detector,
+{
+    fn new(
         mut service: S,
         mut request: Request<ReqBody>,
         shared: Arc<Shared<D>>,
@@ -248,7 +297,7 @@ where
     }
 }
 
-impl<S, ReqBody, ResBody, D> Future for ResponseFuture<S, ReqBody, ResBody, D>
+impl<S, ReqBody, ResBody, D> Future for Attempting<S, ReqBody, ResBody, D>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
@@ -650,7 +699,8 @@ where
     ResBody: Body,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let phase = match &self.phase {
+        let inner = &self.inner;
+        let phase = match &inner.phase {
             Phase::Ready => "ready",
             Phase::Calling(_) => "calling",
             Phase::Peeking => "reading for the first chunk",
@@ -659,7 +709,7 @@ where
         };
         f.debug_struct("ResponseFuture")
             .field("phase", &phase)
-            .field("attempt", &self.attempts.attempt)
+            .field("attempt", &inner.attempts.attempt)
             .finish()
     }
 }
