@@ -41,10 +41,13 @@
 #[path = "../tests/support/upstream.rs"]
 mod upstream;
 
+#[path = "support/flags.rs"]
+mod flags;
+
+use flags::value;
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::io::Write;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -245,22 +248,6 @@ impl Args {
             ));
         }
         Ok(Some(args))
-    }
-}
-
-/// The value of `flag`, parsed and checked to be within `min..=max`; errors name the
-/// flag.
-fn value<T>(parser: &mut lexopt::Parser, flag: &str, min: T, max: T) -> Result<T, String>
-where
-    T: FromStr + PartialOrd + Display,
-    T::Err: Display,
-{
-    let value = parser.value().map_err(|e| e.to_string())?;
-    let text = value.to_string_lossy();
-    match text.parse::<T>() {
-        Ok(n) if n >= min && n <= max => Ok(n),
-        Ok(_) => Err(format!("{flag}: {text} is not within {min} and {max}")),
-        Err(e) => Err(format!("{flag}: {text:?} is not a valid number ({e})")),
     }
 }
 

@@ -113,7 +113,10 @@
 #[path = "../tests/support/upstream.rs"]
 mod upstream;
 
-use std::fmt::Display;
+#[path = "support/flags.rs"]
+mod flags;
+
+use flags::value;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -360,22 +363,6 @@ impl Args {
             return Err("--run needs --port and one --proto".into());
         }
         Ok(Some(args))
-    }
-}
-
-/// The value of `flag`, parsed and checked to be within `min..=max`; errors name the
-/// flag.
-fn value<T>(parser: &mut lexopt::Parser, flag: &str, min: T, max: T) -> Result<T, String>
-where
-    T: FromStr + PartialOrd + Display,
-    T::Err: Display,
-{
-    let value = parser.value().map_err(|e| e.to_string())?;
-    let text = value.to_string_lossy();
-    match text.parse::<T>() {
-        Ok(n) if n >= min && n <= max => Ok(n),
-        Ok(_) => Err(format!("{flag}: {text} is not within {min} and {max}")),
-        Err(e) => Err(format!("{flag}: {text:?} is not a valid number ({e})")),
     }
 }
 

@@ -119,9 +119,12 @@
 #[path = "../tests/support/upstream.rs"]
 mod upstream;
 
-use std::fmt::{Display, Write as _};
+#[path = "support/flags.rs"]
+mod flags;
+
+use flags::value;
+use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -228,22 +231,6 @@ impl Args {
             ));
         }
         Ok(Some(args))
-    }
-}
-
-/// The value of `flag`, parsed and checked to be within `min..=max`; errors name the
-/// flag.
-fn value<T>(parser: &mut lexopt::Parser, flag: &str, min: T, max: T) -> Result<T, String>
-where
-    T: FromStr + PartialOrd + Display,
-    T::Err: Display,
-{
-    let value = parser.value().map_err(|e| e.to_string())?;
-    let text = value.to_string_lossy();
-    match text.parse::<T>() {
-        Ok(n) if n >= min && n <= max => Ok(n),
-        Ok(_) => Err(format!("{flag}: {text} is not within {min} and {max}")),
-        Err(e) => Err(format!("{flag}: {text:?} is not a valid number ({e})")),
     }
 }
 

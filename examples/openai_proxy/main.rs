@@ -65,9 +65,12 @@
 
 mod app;
 
+#[path = "../support/flags.rs"]
+mod flags;
+
+use flags::value;
 use std::fmt::Display;
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::time::Duration;
 
 use app::{Metrics, Settings};
@@ -143,21 +146,6 @@ fn parse_args() -> Result<Option<(SocketAddr, Option<String>, Settings)>, String
         }
     }
     Ok(Some((listen, upstream, settings)))
-}
-
-/// The value of `flag`, parsed and checked to be within `min..=max`.
-fn value<T>(parser: &mut lexopt::Parser, flag: &str, min: T, max: T) -> Result<T, String>
-where
-    T: FromStr + PartialOrd + Display,
-    T::Err: Display,
-{
-    let value = parser.value().map_err(|e| e.to_string())?;
-    let text = value.to_string_lossy();
-    match text.parse::<T>() {
-        Ok(n) if n >= min && n <= max => Ok(n),
-        Ok(_) => Err(format!("{flag}: {text} is not within {min} and {max}")),
-        Err(e) => Err(format!("{flag}: {text:?} is not a valid number ({e})")),
-    }
 }
 
 fn fail(message: impl Display, code: i32) -> ! {
