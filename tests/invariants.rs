@@ -35,7 +35,10 @@ mod support;
 const LIMIT: usize = 8;
 const TASKS: usize = 64;
 
-/// The upstream's own count of attempts open (from the call until the body is gone).
+/// The upstream's own count of attempts open: from the call until its body has sent
+/// its end (or failed), or is dropped, whichever comes first. That is when the layers
+/// release a slot: a caller that has read the end but still holds the body object
+/// holds no slot.
 #[derive(Default)]
 struct Upstream {
     open: AtomicUsize,
@@ -65,7 +68,8 @@ impl Drop for Open {
 /// A response body: frames, with a yield before some, then maybe an error.
 struct Scripted {
     steps: VecDeque<Step>,
-    _open: Open,
+    /// Closed with the last step, before it reaches the client.
+    open: Option<Open>,
 }
 
 enum Step {
@@ -82,7 +86,11 @@ impl Body for Scripted {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        match self.steps.pop_front() {
+        let step = self.steps.pop_front();
+        if self.steps.is_empty() && !matches!(step, Some(Step::Yield)) {
+            self.open = None;
+        }
+        match step {
             None => Poll::Ready(None),
             Some(Step::Yield) => {
                 cx.waker().wake_by_ref();
@@ -91,11 +99,18 @@ impl Body for Scripted {
             Some(Step::Data(bytes)) => {
                 Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(bytes)))))
             }
-            Some(Step::Fail) => Poll::Ready(Some(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                "injected reset",
-            )))),
+            Some(Step::Fail) => {
+                self.open = None;
+                Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "injected reset",
+                ))))
+            }
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.steps.is_empty()
     }
 }
 
@@ -130,7 +145,10 @@ async fn attempt(open: Open) -> Result<Response<Scripted>, io::Error> {
             steps.push_back(Step::Fail);
         }
     }
-    let mut response = Response::new(Scripted { steps, _open: open });
+    let mut response = Response::new(Scripted {
+        steps,
+        open: Some(open),
+    });
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

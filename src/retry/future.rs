@@ -399,6 +399,8 @@ where
             };
             // The failed attempt's body and guard are gone by now.
             match this.attempts.after_failure(failure) {
+                // No wait: the next attempt starts in this poll, without a timer.
+                Next::Retry { after } if after.is_zero() => *this.phase = Phase::Ready,
                 Next::Retry { after } => {
                     this.timer.as_mut().reset(deadline_after(after));
                     *this.phase = Phase::Backoff;
