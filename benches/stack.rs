@@ -85,15 +85,17 @@ fn request() -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// Makes a call and reads its body to the end, as a client does (hyper's bodies, and
+/// ours around them, are `Unpin`).
 async fn drain<S, B>(service: S)
 where
     S: Service<Request<Full<Bytes>>, Response = Response<B>>,
     S::Error: std::fmt::Debug,
-    B: Body,
+    B: Body + Unpin,
     B::Error: std::fmt::Debug,
 {
     let response = service.oneshot(request()).await.unwrap();
-    let mut body = std::pin::pin!(response.into_body());
+    let mut body = response.into_body();
     while let Some(frame) = body.frame().await {
         frame.unwrap();
     }
@@ -145,7 +147,7 @@ fn our_stack(
     meter: Option<Meter>,
 ) -> impl Service<
     Request<Full<Bytes>>,
-    Response = Response<impl Body<Data = Bytes, Error = Infallible>>,
+    Response = Response<impl Body<Data = Bytes, Error = Infallible> + Unpin>,
     Error = tower::BoxError,
 > + Clone {
     let mut limit = StreamConcurrencyLayer::new(LIMIT).max_wait(Duration::from_secs(2));
