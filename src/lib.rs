@@ -12,7 +12,16 @@
 //! - [`RetryBudgetLayer`]: a retry budget across calls, so that an upstream outage
 //!   does not turn every call into `max_attempts` calls.
 //!
-//! All of them record OpenTelemetry [`metrics`].
+//!
+//! Around them:
+//!
+//! - [`BufferRequestBodyLayer`] ([`replay`]): a proxy's request bodies, which can be
+//!   read once, made replayable up to a cap, so that they can be retried.
+//! - [`ConnectionGaugeLayer`] ([`connection`]): for hyper-util connectors, an exact
+//!   count of open connections and an optional cap per host.
+//! - `config` (feature `serde`): the whole stack from a configuration file.
+//!
+//! All of them record OpenTelemetry [`metrics`] and emit `tracing` events.
 //!
 //! # Quick start
 //!
