@@ -43,8 +43,11 @@ mod upstream;
 
 #[path = "support/flags.rs"]
 mod flags;
+#[path = "support/process.rs"]
+mod process;
 
-use flags::value;
+use flags::{next_flag, value};
+use process::rss_bytes;
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::io::Write;
@@ -179,7 +182,6 @@ struct Args {
 impl Args {
     /// The flags, `Ok(None)` for `--help`, or an error naming the flag at fault.
     fn parse() -> Result<Option<Self>, String> {
-        use lexopt::prelude::*;
         let mut args = Args {
             calls: 4000,
             duration: None,
@@ -200,12 +202,7 @@ impl Args {
             },
         };
         let mut parser = lexopt::Parser::from_env();
-        while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
-            let flag = match arg {
-                Long(name) => format!("--{name}"),
-                Short('h') => "--help".to_owned(),
-                _ => return Err(arg.unexpected().to_string()),
-            };
+        while let Some(flag) = next_flag(&mut parser)? {
             let (p, f) = (&mut parser, &mut args.faults);
             match flag.as_str() {
                 "--calls" => args.calls = value(p, &flag, 1, 1_000_000)?,
@@ -304,14 +301,6 @@ impl Latencies {
         }
         Duration::ZERO
     }
-}
-
-/// The process's resident memory, from `/proc/self/status` (Linux), in bytes.
-fn rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// How one call ended: `failure` is `None` for a 2xx stream read to `data: [DONE]`.
@@ -667,7 +656,7 @@ async fn main() {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tick.tick().await;
-                if let Some(bytes) = rss() {
+                if let Some(bytes) = rss_bytes() {
                     let at = started.elapsed().as_secs();
                     eprintln!(
                         "\n[{at:>4} s] RSS {:.1} MiB",
@@ -714,7 +703,7 @@ async fn main() {
     // Let the last streams close on both sides before counting what is left open.
     tokio::time::sleep(Duration::from_millis(200)).await;
     if args.rss_every.is_some() {
-        if let Some(bytes) = rss() {
+        if let Some(bytes) = rss_bytes() {
             let at = started.elapsed().as_secs();
             rss_samples
                 .lock()

@@ -115,8 +115,11 @@ mod upstream;
 
 #[path = "support/flags.rs"]
 mod flags;
+#[path = "support/process.rs"]
+mod process;
 
-use flags::value;
+use flags::{next_flag, value};
+use process::rss_bytes;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -286,7 +289,6 @@ struct Args {
 impl Args {
     /// The flags, `Ok(None)` for `--help`, or an error naming the flag at fault.
     fn parse() -> Result<Option<Self>, String> {
-        use lexopt::prelude::*;
         let mut args = Args {
             streams: 10_000,
             limit: 1000,
@@ -302,12 +304,7 @@ impl Args {
             port: 0,
         };
         let mut parser = lexopt::Parser::from_env();
-        while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
-            let flag = match arg {
-                Long(name) => format!("--{name}"),
-                Short('h') => "--help".to_owned(),
-                _ => return Err(arg.unexpected().to_string()),
-            };
+        while let Some(flag) = next_flag(&mut parser)? {
             let p = &mut parser;
             let millis = |ms| Duration::from_millis(ms);
             match flag.as_str() {
@@ -775,7 +772,7 @@ where
     stream(&mut service.clone(), warm_up, &Arc::default())
         .await
         .map_err(|e| format!("the warm-up call failed: {e}"))?;
-    let baseline_kib = rss_kib().unwrap_or(0);
+    let baseline_kib = rss_bytes().unwrap_or(0) / 1024;
     // Each task holds a future this big for its whole life.
     let task_bytes = std::mem::size_of_val(&worker(
         service.clone(),
@@ -794,7 +791,7 @@ where
             loop {
                 let done = stop.load(Relaxed);
                 let open = gauge.open.load(Relaxed);
-                let rss = rss_kib().unwrap_or(0);
+                let rss = rss_bytes().unwrap_or(0) / 1024;
                 sampled.peak_kib = sampled.peak_kib.max(rss);
                 if (open, rss) > (sampled.open, sampled.open_kib) {
                     (sampled.open, sampled.open_kib) = (open, rss);
@@ -1049,17 +1046,6 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
         next = source.source();
     }
     text
-}
-
-/// This process's resident set size in KiB (`VmRSS`), where the system says.
-fn rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    line["VmRSS:".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// The machine's count of connections dropped because a listener's accept queue was

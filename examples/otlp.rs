@@ -61,6 +61,10 @@
 #[path = "../tests/support/upstream.rs"]
 mod upstream;
 
+#[path = "support/flags.rs"]
+mod flags;
+
+use flags::{next_flag, value};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -112,26 +116,18 @@ struct Args {
 impl Args {
     /// The flags, `Ok(None)` for `--help`, or an error naming the flag at fault.
     fn parse() -> Result<Option<Self>, String> {
-        use lexopt::prelude::*;
         let mut endpoint = None;
         let mut calls = 12;
         let mut parser = lexopt::Parser::from_env();
-        while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
-            match arg {
-                Long("endpoint") => {
+        while let Some(flag) = next_flag(&mut parser)? {
+            match flag.as_str() {
+                "--endpoint" => {
                     let value = parser.value().map_err(|e| e.to_string())?;
-                    endpoint = Some(value.string().map_err(|e| e.to_string())?);
+                    endpoint = Some(lexopt::ValueExt::string(value).map_err(|e| e.to_string())?);
                 }
-                Long("calls") => {
-                    let value = parser.value().map_err(|e| e.to_string())?;
-                    let text = value.to_string_lossy();
-                    calls = match text.parse() {
-                        Ok(n) if (1..=1000).contains(&n) => n,
-                        _ => return Err(format!("--calls: {text:?} is not within 1 and 1000")),
-                    };
-                }
-                Long("help") | Short('h') => return Ok(None),
-                _ => return Err(arg.unexpected().to_string()),
+                "--calls" => calls = value(&mut parser, &flag, 1, 1000)?,
+                "--help" => return Ok(None),
+                _ => return Err(format!("invalid option '{flag}'")),
             }
         }
         Ok(Some(Args {

@@ -122,7 +122,7 @@ mod upstream;
 #[path = "support/flags.rs"]
 mod flags;
 
-use flags::value;
+use flags::{next_flag, value};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -188,7 +188,6 @@ struct Args {
 impl Args {
     /// The flags, `Ok(None)` for `--help`, or an error naming the flag at fault.
     fn parse() -> Result<Option<Self>, String> {
-        use lexopt::prelude::*;
         let mut args = Args {
             rate: 200,
             duration: 60,
@@ -198,12 +197,7 @@ impl Args {
             out_dir: PathBuf::from("docs"),
         };
         let mut parser = lexopt::Parser::from_env();
-        while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
-            let flag = match arg {
-                Long(name) => format!("--{name}"),
-                Short('h') => "--help".to_owned(),
-                _ => return Err(arg.unexpected().to_string()),
-            };
+        while let Some(flag) = next_flag(&mut parser)? {
             let p = &mut parser;
             match flag.as_str() {
                 "--rate" => args.rate = value(p, &flag, 1, 10_000)?,

@@ -68,7 +68,7 @@ mod app;
 #[path = "../support/flags.rs"]
 mod flags;
 
-use flags::value;
+use flags::{next_flag, value};
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -99,7 +99,6 @@ The first line on stdout is `listening on http://ADDR`.
 
 /// The flags, or `Ok(None)` for `--help`.
 fn parse_args() -> Result<Option<(SocketAddr, Option<String>, Settings)>, String> {
-    use lexopt::prelude::*;
     let mut listen: SocketAddr = ([127, 0, 0, 1], 8080).into();
     let mut upstream = std::env::var("OPENAI_PROXY_UPSTREAM")
         .ok()
@@ -107,12 +106,7 @@ fn parse_args() -> Result<Option<(SocketAddr, Option<String>, Settings)>, String
     // The upstream is filled in once known.
     let mut settings = Settings::new("");
     let mut parser = lexopt::Parser::from_env();
-    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
-        let flag = match arg {
-            Long(name) => format!("--{name}"),
-            Short('h') => "--help".to_owned(),
-            _ => return Err(arg.unexpected().to_string()),
-        };
+    while let Some(flag) = next_flag(&mut parser)? {
         let p = &mut parser;
         match flag.as_str() {
             "--listen" => {

@@ -18,3 +18,17 @@ where
         Err(e) => Err(format!("{flag}: {text:?} is not a valid number ({e})")),
     }
 }
+
+/// The next flag as `--name` (`-h` as `--help`), `None` at the end, or an error for
+/// anything else.
+pub fn next_flag(parser: &mut lexopt::Parser) -> Result<Option<String>, String> {
+    use lexopt::Arg::{Long, Short};
+    let Some(arg) = parser.next().map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    match arg {
+        Long(name) => Ok(Some(format!("--{name}"))),
+        Short('h') => Ok(Some("--help".to_owned())),
+        _ => Err(arg.unexpected().to_string()),
+    }
+}
