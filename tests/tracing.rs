@@ -108,6 +108,7 @@ async fn retries_stalls_and_exhaustion_are_logged() {
 
     let response = stack.clone().oneshot(post(&upstream.url("/retried"))).await;
     assert_eq!(response.unwrap().status(), 200);
+    assert_eq!(upstream.hits(), 2, "one retry logged, one made");
     let events = recorder.take();
     assert_eq!(events.len(), 1, "{events:?}");
     let retry = &events[0];
@@ -120,6 +121,7 @@ async fn retries_stalls_and_exhaustion_are_logged() {
 
     let error = stack.oneshot(post(&upstream.url("/stalls"))).await;
     assert!(error.is_err());
+    assert_eq!(upstream.hits(), 4, "two stalled attempts");
     let events = recorder.take();
     let messages: Vec<(Level, &str)> = events
         .iter()
@@ -167,6 +169,7 @@ async fn budget_exhaustion_rejections_and_cancellations_are_logged() {
 
     let response = stack.clone().oneshot(post(&upstream.url("/failing"))).await;
     assert_eq!(response.unwrap().status(), 503);
+    assert_eq!(upstream.hits(), 1, "no retry after the budget refused");
     let events = recorder.take();
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].level, Level::WARN);
@@ -191,6 +194,7 @@ async fn budget_exhaustion_rejections_and_cancellations_are_logged() {
     .await;
     assert!(gave_up.is_err());
     drop(held);
+    assert_eq!(upstream.hits(), 2, "the rejected and abandoned calls never reached it");
     let events = recorder.take();
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(events[0].level, Level::WARN);
