@@ -1,6 +1,6 @@
 use http::header::CONTENT_TYPE;
 
-use super::{Chunk, Detector, EventStream, FirstData, JsonArray, NdJson, Progress, Sse};
+use super::{AnyDetector, Chunk, Detector, JsonArray, NdJson, Progress, Sse};
 
 /// Picks the detector by the response's `Content-Type`: the layer's default.
 ///
@@ -30,18 +30,7 @@ use super::{Chunk, Detector, EventStream, FirstData, JsonArray, NdJson, Progress
 #[derive(Debug, Clone, Default)]
 pub struct Auto {
     sse: Sse,
-    picked: Picked,
-}
-
-#[derive(Debug, Clone, Default)]
-enum Picked {
-    Sse(Sse),
-    NdJson(NdJson),
-    JsonArray(JsonArray),
-    // Boxed: the largest detector, and the rarest.
-    EventStream(Box<EventStream>),
-    #[default]
-    FirstData,
+    picked: AnyDetector,
 }
 
 impl Auto {
@@ -77,47 +66,29 @@ impl Detector for Auto {
             .unwrap_or_default();
         let is = |name: &str| media_type.eq_ignore_ascii_case(name);
         self.picked = if is("text/event-stream") {
-            Picked::Sse(self.sse.clone())
+            AnyDetector::Sse(self.sse.clone())
         } else if is("application/x-ndjson") || is("application/ndjson") || is("application/jsonl")
         {
-            Picked::NdJson(NdJson::default())
+            AnyDetector::NdJson(NdJson::default())
         } else if is("application/vnd.amazon.eventstream") {
-            Picked::EventStream(Box::default())
+            AnyDetector::EventStream(Box::default())
         } else if is("application/json") {
-            Picked::JsonArray(JsonArray::lenient())
+            AnyDetector::JsonArray(JsonArray::lenient())
         } else {
-            Picked::FirstData
+            AnyDetector::FirstData
         };
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Progress {
-        match &mut self.picked {
-            Picked::Sse(d) => d.feed(bytes),
-            Picked::NdJson(d) => d.feed(bytes),
-            Picked::JsonArray(d) => d.feed(bytes),
-            Picked::EventStream(d) => d.feed(bytes),
-            Picked::FirstData => FirstData.feed(bytes),
-        }
+        self.picked.feed(bytes)
     }
 
     fn finish(&mut self) -> Progress {
-        match &mut self.picked {
-            Picked::Sse(d) => d.finish(),
-            Picked::NdJson(d) => d.finish(),
-            Picked::JsonArray(d) => d.finish(),
-            Picked::EventStream(d) => d.finish(),
-            Picked::FirstData => FirstData.finish(),
-        }
+        self.picked.finish()
     }
 
     fn first_chunk(&self) -> Option<Chunk<'_>> {
-        match &self.picked {
-            Picked::Sse(d) => d.first_chunk(),
-            Picked::NdJson(d) => d.first_chunk(),
-            Picked::JsonArray(d) => d.first_chunk(),
-            Picked::EventStream(d) => d.first_chunk(),
-            Picked::FirstData => FirstData.first_chunk(),
-        }
+        self.picked.first_chunk()
     }
 }
 
@@ -128,11 +99,11 @@ mod tests {
 
     fn picks(content_type: Option<&str>) -> &'static str {
         match started(Auto::default(), content_type).picked {
-            Picked::Sse(_) => "sse",
-            Picked::NdJson(_) => "ndjson",
-            Picked::JsonArray(_) => "json array",
-            Picked::EventStream(_) => "eventstream",
-            Picked::FirstData => "first data",
+            AnyDetector::Sse(_) => "sse",
+            AnyDetector::NdJson(_) => "ndjson",
+            AnyDetector::JsonArray(_) => "json array",
+            AnyDetector::EventStream(_) => "eventstream",
+            AnyDetector::FirstData => "first data",
         }
     }
 

@@ -32,6 +32,7 @@
 //!
 //! A detector is configured once on the layer and cloned, fresh, for each attempt.
 
+mod any;
 mod auto;
 #[cfg(test)]
 mod captures;
@@ -52,6 +53,7 @@ pub use self::json_array::JsonArray;
 pub use self::ndjson::NdJson;
 pub use self::sse::Sse;
 
+pub(crate) use self::any::AnyDetector;
 pub(crate) use self::chunk::Capture;
 
 /// Finds the first chunk of a response body, incrementally.

@@ -1,0 +1,56 @@
+use super::{Chunk, Detector, EventStream, FirstData, JsonArray, NdJson, Progress, Sse};
+
+/// One of the crate's detectors, chosen at run time: what [`Auto`](super::Auto) picks
+/// by `Content-Type`, and what a configuration names.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum AnyDetector {
+    Sse(Sse),
+    NdJson(NdJson),
+    JsonArray(JsonArray),
+    // Boxed: the largest detector, and the rarest.
+    EventStream(Box<EventStream>),
+    #[default]
+    FirstData,
+}
+
+impl Detector for AnyDetector {
+    fn start(&mut self, response: &http::response::Parts) {
+        match self {
+            AnyDetector::Sse(d) => d.start(response),
+            AnyDetector::NdJson(d) => d.start(response),
+            AnyDetector::JsonArray(d) => d.start(response),
+            AnyDetector::EventStream(d) => d.start(response),
+            AnyDetector::FirstData => FirstData.start(response),
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) -> Progress {
+        match self {
+            AnyDetector::Sse(d) => d.feed(bytes),
+            AnyDetector::NdJson(d) => d.feed(bytes),
+            AnyDetector::JsonArray(d) => d.feed(bytes),
+            AnyDetector::EventStream(d) => d.feed(bytes),
+            AnyDetector::FirstData => FirstData.feed(bytes),
+        }
+    }
+
+    fn finish(&mut self) -> Progress {
+        match self {
+            AnyDetector::Sse(d) => d.finish(),
+            AnyDetector::NdJson(d) => d.finish(),
+            AnyDetector::JsonArray(d) => d.finish(),
+            AnyDetector::EventStream(d) => d.finish(),
+            AnyDetector::FirstData => FirstData.finish(),
+        }
+    }
+
+    fn first_chunk(&self) -> Option<Chunk<'_>> {
+        match self {
+            AnyDetector::Sse(d) => d.first_chunk(),
+            AnyDetector::NdJson(d) => d.first_chunk(),
+            AnyDetector::JsonArray(d) => d.first_chunk(),
+            AnyDetector::EventStream(d) => d.first_chunk(),
+            AnyDetector::FirstData => FirstData.first_chunk(),
+        }
+    }
+}
