@@ -194,7 +194,11 @@ async fn budget_exhaustion_rejections_and_cancellations_are_logged() {
     .await;
     assert!(gave_up.is_err());
     drop(held);
-    assert_eq!(upstream.hits(), 2, "the rejected and abandoned calls never reached it");
+    assert_eq!(
+        upstream.hits(),
+        2,
+        "the rejected and abandoned calls never reached it"
+    );
     let events = recorder.take();
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(events[0].level, Level::WARN);
