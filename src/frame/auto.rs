@@ -8,9 +8,9 @@ use super::{AnyDetector, Chunk, Detector, JsonArray, NdJson, Progress, Sse};
 /// |---|---|
 /// | `text/event-stream` | [`Sse`] (as configured with [`sse`](Self::sse)) |
 /// | `application/x-ndjson`, `application/ndjson`, `application/jsonl` | [`NdJson`] |
-/// | `application/vnd.amazon.eventstream` | [`EventStream`] |
+/// | `application/vnd.amazon.eventstream` | [`EventStream`](super::EventStream) |
 /// | `application/json` | [`JsonArray`], except that a body that is not an array, or is `[]`, is a plain JSON response whose first byte is the first chunk |
-/// | anything else, or none | [`FirstData`] |
+/// | anything else, or none | [`FirstData`](super::FirstData) |
 ///
 /// Parameters (`; charset=utf-8`) and case do not matter.
 ///
