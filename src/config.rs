@@ -96,8 +96,9 @@
 //! too, so that a timed-out stream keeps its slot until the caller drops the body, which
 //! closes the upstream stream.
 //!
-//! The body is [`ResponseBody`]: its frames are the upstream's, unchanged. Like
-//! tower-http's `TimeoutBody` it reports neither `is_end_stream` nor a size hint.
+//! The body is [`ResponseBody`]: its frames are the upstream's, unchanged, and it
+//! reports the upstream's `is_end_stream` and size hint (a `Content-Length`), so a
+//! server in front of it can still frame the response exactly.
 //!
 //! # Errors
 //!
@@ -940,9 +941,7 @@ where
                 ready!(future.poll(cx))?.map(|body| Chunks::Unlimited { body })
             }
         };
-        Poll::Ready(Ok(response.map(|chunks| ResponseBody {
-            inner: Box::pin(TimeoutBody::new(timeout, chunks)),
-        })))
+        Poll::Ready(Ok(response.map(|chunks| ResponseBody::new(timeout, chunks))))
     }
 }
 
@@ -1024,6 +1023,46 @@ where
 /// ```
 pub struct ResponseBody<B: Body> {
     inner: Pin<Box<TimeoutBody<Chunks<B>>>>,
+    // What the body inside the timeout reported last: `TimeoutBody` does not pass its
+    // `is_end_stream` and `size_hint` on, so they are kept here, counted down by the
+    // frames that pass.
+    size: SizeHint,
+    ended: bool,
+}
+
+impl<B: Body> ResponseBody<B> {
+    fn new(timeout: Duration, chunks: Chunks<B>) -> Self {
+        let (size, ended) = (chunks.size_hint(), chunks.is_end_stream());
+        Self {
+            inner: Box::pin(TimeoutBody::new(timeout, chunks)),
+            size,
+            ended,
+        }
+    }
+
+    /// Counts a polled frame against the size hint, and notes the end of the stream.
+    fn saw<D: bytes::Buf, E>(&mut self, polled: &Option<Result<Frame<D>, E>>) {
+        match polled {
+            Some(Ok(frame)) => match frame.data_ref() {
+                Some(data) => {
+                    let len = data.remaining() as u64;
+                    // Lower first: it never rises above the upper bound that way.
+                    self.size.set_lower(self.size.lower().saturating_sub(len));
+                    if let Some(upper) = self.size.upper() {
+                        let upper = upper.saturating_sub(len);
+                        self.size.set_upper(upper);
+                        self.ended |= upper == 0;
+                    }
+                }
+                // Trailers are the last frame.
+                None => self.ended = true,
+            },
+            Some(Err(_)) | None => self.ended = true,
+        }
+        if self.ended {
+            self.size = SizeHint::with_exact(0);
+        }
+    }
 }
 
 pin_project! {
@@ -1081,7 +1120,17 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.inner.as_mut().poll_frame(cx)
+        let polled = ready!(self.inner.as_mut().poll_frame(cx));
+        self.saw(&polled);
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.size.clone()
     }
 }
 
@@ -1117,6 +1166,20 @@ impl Detector for Detect {
         match self {
             Detect::Auto(d) => d.finish(),
             Detect::Fixed(d) => d.finish(),
+        }
+    }
+
+    fn empty(&mut self) -> Progress {
+        match self {
+            Detect::Auto(d) => d.empty(),
+            Detect::Fixed(d) => d.empty(),
+        }
+    }
+
+    fn buffer_full(&mut self) -> Progress {
+        match self {
+            Detect::Auto(d) => d.buffer_full(),
+            Detect::Fixed(d) => d.buffer_full(),
         }
     }
 

@@ -416,3 +416,34 @@ async fn the_budget_bounds_a_herd_of_failing_calls() {
         assert_eq!(upstream.hits(), 3 * CALLS, "{protocol:?}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_complete_empty_answer_is_sent_once() {
+    let empty = |content_type: &'static str| Reply::Status {
+        status: http::StatusCode::OK,
+        headers: vec![
+            ("content-type", content_type.to_owned()),
+            ("content-length", "0".to_owned()),
+        ],
+        body: bytes::Bytes::new(),
+    };
+    for protocol in BOTH {
+        // `Content-Length: 0` on a plain answer: passed through, one hit.
+        for content_type in ["application/json", "text/plain"] {
+            let upstream = Upstream::start(move |_| empty(content_type)).await;
+            let response = one_call(protocol, &upstream, &Metrics::new(), RetryPolicy::default())
+                .await
+                .unwrap_or_else(|e| panic!("{protocol:?} {content_type}: {e}"));
+            assert_eq!(response.status(), 200);
+            assert_eq!(upstream.hits(), 1, "{protocol:?} {content_type}");
+            assert!(read_to_end(response.into_body()).await.unwrap().is_empty());
+        }
+        // A stream format expects an event: the empty body is retried, as before.
+        let upstream = Upstream::start(move |_| empty("text/event-stream")).await;
+        let error = one_call(protocol, &upstream, &Metrics::new(), RetryPolicy::default())
+            .await
+            .unwrap_err();
+        assert_eq!(first_chunk_error(&error).kind(), FirstChunkErrorKind::EndOfStream);
+        assert_eq!(upstream.hits(), 3, "{protocol:?}");
+    }
+}

@@ -44,6 +44,26 @@ impl Detector for AnyDetector {
         }
     }
 
+    fn empty(&mut self) -> Progress {
+        match self {
+            AnyDetector::Sse(d) => d.empty(),
+            AnyDetector::NdJson(d) => d.empty(),
+            AnyDetector::JsonArray(d) => d.empty(),
+            AnyDetector::EventStream(d) => d.empty(),
+            AnyDetector::FirstData => FirstData.empty(),
+        }
+    }
+
+    fn buffer_full(&mut self) -> Progress {
+        match self {
+            AnyDetector::Sse(d) => d.buffer_full(),
+            AnyDetector::NdJson(d) => d.buffer_full(),
+            AnyDetector::JsonArray(d) => d.buffer_full(),
+            AnyDetector::EventStream(d) => d.buffer_full(),
+            AnyDetector::FirstData => FirstData.buffer_full(),
+        }
+    }
+
     fn first_chunk(&self) -> Option<Chunk<'_>> {
         match self {
             AnyDetector::Sse(d) => d.first_chunk(),

@@ -9,7 +9,7 @@ use super::{AnyDetector, Chunk, Detector, JsonArray, NdJson, Progress, Sse};
 /// | `text/event-stream` | [`Sse`] (as configured with [`sse`](Self::sse)) |
 /// | `application/x-ndjson`, `application/ndjson`, `application/jsonl` | [`NdJson`] |
 /// | `application/vnd.amazon.eventstream` | [`EventStream`](super::EventStream) |
-/// | `application/json` | [`JsonArray`], except that a body that is not an array, or is `[]`, is a plain JSON response whose first byte is the first chunk |
+/// | `application/json` | [`JsonArray`], except that a body that is not an array, or is `[]`, is a plain JSON response whose first byte is the first chunk; so is a list whose first element is larger than `max_buffer`, and a body that ends before its first element is complete |
 /// | anything else, or none | [`FirstData`](super::FirstData) |
 ///
 /// Parameters (`; charset=utf-8`) and case do not matter.
@@ -85,6 +85,14 @@ impl Detector for Auto {
 
     fn finish(&mut self) -> Progress {
         self.picked.finish()
+    }
+
+    fn empty(&mut self) -> Progress {
+        self.picked.empty()
+    }
+
+    fn buffer_full(&mut self) -> Progress {
+        self.picked.buffer_full()
     }
 
     fn first_chunk(&self) -> Option<Chunk<'_>> {

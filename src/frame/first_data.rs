@@ -3,7 +3,9 @@ use super::{Detector, Progress};
 /// The first chunk is the first non-empty data frame, whatever the format.
 ///
 /// For bodies that are not event streams (a JSON response, plain text), or when any
-/// byte from the upstream means the call has started.
+/// byte from the upstream means the call has started. A body that is empty by its head
+/// (`Content-Length: 0`) is a complete answer; one that ends without a byte after its
+/// head promised more is an end of stream before the first chunk.
 ///
 /// ```
 /// use tower_stream_backpressure::frame::{Detector, FirstData, Progress};
@@ -11,6 +13,9 @@ use super::{Detector, Progress};
 /// let mut d = FirstData;
 /// assert_eq!(d.feed(b""), Progress::Pending);
 /// assert_eq!(d.feed(b"{"), Progress::Found);
+///
+/// assert_eq!(FirstData.empty(), Progress::Found);
+/// assert_eq!(FirstData.finish(), Progress::Pending);
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FirstData;
@@ -22,6 +27,10 @@ impl Detector for FirstData {
         } else {
             Progress::Found
         }
+    }
+
+    fn empty(&mut self) -> Progress {
+        Progress::Found
     }
 }
 

@@ -12,8 +12,11 @@ const FORMAT: &str = "JSON array";
 /// strings do not count. The element is not validated further: it reaches the caller
 /// as sent.
 ///
-/// `[]` and a body that does not start with `[` are terminal errors
-/// ([`Progress::Malformed`]): the upstream would send the same again.
+/// `[]`, a body that does not start with `[`, and an element that starts with a byte
+/// no JSON value starts with (`[x`, `['`) are terminal errors
+/// ([`Progress::Malformed`]), at that byte: the upstream would send the same again.
+/// A body that ends before its first element is complete (empty, or cut short) is an
+/// end of stream before the first chunk.
 ///
 /// ```
 /// use tower_stream_backpressure::frame::{Detector, JsonArray, Progress};
@@ -32,6 +35,8 @@ pub struct JsonArray {
     depth: u64,
     /// A body that is not an array is a plain document, found at its first byte.
     lenient: bool,
+    /// Any bytes came (lenient: a body that ends after bytes is a complete document).
+    fed: bool,
     element: Capture,
 }
 
@@ -63,6 +68,16 @@ impl JsonArray {
         }
     }
 
+    /// What lenient makes of a body that is not (or not yet) a stream's first element.
+    fn plain_document(&mut self) -> Progress {
+        if self.lenient {
+            self.state = State::Plain;
+            Progress::Found
+        } else {
+            Progress::Pending
+        }
+    }
+
     fn not_a_stream(&mut self, problem: &'static str) -> Progress {
         if self.lenient {
             self.state = State::Plain;
@@ -75,6 +90,7 @@ impl JsonArray {
 
 impl Detector for JsonArray {
     fn feed(&mut self, bytes: &[u8]) -> Progress {
+        self.fed |= !bytes.is_empty();
         // Where the element's bytes in this frame start, once in it.
         let mut from = match self.state {
             State::Nested | State::Text { .. } | State::Scalar => Some(0),
@@ -104,7 +120,10 @@ impl Detector for JsonArray {
                                 top: true,
                             }
                         }
-                        _ => self.state = State::Scalar,
+                        b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => self.state = State::Scalar,
+                        // Nothing else can start a JSON value: waiting would only
+                        // run into the first-chunk timeout, and a retry gets the same.
+                        _ => return self.not_a_stream("an element starts with a byte no JSON value starts with"),
                     }
                     if self.state != State::Open {
                         from = Some(i);
@@ -166,6 +185,27 @@ impl Detector for JsonArray {
         Progress::Pending
     }
 
+    /// Lenient only: the end of a body that had bytes is the end of a plain document,
+    /// complete whatever came before it (a short answer, an array cut short).
+    fn finish(&mut self) -> Progress {
+        if self.fed {
+            self.plain_document()
+        } else {
+            Progress::Pending
+        }
+    }
+
+    /// Lenient only: `Content-Length: 0` is an empty plain answer.
+    fn empty(&mut self) -> Progress {
+        self.plain_document()
+    }
+
+    /// Lenient only: a list whose first element is larger than the buffer is a plain
+    /// document (an images response with `b64_json`), not a stream.
+    fn buffer_full(&mut self) -> Progress {
+        self.plain_document()
+    }
+
     fn first_chunk(&self) -> Option<Chunk<'_>> {
         (self.state != State::Plain).then(|| self.element.chunk())
     }
@@ -174,7 +214,7 @@ impl Detector for JsonArray {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::test_util::assert_split_invariant;
+    use crate::frame::test_util::{assert_split_invariant, run};
 
     fn element(input: &str) -> String {
         let outcome =
@@ -222,6 +262,51 @@ mod tests {
         malformed(" [ \n, ]", "the array is empty");
         malformed("{\"error\": {}}", "the body does not start with `[`");
         malformed("\u{FEFF}[1]", "the body does not start with `[`");
+    }
+
+    #[test]
+    fn an_element_that_cannot_start_a_json_value_is_terminal_at_that_byte() {
+        let problem = "an element starts with a byte no JSON value starts with";
+        for input in ["[x", "['a']", "[*", " [ , }", "[\u{FEFF}1]"] {
+            malformed(input, problem);
+        }
+        // Every byte that can start a value still waits for the element to complete.
+        for input in ["[-1", "[0", "[9", "[t", "[f", "[n", "[\"", "[{", "[["] {
+            assert_split_invariant(&JsonArray::default(), input.as_bytes(), Progress::Pending);
+        }
+        // The byte that decides is the first of the element.
+        let mut d = JsonArray::default();
+        assert_eq!(d.feed(b" [\n "), Progress::Pending);
+        assert!(matches!(d.feed(b"x"), Progress::Malformed(_)));
+    }
+
+    #[test]
+    fn strict_waits_at_the_end_and_at_the_buffer_cap() {
+        for input in ["", "[", "[{\"a\":", "[12"] {
+            let mut d = JsonArray::default();
+            let _ = d.feed(input.as_bytes());
+            assert_eq!(d.finish(), Progress::Pending, "{input:?}");
+            assert_eq!(d.buffer_full(), Progress::Pending, "{input:?}");
+        }
+        assert_eq!(JsonArray::default().empty(), Progress::Pending);
+    }
+
+    #[test]
+    fn lenient_takes_the_end_of_the_body_and_a_full_buffer_as_a_plain_document() {
+        assert_eq!(JsonArray::lenient().empty(), Progress::Found);
+        // Ending without a byte after the head promised more: no answer at all.
+        assert_eq!(run(&JsonArray::lenient(), &[b"", b""]).progress, Progress::Pending);
+        for input in [" ", "[", "[{\"b64_json\": \"AAAA", "[12"] {
+            let outcome = run(&JsonArray::lenient(), &[input.as_bytes()]);
+            assert_eq!(outcome.progress, Progress::Found, "{input:?}");
+            assert_eq!(outcome.chunk, None, "content, not an in-band error: {input:?}");
+            let mut d = JsonArray::lenient();
+            let _ = d.feed(input.as_bytes());
+            assert_eq!(d.buffer_full(), Progress::Found, "{input:?}");
+            assert!(d.first_chunk().is_none());
+        }
+        // Not a JSON value at all: a plain (broken) document for the caller to judge.
+        assert_eq!(run(&JsonArray::lenient(), &[b"[x"]).progress, Progress::Found);
     }
 
     #[test]

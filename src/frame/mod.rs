@@ -31,6 +31,28 @@
 //! [`Chunk`] the detector reports.
 //!
 //! A detector is configured once on the layer and cloned, fresh, for each attempt.
+//!
+//! # Empty and short bodies
+//!
+//! A `2xx` response whose body is already at its end when its head arrives
+//! (`Content-Length: 0`, a body that reports
+//! [`is_end_stream`](http_body::Body::is_end_stream)) is judged by the detector's
+//! [`empty`](Detector::empty), and a body that ends before its first chunk is complete
+//! by its [`finish`](Detector::finish):
+//!
+//! - [`FirstData`], and [`Auto`] on a `Content-Type` that is not a stream format
+//!   (plain `application/json` included), take an empty body as a complete answer:
+//!   it passes through with one upstream call. The plain JSON rule also takes the end
+//!   of a body that had bytes as its first chunk (a short answer, or a list cut
+//!   short), so such an answer is never retried for ending.
+//! - The stream formats ([`Sse`], [`NdJson`], [`EventStream`], a strict
+//!   [`JsonArray`], and [`Auto`] on their content types) expect at least one event:
+//!   an empty body is an end of stream before the first chunk, which the retry layer
+//!   retries, and so is a body that ends without a byte after a head that promised
+//!   more (under every detector).
+//!
+//! Responses that have no body by definition (to `HEAD`, `204`, `205`, `304`) are
+//! never read: they pass through at once, whatever the detector.
 
 mod any;
 mod auto;
@@ -99,6 +121,43 @@ pub trait Detector: Clone + Send + Sync + 'static {
     /// The body ended: says whether what came last completes a chunk. The default says
     /// it does not.
     fn finish(&mut self) -> Progress {
+        Progress::Pending
+    }
+
+    /// Instead of any bytes: the body is already at its end when the response head
+    /// arrives (`Content-Length: 0`, [`is_end_stream`] before the first frame). Says
+    /// whether that empty body is a complete response ([`Progress::Found`]: it goes to
+    /// the caller at once) or an end of stream before the first chunk (the default,
+    /// [`Progress::Pending`], for formats that expect an event). See [Empty
+    /// bodies](self#empty-bodies).
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Detector, FirstData, Progress, Sse};
+    ///
+    /// assert_eq!(FirstData.empty(), Progress::Found);
+    /// assert_eq!(Sse::new().empty(), Progress::Pending);
+    /// ```
+    ///
+    /// [`is_end_stream`]: http_body::Body::is_end_stream
+    fn empty(&mut self) -> Progress {
+        Progress::Pending
+    }
+
+    /// The layer holds `max_buffer` bytes and the first chunk is still not complete:
+    /// says whether to hand the response over as it is ([`Progress::Found`]), or to
+    /// fail the call. The default, [`Progress::Pending`], fails it with
+    /// [`FirstChunkErrorKind::BufferLimit`](crate::retry::FirstChunkErrorKind), never
+    /// retried.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::{Detector, JsonArray, Progress};
+    ///
+    /// // A stream's first element larger than the buffer is an error ...
+    /// let mut strict = JsonArray::default();
+    /// assert_eq!(strict.feed(b"[{\"b64_json\": \"AAAA"), Progress::Pending);
+    /// assert_eq!(strict.buffer_full(), Progress::Pending);
+    /// ```
+    fn buffer_full(&mut self) -> Progress {
         Progress::Pending
     }
 

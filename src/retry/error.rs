@@ -9,9 +9,10 @@ use tower::BoxError;
 /// that has no response to return: the upstream connection failed, the body failed or
 /// ended, or the first chunk did not come in time or did not fit the buffer, or the
 /// stream's framing was broken. (A last attempt that got a retryable status or a
-/// transient in-band error returns that response instead, and an inner error that is
-/// not transient comes back unchanged.) The last attempt's cause, if
-/// any, is the [`source`](std::error::Error::source).
+/// transient in-band error returns that response instead.) Every error of the inner
+/// service comes back in this shape, of kind [`FirstChunkErrorKind::Upstream`],
+/// whether it was retried or not and whatever `max_attempts` is; the last attempt's
+/// cause, if any, is the [`source`](std::error::Error::source).
 ///
 /// ```
 /// use tower_stream_backpressure::retry::{FirstChunkError, FirstChunkErrorKind};
@@ -167,6 +168,7 @@ impl fmt::Display for FirstChunkError {
             StopReason::AttemptsExhausted => "attempts exhausted",
             StopReason::BudgetExhausted => "retry budget exhausted",
             StopReason::NotRetryable => "not retryable",
+            StopReason::NotReady => "the service was not ready for a retry",
         };
         let plural = if self.attempts == 1 { "" } else { "s" };
         // The cause is the `source`, not repeated here: error reporters print both.
@@ -207,7 +209,9 @@ impl std::error::Error for FirstChunkError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FirstChunkErrorKind {
-    /// The inner service failed with a transient error (a connect failure, a reset).
+    /// The inner service failed: the [`source`](std::error::Error::source) is its
+    /// error, whether it was retried (a transient one: a connect failure, a reset) or
+    /// not ([`StopReason::NotRetryable`]).
     Upstream,
     /// The response body returned an error.
     Body,
@@ -248,4 +252,7 @@ pub enum StopReason {
     BudgetExhausted,
     /// The failure is of a kind that a retry would only repeat.
     NotRetryable,
+    /// The inner service failed in `poll_ready` before the next attempt, which never
+    /// started: the failure that called for it is returned (the error is logged).
+    NotReady,
 }

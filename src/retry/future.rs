@@ -93,6 +93,9 @@ pin_project! {
         // The response being read for its first chunk, while peeking. Kept out of
         // `phase`, which moves on every poll.
         peek: Option<Peek<ResBody, D>>,
+        // The failure that called for the next attempt, kept until that attempt starts:
+        // if the service fails to become ready for it, this is what the caller gets.
+        last: Option<Failure<ResBody>>,
         attempts: Attempts<S, ReqBody, D>,
     }
 }
@@ -173,9 +176,9 @@ struct Attempts<S, ReqBody, D> {
 
 /// An attempt that failed before its first chunk.
 enum Failure<B: Body> {
-    /// A retryable status, with the server's hint and the attempt's guard (the response
-    /// goes back with it if there is no retry).
-    Status(Box<Response<B>>, CallGuard, Option<Duration>),
+    /// A retryable status, with the server's hint (the response goes back if there is
+    /// no retry).
+    Status(Box<Held<B>>, Option<Duration>),
     Upstream(BoxError),
     Body(BoxError),
     EndOfStream,
@@ -183,7 +186,7 @@ enum Failure<B: Body> {
     BufferLimit,
     /// The first chunk is a transient in-band error; the response goes back as it is
     /// if there is no retry.
-    InBand(Box<Response<ResponseBody<B>>>),
+    InBand(Box<Held<B>>),
     Malformed(Malformed),
 }
 
@@ -203,6 +206,39 @@ impl<B: Body> Failure<B> {
 }
 
 type Output<B> = Result<Response<ResponseBody<B>>, BoxError>;
+
+/// A failed attempt's response, kept for the caller in case there is no retry. The
+/// attempt is over (no longer counted in flight) until it is handed back.
+struct Held<B: Body> {
+    head: http::response::Parts,
+    body: B,
+    frames: Replay<B::Data>,
+    body_done: bool,
+}
+
+impl<B: Body> Held<B> {
+    fn new(response: Response<B>) -> Box<Self> {
+        let (head, body) = response.into_parts();
+        Box::new(Self {
+            head,
+            body,
+            frames: Replay::default(),
+            body_done: false,
+        })
+    }
+
+    /// The response for the caller, counted in flight again until its body ends.
+    fn into_response(self, metrics: &Arc<RetryMetrics>) -> Response<ResponseBody<B>> {
+        let call = CallGuard::new(metrics.clone());
+        let body = ResponseBody::new(self.body, self.frames, self.body_done, call);
+        Response::from_parts(self.head, body)
+    }
+}
+
+/// Frames read for the first chunk in one poll, at most: past that the future yields
+/// (and checks its deadline), so that a body that is always ready, with empty frames or
+/// keep-alives, cannot hold the task or outlive `first_chunk_timeout`.
+const FRAMES_PER_POLL: usize = 64;
 
 impl<S, ReqBody, ResBody, D> ResponseFuture<S, ReqBody, ResBody, D>
 where
@@ -281,6 +317,7 @@ where
             timer: Timer::new(deadline(started, shared.policy.attempt_timeout())),
             phase: Phase::Calling(call),
             peek: None,
+            last: None,
             attempts: Attempts {
                 service,
                 request,
@@ -320,10 +357,14 @@ where
                             return Poll::Pending;
                         }
                         Poll::Ready(Err(error)) => {
-                            return Poll::Ready(this.attempts.give_up(error.into()));
+                            let Some(last) = this.last.take() else {
+                                unreachable!("a failure called for this attempt")
+                            };
+                            return Poll::Ready(this.attempts.not_ready(last, error.into()));
                         }
                         Poll::Ready(Ok(())) => {}
                     }
+                    *this.last = None;
                     let (future, call) = this.attempts.start();
                     this.call.set(Some(future));
                     let timeout = this.attempts.shared.policy.attempt_timeout();
@@ -399,11 +440,15 @@ where
             };
             // The failed attempt's body and guard are gone by now.
             match this.attempts.after_failure(failure) {
-                // No wait: the next attempt starts in this poll, without a timer.
-                Next::Retry { after } if after.is_zero() => *this.phase = Phase::Ready,
-                Next::Retry { after } => {
-                    this.timer.as_mut().reset(deadline_after(after));
-                    *this.phase = Phase::Backoff;
+                Next::Retry { after, failure } => {
+                    *this.last = Some(failure);
+                    if after.is_zero() {
+                        // No wait: the next attempt starts in this poll, without a timer.
+                        *this.phase = Phase::Ready;
+                    } else {
+                        this.timer.as_mut().reset(deadline_after(after));
+                        *this.phase = Phase::Backoff;
+                    }
                 }
                 Next::Done(output) => return Poll::Ready(output),
             }
@@ -418,7 +463,7 @@ static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-shoul
 /// size of a response is no cost here.)
 #[allow(clippy::large_enum_variant)]
 enum Next<B: Body> {
-    Retry { after: Duration },
+    Retry { after: Duration, failure: Failure<B> },
     Done(Output<B>),
 }
 
@@ -434,10 +479,24 @@ where
     D: Detector,
     ReqBody: Clone,
 {
-    /// The call ends with an error that is not retried.
+    /// The call ends with an error of the inner service that is not retried: in the
+    /// same shape as one that was, a [`FirstChunkError`] whose source is the error.
     fn give_up<T>(&self, error: BoxError) -> Result<T, BoxError> {
         self.retry_ended(RetryOutcome::Failed);
-        Err(error)
+        let kind = FirstChunkErrorKind::Upstream;
+        Err(FirstChunkError::new(kind, StopReason::NotRetryable, self.attempt, Some(error)).into())
+    }
+
+    /// The service failed to become ready for the next attempt, which never started
+    /// (and is not counted): the call ends with the failure that called for it.
+    fn not_ready<B: Body>(&self, last: Failure<B>, error: BoxError) -> Output<B> {
+        tracing::warn!(
+            provider = %self.metrics.provider(),
+            attempt = self.attempt,
+            %error,
+            "the service failed to become ready for a retry: the last failure goes back"
+        );
+        self.output(last, StopReason::NotReady, self.attempt - 1)
     }
 
     /// Counts how the attempt in progress ended, if it is a retry.
@@ -483,10 +542,15 @@ where
         };
         if retry_status {
             let hint = retry_after(response.headers(), SystemTime::now());
-            return Judged::Failure(Failure::Status(Box::new(response), call, hint));
+            drop(call);
+            return Judged::Failure(Failure::Status(Held::new(response), hint));
         }
+        // No body by definition: nothing to read, whatever the detector.
         let has_no_body = self.head_request
-            || matches!(status, StatusCode::NO_CONTENT | StatusCode::RESET_CONTENT);
+            || matches!(
+                status,
+                StatusCode::NO_CONTENT | StatusCode::RESET_CONTENT | StatusCode::NOT_MODIFIED
+            );
         if !status.is_success() || has_no_body {
             self.retry_ended(if status.is_success() {
                 RetryOutcome::Success
@@ -498,14 +562,27 @@ where
         let (head, body) = response.into_parts();
         let mut detector = self.shared.detector.clone();
         detector.start(&head);
-        Judged::Peek(Peek {
+        let mut peek = Peek {
             head,
             body,
             frames: Replay::default(),
             buffered: 0,
             detector,
             call,
-        })
+        };
+        if !peek.body.is_end_stream() {
+            return Judged::Peek(peek);
+        }
+        // Empty by its head: the detector says whether that is an answer.
+        let failure = match peek.detector.empty() {
+            Progress::Found => match self.first_chunk(peek, true) {
+                Ok(response) => return Judged::Return(response),
+                Err(failure) => failure,
+            },
+            Progress::Pending => Failure::EndOfStream,
+            Progress::Malformed(error) => Failure::Malformed(error),
+        };
+        Judged::Failure(failure)
     }
 
     /// The first chunk arrived: the response goes to the caller, unless the chunk is a
@@ -521,14 +598,19 @@ where
             .map_or(InBand::Content, |chunk| {
                 self.shared.policy.in_band().classify(&chunk)
             });
-        let body = ResponseBody::new(peek.body, peek.frames, body_done, peek.call);
-        let response = Response::from_parts(peek.head, body);
         if verdict == InBand::TransientError {
-            return Err(Failure::InBand(Box::new(response)));
+            drop(peek.call);
+            return Err(Failure::InBand(Box::new(Held {
+                head: peek.head,
+                body: peek.body,
+                frames: peek.frames,
+                body_done,
+            })));
         }
+        let body = ResponseBody::new(peek.body, peek.frames, body_done, peek.call);
         self.metrics.first_chunk(self.started.elapsed());
         self.retry_ended(RetryOutcome::Success);
-        Ok(response)
+        Ok(Response::from_parts(peek.head, body))
     }
 
     /// After a failure: the delay before the next attempt, or the call's output.
@@ -552,7 +634,7 @@ where
             _ => {}
         }
         let reason = match &failure {
-            Failure::Status(_, _, Some(hint)) if *hint > policy.longest_hint() => None,
+            Failure::Status(_, Some(hint)) if *hint > policy.longest_hint() => None,
             failure => failure.reason(),
         };
         let stop = match reason {
@@ -585,8 +667,9 @@ where
                 StopReason::BudgetExhausted
             }
             Some(reason) => {
+                // A hint is never zero (see `retry_after`): `0 < hint <= max_retry_after`.
                 let delay = match &failure {
-                    Failure::Status(_, _, Some(hint)) => *hint,
+                    Failure::Status(_, Some(hint)) => *hint,
                     _ => policy.backoff_delay(self.attempt - 1),
                 };
                 tracing::info!(
@@ -599,24 +682,30 @@ where
                 drop(provider);
                 self.attempt += 1;
                 self.retried_for = Some(reason);
-                return Next::Retry { after: delay };
+                return Next::Retry {
+                    after: delay,
+                    failure,
+                };
             }
         };
+        Next::Done(self.output(failure, stop, self.attempt))
+    }
+
+    /// What the caller gets for the failure that ended the call after `attempts`: the
+    /// response, if the failure has one, or a [`FirstChunkError`].
+    fn output<B: Body>(&self, failure: Failure<B>, stop: StopReason, attempts: u32) -> Output<B> {
         let (kind, source) = match failure {
-            Failure::Status(response, call, _) => {
-                return Next::Done(Ok(pass_through(*response, call)));
+            Failure::Status(held, _) | Failure::InBand(held) => {
+                return Ok(held.into_response(&self.metrics));
             }
             Failure::Upstream(error) => (FirstChunkErrorKind::Upstream, Some(error)),
             Failure::Body(error) => (FirstChunkErrorKind::Body, Some(error)),
             Failure::EndOfStream => (FirstChunkErrorKind::EndOfStream, None),
             Failure::Timeout => (FirstChunkErrorKind::Timeout, None),
             Failure::BufferLimit => (FirstChunkErrorKind::BufferLimit, None),
-            Failure::InBand(response) => return Next::Done(Ok(*response)),
             Failure::Malformed(error) => (FirstChunkErrorKind::Malformed, Some(error.into())),
         };
-        Next::Done(Err(
-            FirstChunkError::new(kind, stop, self.attempt, source).into()
-        ))
+        Err(FirstChunkError::new(kind, stop, attempts, source).into())
     }
 }
 
@@ -649,7 +738,12 @@ where
         cx: &mut Context<'_>,
         limit: usize,
     ) -> Poll<Result<bool, Failure<B>>> {
-        loop {
+        for _ in 0..FRAMES_PER_POLL {
+            // Already at its end (`Content-Length: 0`, or an exact length all read): the
+            // detector judges the end without another poll, which may never come back.
+            if self.body.is_end_stream() {
+                return Poll::Ready(self.ended());
+            }
             let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
                 Some(Err(error)) => return Poll::Ready(Err(Failure::Body(error.into()))),
@@ -672,15 +766,22 @@ where
             let held = bytes.len() + std::mem::size_of::<Frame<B::Data>>();
             self.buffered = self.buffered.saturating_add(held);
             self.frames.push_back(frame);
+            let progress = match progress {
+                Progress::Pending if self.buffered > limit => match self.detector.buffer_full() {
+                    Progress::Pending => return Poll::Ready(Err(Failure::BufferLimit)),
+                    decided => decided,
+                },
+                progress => progress,
+            };
             match progress {
-                Progress::Pending if self.buffered > limit => {
-                    return Poll::Ready(Err(Failure::BufferLimit))
-                }
                 Progress::Pending => {}
                 Progress::Found => return Poll::Ready(Ok(false)),
                 Progress::Malformed(error) => return Poll::Ready(Err(Failure::Malformed(error))),
             }
         }
+        // Bounded work per poll: yield, and let the caller check the deadline.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 

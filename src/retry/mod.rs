@@ -18,7 +18,10 @@
 //! attempt. Then:
 //!
 //! - **Inner error**: retried when [transient](is_transient) (connect failure, reset,
-//!   `REFUSED_STREAM`, GOAWAY, ...); any other error goes back unchanged.
+//!   `REFUSED_STREAM`, GOAWAY, ...); any other error goes back at once. Either way,
+//!   an error of the inner service reaches the caller as the source of a
+//!   [`FirstChunkError`] of kind [`Upstream`](FirstChunkErrorKind::Upstream), whatever
+//!   `max_attempts` is.
 //! - **Retryable status** (408, 429, 502, 503, 504, 529 by default, or
 //!   `x-should-retry: true`): retried after the backoff, or after the server's hint
 //!   (`retry-after-ms`, `Retry-After` in seconds or as an HTTP date). A hint above

@@ -320,8 +320,9 @@ impl RetryPolicy {
     }
 
     /// Which inner-service errors are transient and retried (default
-    /// [`is_transient`](super::is_transient)). Errors it rejects go back to the caller
-    /// unchanged.
+    /// [`is_transient`](super::is_transient)). Errors it rejects go back at once, as
+    /// the source of a [`FirstChunkError`](super::FirstChunkError) that says
+    /// [`NotRetryable`](super::StopReason::NotRetryable).
     ///
     /// ```
     /// use std::io;

@@ -8,10 +8,16 @@ use http::HeaderMap;
 ///
 /// `retry-after-ms` (milliseconds, decimals allowed) comes first, as in the OpenAI and
 /// Anthropic SDKs, then `Retry-After` as delay-seconds (decimals allowed) or an HTTP
-/// date (relative to `now`; a date in the past means "now"). Negative, non-numeric and
-/// otherwise garbled values are ignored (the policy's backoff applies). A value too
-/// large for a `Duration` saturates, so it is above any `max_retry_after`.
+/// date (relative to `now`). Negative, non-numeric and otherwise garbled values are
+/// ignored (the policy's backoff applies), and so are zero and a date in the past: a
+/// retry at once, in the same poll and without jitter, would turn every attempt of a
+/// herd of callers into one burst. A value too large for a `Duration` saturates, so it
+/// is above any `max_retry_after`.
 pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    any_hint(headers, now).filter(|hint| !hint.is_zero())
+}
+
+fn any_hint(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let value = |name: &str| {
         headers
             .get(name)
@@ -65,7 +71,20 @@ mod tests {
             hint(&[("retry-after-ms", "250")]),
             Some(Duration::from_millis(250))
         );
-        assert_eq!(hint(&[("retry-after", "0")]), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn zero_and_the_past_are_no_hint() {
+        for zero in ["0", "0.0", "000"] {
+            assert_eq!(hint(&[("retry-after", zero)]), None, "{zero:?}");
+            assert_eq!(hint(&[("retry-after-ms", zero)]), None, "{zero:?}");
+        }
+        // A zero `retry-after-ms` is no hint, and neither is what follows it here.
+        assert_eq!(hint(&[("retry-after-ms", "0"), ("retry-after", "0")]), None);
+        assert_eq!(
+            hint(&[("retry-after", "0.001")]),
+            Some(Duration::from_millis(1))
+        );
     }
 
     #[test]
@@ -89,7 +108,8 @@ mod tests {
         );
         assert_eq!(
             hint(&[("retry-after", "Wed, 21 Oct 2026 07:00:00 GMT")]),
-            Some(Duration::ZERO)
+            None,
+            "in the past"
         );
     }
 

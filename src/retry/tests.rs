@@ -24,6 +24,9 @@ use crate::RetryBudget;
 struct Scripted {
     frames: VecDeque<Result<Frame<Bytes>, io::Error>>,
     ended: bool,
+    /// Reports its end as a body of exact length does (`Content-Length`): once the
+    /// last frame is out, without being polled for `None`.
+    exact: bool,
 }
 
 impl Scripted {
@@ -33,7 +36,14 @@ impl Scripted {
                 .iter()
                 .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
                 .collect(),
-            ended: false,
+            ..Self::default()
+        }
+    }
+
+    fn exact(self) -> Self {
+        Self {
+            exact: true,
+            ..self
         }
     }
 
@@ -55,6 +65,10 @@ impl Body for Scripted {
         let next = self.frames.pop_front();
         self.ended = next.is_none();
         Poll::Ready(next)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || (self.exact && self.frames.is_empty())
     }
 }
 
@@ -107,10 +121,15 @@ impl Service<Request<Full<Bytes>>> for Mock {
 
 /// A `200 text/event-stream` response.
 fn ok(body: Scripted) -> Reply {
+    ok_as("text/event-stream", body)
+}
+
+/// A `200` response of `content_type`.
+fn ok_as(content_type: &'static str, body: Scripted) -> Reply {
     let mut response = Response::new(body);
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/event-stream"),
+        http::HeaderValue::from_static(content_type),
     );
     Ok(response)
 }
@@ -248,13 +267,30 @@ impl fmt::Display for BadRequest {
 impl std::error::Error for BadRequest {}
 
 #[tokio::test(start_paused = true)]
-async fn an_error_that_is_not_transient_comes_back_unchanged() {
-    let mock = Mock::new(vec![Err(BadRequest.into())]);
-    let error = run(FirstChunkRetryLayer::new(policy()), &mock, request())
-        .await
-        .unwrap_err();
-    assert!(error.is::<BadRequest>(), "{error}");
-    assert_eq!(mock.attempts(), 1);
+async fn every_inner_error_comes_back_in_one_shape_whatever_max_attempts() {
+    for max_attempts in [1, 3] {
+        // Not transient: one attempt, at once.
+        let mock = Mock::new(vec![Err(BadRequest.into())]);
+        let layer = FirstChunkRetryLayer::new(policy().max_attempts(max_attempts));
+        let error = run(layer.clone(), &mock, request()).await.unwrap_err();
+        let error = first_chunk_error(&error);
+        assert_eq!(error.kind(), FirstChunkErrorKind::Upstream);
+        assert_eq!(error.stop_reason(), StopReason::NotRetryable);
+        assert_eq!(error.attempts(), 1);
+        let source = std::error::Error::source(error).expect("the inner error");
+        assert!(source.is::<BadRequest>(), "{source}");
+        assert_eq!(mock.attempts(), 1);
+
+        // Transient: every attempt, then the same shape.
+        let mock = Mock::new((0..max_attempts).map(|_| reset()).collect());
+        let error = run(layer, &mock, request()).await.unwrap_err();
+        let error = first_chunk_error(&error);
+        assert_eq!(error.kind(), FirstChunkErrorKind::Upstream);
+        assert_eq!(error.stop_reason(), StopReason::AttemptsExhausted);
+        assert_eq!(error.attempts(), max_attempts);
+        assert!(std::error::Error::source(error).is_some_and(|e| e.is::<io::Error>()));
+        assert_eq!(mock.attempts(), max_attempts as usize);
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -274,7 +310,9 @@ async fn the_error_classifier_decides_what_is_transient() {
     let error = run(FirstChunkRetryLayer::new(policy), &mock, request())
         .await
         .unwrap_err();
-    assert!(error.is::<io::Error>());
+    let error = first_chunk_error(&error);
+    assert_eq!(error.stop_reason(), StopReason::NotRetryable);
+    assert!(std::error::Error::source(error).is_some_and(|e| e.is::<io::Error>()));
 }
 
 #[tokio::test(start_paused = true)]
@@ -447,4 +485,223 @@ fn an_invalid_policy_is_refused_at_construction() {
     let panic = result.unwrap_err();
     let message = panic.downcast_ref::<String>().unwrap();
     assert!(message.contains("invalid `max_buffer`"), "{message}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_complete_2xx_passes_at_once_unless_a_stream_format_expects_an_event() {
+    let json = "application/json";
+    let empty = || Scripted::default().exact();
+    // Already at its end when the head arrives.
+    for content_type in [json, "text/plain", "application/json; charset=utf-8"] {
+        let mock = Mock::new(vec![ok_as(content_type, empty())]);
+        let response = run(FirstChunkRetryLayer::new(policy()), &mock, request())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.body().is_end_stream(), "{content_type}");
+        assert_eq!(mock.attempts(), 1, "{content_type}");
+    }
+    let mock = Mock::new(vec![ok_as("text/event-stream", empty())]);
+    let layer = FirstChunkRetryLayer::new(policy()).frames(FirstData);
+    let _ = run(layer, &mock, request()).await.unwrap();
+    assert_eq!(mock.attempts(), 1, "FirstData, whatever the content type");
+
+    // A stream format expects an event: an empty body is an end of stream.
+    for content_type in ["text/event-stream", "application/x-ndjson"] {
+        let mock = Mock::new((0..3).map(|_| ok_as(content_type, empty())).collect());
+        let error = run(FirstChunkRetryLayer::new(policy()), &mock, request())
+            .await
+            .unwrap_err();
+        let kind = first_chunk_error(&error).kind();
+        assert_eq!(kind, FirstChunkErrorKind::EndOfStream, "{content_type}");
+        assert_eq!(mock.attempts(), 3);
+    }
+    let mock = Mock::new((0..3).map(|_| ok_as(json, empty())).collect());
+    let layer = FirstChunkRetryLayer::new(policy()).frames(crate::frame::JsonArray::default());
+    let _ = run(layer, &mock, request()).await.unwrap_err();
+    assert_eq!(mock.attempts(), 3, "a strict JSON array stream");
+
+    // A head that promised more, then no byte: an end of stream under every detector.
+    let mock = Mock::new((0..3).map(|_| ok_as(json, Scripted::default())).collect());
+    let _ = run(FirstChunkRetryLayer::new(policy()), &mock, request())
+        .await
+        .unwrap_err();
+    assert_eq!(mock.attempts(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_short_plain_answer_ends_as_its_first_chunk_and_is_never_retried_for_ending() {
+    // A JSON list cut short: a plain document for the caller to judge.
+    let bodies: [&[&'static str]; 3] = [&["[12"], &["[{\"id\":", " 1"], &["  "]];
+    for chunks in bodies {
+        let mock = Mock::new(vec![ok_as("application/json", Scripted::data(chunks).exact())]);
+        let response = run(FirstChunkRetryLayer::new(policy()), &mock, request())
+            .await
+            .unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, chunks.concat().into_bytes());
+        assert_eq!(mock.attempts(), 1, "{chunks:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_json_element_that_cannot_start_a_value_is_malformed_at_once() {
+    let mock = Mock::new(vec![ok_as("application/json", Scripted::data(&["[", "x"]))]);
+    let layer = FirstChunkRetryLayer::new(policy()).frames(crate::frame::JsonArray::default());
+    let error = run(layer, &mock, request()).await.unwrap_err();
+    let error = first_chunk_error(&error);
+    assert_eq!(error.kind(), FirstChunkErrorKind::Malformed);
+    assert_eq!(error.stop_reason(), StopReason::NotRetryable);
+    assert_eq!(mock.attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plain_json_list_larger_than_the_buffer_is_a_response() {
+    let big: &'static str = format!("[{{\"b64_json\": \"{}\"}}]", "A".repeat(4096)).leak();
+    let frames: Vec<&str> = vec![&big[..1000], &big[1000..2000], &big[2000..]];
+    let policy = || policy().max_buffer(1500);
+    let mock = Mock::new(vec![ok_as("application/json", Scripted::data(&frames))]);
+    let response = run(FirstChunkRetryLayer::new(policy()), &mock, request())
+        .await
+        .unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, big.as_bytes(), "byte for byte");
+    assert_eq!(mock.attempts(), 1);
+
+    // A stream's first element that large stays an error.
+    let mock = Mock::new(vec![ok_as("application/json", Scripted::data(&frames))]);
+    let layer = FirstChunkRetryLayer::new(policy()).frames(crate::frame::JsonArray::default());
+    let error = run(layer, &mock, request()).await.unwrap_err();
+    assert_eq!(first_chunk_error(&error).kind(), FirstChunkErrorKind::BufferLimit);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_or_past_hint_falls_back_to_the_backoff() {
+    let past = "Wed, 21 Oct 2015 07:28:00 GMT";
+    for (name, value) in [("retry-after", "0"), ("retry-after-ms", "0"), ("retry-after", past)] {
+        let mut replies: Vec<Reply> = (0..4).map(|_| status(503, &[(name, value)])).collect();
+        replies.push(ok(Scripted::data(&["data: 1\n\n"])));
+        let mock = Mock::new(replies);
+        let policy = RetryPolicy::default()
+            .max_attempts(5)
+            .backoff(Duration::from_millis(100), Duration::from_millis(100));
+        let started = tokio::time::Instant::now();
+        let response = run(FirstChunkRetryLayer::new(policy), &mock, request())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(mock.attempts(), 5);
+        let waited = started.elapsed();
+        // Four jittered waits of up to 100 ms each, not four retries in one poll.
+        assert!(waited > Duration::ZERO, "{name}: {value}: no wait at all");
+        assert!(waited <= Duration::from_millis(400), "{waited:?}");
+    }
+}
+
+/// A body that is always ready with an empty frame: it never returns `Pending`.
+#[derive(Debug)]
+struct AlwaysEmpty;
+
+impl Body for AlwaysEmpty {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        Poll::Ready(Some(Ok(Frame::data(Bytes::new()))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_always_ready_cannot_pin_the_task_past_the_timeout() {
+    let upstream = tower::service_fn(|_: Request<Full<Bytes>>| async {
+        let response = Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(AlwaysEmpty);
+        Ok::<_, http::Error>(response.unwrap())
+    });
+    let policy = RetryPolicy::default()
+        .max_attempts(1)
+        .first_chunk_timeout(Duration::from_millis(50));
+    let call = FirstChunkRetryLayer::new(policy).layer(upstream).oneshot(request());
+    // On its own task: a call that never yields would hold it, not this test.
+    let call = tokio::spawn(call);
+    let error = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call ends, by its first-chunk timeout")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(first_chunk_error(&error).kind(), FirstChunkErrorKind::Timeout);
+}
+
+/// Fails its `poll_ready` from the `n`th call on (counting from 1).
+#[derive(Clone)]
+struct UnreadyFrom {
+    inner: Mock,
+    n: usize,
+}
+
+impl Service<Request<Full<Bytes>>> for UnreadyFrom {
+    type Response = Response<Scripted>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Reply>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let _ = self.inner.poll_ready(cx);
+        if *self.inner.ready.lock().unwrap() >= self.n {
+            return Poll::Ready(Err("the pool is closed".into()));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+        self.inner.call(request)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poll_ready_error_before_a_retry_returns_the_previous_failure() {
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_reader(PeriodicReader::builder(exporter.clone()).build())
+        .build();
+    let layer = FirstChunkRetryLayer::new(policy()).meter(provider.meter("test"));
+    // The first `poll_ready` is the caller's (by `oneshot`), the second before the retry.
+    let mock = Mock::new(vec![status(503, &[]), reset()]);
+    let service = UnreadyFrom {
+        inner: mock.clone(),
+        n: 2,
+    };
+    let response = layer.layer(service).oneshot(request()).await.unwrap();
+    assert_eq!(response.status(), 503, "the 503 itself");
+    assert_eq!(mock.attempts(), 1);
+    drop(response);
+
+    // An error that called for the retry comes back as that error.
+    let mock = Mock::new(vec![reset(), reset()]);
+    let service = UnreadyFrom {
+        inner: mock.clone(),
+        n: 2,
+    };
+    let error = layer.layer(service).oneshot(request()).await.unwrap_err();
+    let error = first_chunk_error(&error);
+    assert_eq!(error.kind(), FirstChunkErrorKind::Upstream);
+    assert_eq!(error.stop_reason(), StopReason::NotReady);
+    assert_eq!(error.attempts(), 1, "the attempt that never started is not one");
+
+    // Nothing counted as a failed retry: no retry started.
+    provider.force_flush().unwrap();
+    let exported = exporter.get_finished_metrics().unwrap();
+    let retries = exported
+        .iter()
+        .flat_map(|m| m.scope_metrics())
+        .flat_map(|s| s.metrics())
+        .filter(|m| m.name() == "stream_retries")
+        .count();
+    assert_eq!(retries, 0, "no stream_retries series");
 }
