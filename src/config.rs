@@ -823,8 +823,8 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
     ReqBody: Clone,
-    ResBody: Body + Unpin,
-    ResBody::Data: AsRef<[u8]>,
+    ResBody: Body + Unpin + Send + 'static,
+    ResBody::Data: AsRef<[u8]> + Send,
     ResBody::Error: Into<BoxError>,
 {
     type Response = Response<ResponseBody<ResBody>>;
@@ -924,8 +924,8 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
     ReqBody: Clone,
-    ResBody: Body + Unpin,
-    ResBody::Data: AsRef<[u8]>,
+    ResBody: Body + Unpin + Send + 'static,
+    ResBody::Data: AsRef<[u8]> + Send,
     ResBody::Error: Into<BoxError>,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, BoxError>;
@@ -950,8 +950,8 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
     ReqBody: Clone,
-    ResBody: Body + Unpin,
-    ResBody::Data: AsRef<[u8]>,
+    ResBody: Body + Unpin + Send + 'static,
+    ResBody::Data: AsRef<[u8]> + Send,
     ResBody::Error: Into<BoxError>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1030,7 +1030,11 @@ pub struct ResponseBody<B: Body> {
     ended: bool,
 }
 
-impl<B: Body> ResponseBody<B> {
+impl<B> ResponseBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     fn new(timeout: Duration, chunks: Chunks<B>) -> Self {
         let (size, ended) = (chunks.size_hint(), chunks.is_end_stream());
         Self {
@@ -1079,9 +1083,13 @@ pin_project! {
     }
 }
 
-impl<B: Body> Body for Chunks<B> {
+impl<B> Body for Chunks<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -1089,7 +1097,7 @@ impl<B: Body> Body for Chunks<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match self.project() {
             ChunksProj::Limited { body } => body.poll_frame(cx),
-            ChunksProj::Unlimited { body } => body.poll_frame(cx),
+            ChunksProj::Unlimited { body } => body.poll_frame(cx).map_err(Into::into),
         }
     }
 

@@ -76,6 +76,7 @@ pub mod connection;
 mod error;
 pub mod frame;
 pub mod metrics;
+mod park;
 pub mod replay;
 pub mod retry;
 

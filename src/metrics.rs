@@ -15,7 +15,7 @@
 //! | `stream_first_chunk_latency_seconds` | histogram | first attempt start to first chunk found |
 //! | `stream_retries_total{outcome,reason}` | counter | see [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer); nothing when retry is disabled |
 //! | `stream_retry_budget_available` | gauge | the budget's [`available()`](crate::RetryBudget::available), read at collection |
-//! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded` or `context_canceled` |
+//! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded`, `queue_full` or `context_canceled` |
 //! | `stream_concurrency_wait_seconds` | histogram | time waited for a slot, granted or not (0 when granted at once) |
 //! | `http_client_open_connections` | gauge | +1 when a connector wrapped by [`ConnectionGaugeLayer`](crate::ConnectionGaugeLayer) connects, -1 when that connection's IO is dropped |
 //!
@@ -28,6 +28,8 @@ use std::time::Duration;
 
 use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
 use opentelemetry::{InstrumentationScope, KeyValue};
+
+use crate::RejectReason;
 
 /// Instrumentation scope name of the meter taken from the global provider.
 ///
@@ -216,6 +218,7 @@ pub(crate) struct ConcurrencyMetrics {
     wait: Histogram<f64>,
     provider: [KeyValue; 1],
     deadline_exceeded: [KeyValue; 2],
+    queue_full: [KeyValue; 2],
     context_canceled: [KeyValue; 2],
 }
 
@@ -236,7 +239,8 @@ impl ConcurrencyMetrics {
                 .with_unit("s")
                 .with_boundaries(CONCURRENCY_WAIT_BUCKETS.to_vec())
                 .build(),
-            deadline_exceeded: with(&provider, "reason", "deadline_exceeded"),
+            deadline_exceeded: with(&provider, "reason", RejectReason::DeadlineExceeded.as_str()),
+            queue_full: with(&provider, "reason", RejectReason::QueueFull.as_str()),
             context_canceled: with(&provider, "reason", "context_canceled"),
             provider: [provider],
         }
@@ -256,9 +260,13 @@ impl ConcurrencyMetrics {
         self.in_flight.add(-1, &self.provider);
     }
 
-    /// The caller's deadline passed while waiting.
-    pub(crate) fn deadline_exceeded(&self, waited: Duration) {
-        self.rejections.add(1, &self.deadline_exceeded);
+    /// The call was rejected: its deadline passed while waiting, or the queue was full.
+    pub(crate) fn rejected(&self, reason: RejectReason, waited: Duration) {
+        let attributes = match reason {
+            RejectReason::DeadlineExceeded => &self.deadline_exceeded,
+            RejectReason::QueueFull => &self.queue_full,
+        };
+        self.rejections.add(1, attributes);
         self.wait.record(waited.as_secs_f64(), &self.provider);
     }
 

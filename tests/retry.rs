@@ -443,7 +443,10 @@ async fn a_complete_empty_answer_is_sent_once() {
         let error = one_call(protocol, &upstream, &Metrics::new(), RetryPolicy::default())
             .await
             .unwrap_err();
-        assert_eq!(first_chunk_error(&error).kind(), FirstChunkErrorKind::EndOfStream);
+        assert_eq!(
+            first_chunk_error(&error).kind(),
+            FirstChunkErrorKind::EndOfStream
+        );
         assert_eq!(upstream.hits(), 3, "{protocol:?}");
     }
 }

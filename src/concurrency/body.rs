@@ -1,10 +1,16 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tower::BoxError;
 
 use super::future::Slot;
+use super::idle::{Sweep, Watch};
+use super::IdleTimeout;
 use crate::body::ReleaseOnEnd;
 
 pin_project! {
@@ -14,7 +20,13 @@ pin_project! {
     /// The slot is released exactly once, at the earliest of: the end of the body, a
     /// body error, trailers, a data frame after which `is_end_stream()` is true, or
     /// the drop of this body. A consumer that read to the end but keeps the body object
-    /// does not hold the slot. Frames, errors and size hints pass through unchanged.
+    /// does not hold the slot. Frames and size hints pass through unchanged; errors are
+    /// the inner body's, boxed.
+    ///
+    /// With [`idle_timeout`](super::StreamConcurrencyLayer::idle_timeout), a body that
+    /// its consumer neither polls nor drops for that long (after it handed out a frame)
+    /// is ended for it: the inner body is dropped, the slot released, and the next poll
+    /// returns [`IdleTimeout`](super::IdleTimeout).
     ///
     /// ```
     /// use std::convert::Infallible;
@@ -43,43 +55,149 @@ pin_project! {
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]
-        inner: B,
-        slot: ReleaseOnEnd<Slot>,
+        stream: Stream<B>,
+    }
+}
+
+pin_project! {
+    #[project = StreamProj]
+    #[derive(Debug)]
+    enum Stream<B> {
+        /// The inner body, polled in place.
+        Direct {
+            #[pin]
+            inner: B,
+            slot: ReleaseOnEnd<Slot>,
+        },
+        /// The inner body under the idle sweep, which may end it (see `idle`).
+        Watched {
+            watch: Arc<Watch<B>>,
+            timeout: Duration,
+            // The timeout was reported: the body has ended.
+            reported: bool,
+        },
     }
 }
 
 impl<B: Body> ResponseBody<B> {
-    pub(crate) fn new(inner: B, slot: Slot) -> Self {
+    pub(crate) fn new(inner: B, slot: Slot, sweep: Option<&Arc<Sweep>>) -> Self
+    where
+        B: Send + 'static,
+    {
         let ended = inner.is_end_stream();
-        Self {
-            inner,
-            slot: ReleaseOnEnd::new(slot, ended),
-        }
+        let slot = ReleaseOnEnd::new(slot, ended);
+        let stream = match sweep {
+            Some(sweep) if !ended => Stream::Watched {
+                watch: sweep.watch(inner, slot),
+                timeout: sweep.timeout(),
+                reported: false,
+            },
+            _ => Stream::Direct { inner, slot },
+        };
+        Self { stream }
     }
 }
 
-impl<B: Body> Body for ResponseBody<B> {
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
-        let poll = this.inner.as_mut().poll_frame(cx);
-        let inner = this.inner.as_ref();
-        this.slot.pass(poll, || inner.is_end_stream())
+        match self.project().stream.project() {
+            StreamProj::Direct { mut inner, slot } => {
+                let poll = inner.as_mut().poll_frame(cx);
+                let inner = inner.as_ref();
+                boxed(slot.pass(poll, || inner.is_end_stream()))
+            }
+            StreamProj::Watched {
+                watch,
+                timeout,
+                reported,
+            } => poll_watched(watch, *timeout, reported, cx),
+        }
     }
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.stream {
+            Stream::Direct { inner, .. } => inner.is_end_stream(),
+            Stream::Watched { watch, .. } => match watch.open.try_lock() {
+                Some(open) => open.as_ref().map_or(true, |open| open.body.is_end_stream()),
+                // The sweep is ending it.
+                None => false,
+            },
+        }
     }
 
     #[inline]
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.stream {
+            Stream::Direct { inner, .. } => inner.size_hint(),
+            Stream::Watched { watch, .. } => watch
+                .open
+                .try_lock()
+                .and_then(|open| open.as_ref().map(|open| open.body.size_hint()))
+                .unwrap_or_default(),
+        }
     }
+}
+
+/// Boxes a body error (out of line: the path every frame takes only moves the frame).
+#[inline(always)]
+fn boxed<D, E: Into<BoxError>>(
+    poll: Poll<Option<Result<Frame<D>, E>>>,
+) -> Poll<Option<Result<Frame<D>, BoxError>>> {
+    match poll {
+        Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(box_error(error)))),
+        Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+        Poll::Ready(None) => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn box_error<E: Into<BoxError>>(error: E) -> BoxError {
+    error.into()
+}
+
+/// A poll of a body under the idle sweep: the body's lock held for the poll, and the
+/// stream's state noted for the sweep.
+fn poll_watched<B>(
+    watch: &Watch<B>,
+    timeout: Duration,
+    reported: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<B::Data>, BoxError>>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    if *reported {
+        return Poll::Ready(None);
+    }
+    // Not to be had: the sweep is ending this stream right now.
+    let mut locked = watch.open.try_lock();
+    let Some(open) = locked.as_deref_mut().and_then(Option::as_mut) else {
+        *reported = true;
+        return Poll::Ready(Some(Err(Box::new(IdleTimeout::new(timeout)))));
+    };
+    let poll = open.body.as_mut().poll_frame(cx);
+    let body = open.body.as_ref();
+    let poll = open.slot.pass(poll, || body.is_end_stream());
+    match &poll {
+        Poll::Pending => watch.polled(false),
+        Poll::Ready(Some(Ok(_))) if open.slot.is_held() => watch.polled(true),
+        // The end of the stream: the slot is released, nothing left to time out.
+        Poll::Ready(_) => watch.over(),
+    }
+    boxed(poll)
 }

@@ -5,8 +5,9 @@ use std::time::Duration;
 ///
 /// Returned (boxed in a [`tower::BoxError`]) by
 /// [`StreamConcurrency`](super::StreamConcurrency) when every slot is held and none came
-/// free within the call's `max_wait`. Downcast it to tell back-pressure from an upstream
-/// failure:
+/// free within the call's `max_wait`, or when
+/// [`max_queued`](super::StreamConcurrencyLayer::max_queued) callers already wait.
+/// Downcast it to tell back-pressure from an upstream failure:
 ///
 /// ```
 /// use tower_stream_backpressure::{RejectReason, Rejected};
@@ -14,7 +15,7 @@ use std::time::Duration;
 /// fn is_backpressure(err: &tower::BoxError) -> bool {
 ///     matches!(
 ///         err.downcast_ref::<Rejected>().map(Rejected::reason),
-///         Some(RejectReason::DeadlineExceeded)
+///         Some(RejectReason::DeadlineExceeded | RejectReason::QueueFull)
 ///     )
 /// }
 /// # let _ = is_backpressure;
@@ -32,6 +33,14 @@ impl Rejected {
             reason: RejectReason::DeadlineExceeded,
             limit,
             waited,
+        }
+    }
+
+    pub(crate) fn queue_full(limit: usize) -> Self {
+        Self {
+            reason: RejectReason::QueueFull,
+            limit,
+            waited: Duration::ZERO,
         }
     }
 
@@ -123,13 +132,22 @@ impl Rejected {
 
 impl fmt::Display for Rejected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "stream concurrency limit of {} reached: no slot came free within {:?} ({})",
-            self.limit,
-            self.waited,
-            self.reason.as_str()
-        )
+        match self.reason {
+            RejectReason::QueueFull => write!(
+                f,
+                "stream concurrency limit of {} reached and the queue of callers waiting \
+                 for a slot is full ({})",
+                self.limit,
+                self.reason.as_str()
+            ),
+            RejectReason::DeadlineExceeded => write!(
+                f,
+                "stream concurrency limit of {} reached: no slot came free within {:?} ({})",
+                self.limit,
+                self.waited,
+                self.reason.as_str()
+            ),
+        }
     }
 }
 
@@ -163,19 +181,25 @@ pub enum RejectReason {
     /// The call's `max_wait` passed before a slot came free (at once when `max_wait` is
     /// zero).
     DeadlineExceeded,
+    /// [`max_queued`](super::StreamConcurrencyLayer::max_queued) callers were already
+    /// waiting for a slot: the call failed at once.
+    QueueFull,
 }
 
 impl RejectReason {
-    /// The value of the metric attribute `reason`: `"deadline_exceeded"`.
+    /// The value of the metric attribute `reason`: `"deadline_exceeded"` or
+    /// `"queue_full"`.
     ///
     /// ```
     /// use tower_stream_backpressure::RejectReason;
     ///
     /// assert_eq!(RejectReason::DeadlineExceeded.as_str(), "deadline_exceeded");
+    /// assert_eq!(RejectReason::QueueFull.as_str(), "queue_full");
     /// ```
     pub fn as_str(&self) -> &'static str {
         match self {
             RejectReason::DeadlineExceeded => "deadline_exceeded",
+            RejectReason::QueueFull => "queue_full",
         }
     }
 }
@@ -185,3 +209,58 @@ impl fmt::Display for RejectReason {
         f.write_str(self.as_str())
     }
 }
+
+/// A stream's consumer neither read nor dropped its body for the layer's
+/// [`idle_timeout`](super::StreamConcurrencyLayer::idle_timeout): the stream was ended
+/// for it.
+///
+/// Returned (boxed in a [`tower::BoxError`]) by the next poll of the
+/// [`ResponseBody`](super::ResponseBody), once: by then the upstream body was dropped
+/// (closing the upstream stream) and the slot released.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_backpressure::concurrency::IdleTimeout;
+///
+/// fn was_stalled_reader(error: &tower::BoxError) -> Option<Duration> {
+///     error.downcast_ref::<IdleTimeout>().map(IdleTimeout::timeout)
+/// }
+/// let error: tower::BoxError = "connection reset".into();
+/// assert_eq!(was_stalled_reader(&error), None);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleTimeout {
+    timeout: Duration,
+}
+
+impl IdleTimeout {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+
+    /// The `idle_timeout` that passed.
+    ///
+    /// ```
+    /// # use tower_stream_backpressure::concurrency::IdleTimeout;
+    /// fn timeout(error: &IdleTimeout) -> std::time::Duration {
+    ///     error.timeout()
+    /// }
+    /// # let _ = timeout;
+    /// ```
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+impl fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the stream was not read for {:?} (idle_timeout): its upstream was closed and its \
+             concurrency slot released",
+            self.timeout
+        )
+    }
+}
+
+impl std::error::Error for IdleTimeout {}

@@ -1,6 +1,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -8,13 +9,16 @@ use std::time::Duration;
 use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tower::BoxError;
 use tower_service::Service;
 
+use super::idle::Sweep;
+use super::service::Shared;
 use super::{Rejected, ResponseBody};
 use crate::metrics::ConcurrencyMetrics;
+use crate::park::Parked;
 
 /// A held concurrency slot: the semaphore permit and its `streams_in_flight` count.
 ///
@@ -51,15 +55,32 @@ impl fmt::Debug for Slot {
     }
 }
 
-/// The time a call spends waiting for a slot. Dropped unfinished, it counts the call as
-/// given up by its caller (`context_canceled`).
-struct Wait {
+/// A call in the queue for a slot: the time it waits, and its place in the count of
+/// waiting callers. Dropped unfinished, it counts the call as given up by its caller
+/// (`context_canceled`).
+pub(crate) struct Wait {
     started: Instant,
+    shared: Arc<Shared>,
     metrics: Arc<ConcurrencyMetrics>,
     finished: bool,
 }
 
 impl Wait {
+    /// Takes a place in the queue, or `None` when `max_queued` callers already wait.
+    pub(crate) fn enter(shared: &Arc<Shared>, metrics: &Arc<ConcurrencyMetrics>) -> Option<Self> {
+        let waiting = shared.queued.fetch_add(1, Ordering::AcqRel);
+        if shared.max_queued.is_some_and(|max| waiting >= max) {
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self {
+            started: Instant::now(),
+            shared: shared.clone(),
+            metrics: metrics.clone(),
+            finished: false,
+        })
+    }
+
     fn finish(&mut self) -> Duration {
         self.finished = true;
         self.started.elapsed()
@@ -68,6 +89,7 @@ impl Wait {
 
 impl Drop for Wait {
     fn drop(&mut self) {
+        self.shared.queued.fetch_sub(1, Ordering::AcqRel);
         if !self.finished {
             let waited = self.started.elapsed();
             self.metrics.context_canceled(waited);
@@ -80,16 +102,29 @@ impl Drop for Wait {
     }
 }
 
-/// A call gets no slot within its `max_wait`: counted, logged, and the error made.
+/// A call that found no slot within its `max_wait`.
 pub(crate) fn reject(metrics: &ConcurrencyMetrics, limit: usize, waited: Duration) -> Rejected {
-    metrics.deadline_exceeded(waited);
+    let rejected = Rejected::deadline_exceeded(limit, waited);
+    metrics.rejected(rejected.reason(), waited);
     tracing::warn!(
         provider = %metrics.provider(),
         limit,
         waited_ms = waited.as_millis() as u64,
         "rejected: no concurrency slot within max_wait"
     );
-    Rejected::deadline_exceeded(limit, waited)
+    rejected
+}
+
+/// A call that found the queue full.
+pub(crate) fn reject_queue_full(metrics: &ConcurrencyMetrics, limit: usize) -> Rejected {
+    let rejected = Rejected::queue_full(limit);
+    metrics.rejected(rejected.reason(), Duration::ZERO);
+    tracing::warn!(
+        provider = %metrics.provider(),
+        limit,
+        "rejected: the queue of callers waiting for a concurrency slot is full (max_queued)"
+    );
+    rejected
 }
 
 /// Resolves to a permit, or `None` once the call's deadline has passed.
@@ -100,7 +135,11 @@ pin_project! {
     ///
     /// Waits for a slot (when none was free at `call`), then calls the inner service and
     /// moves the slot into the response body. Dropping it while waiting leaves the queue;
-    /// dropping it while the inner call runs releases the slot.
+    /// dropping it while the inner call runs releases the slot. While it waits it holds
+    /// none of the inner service's readiness: it drives a clone of the service ready
+    /// once it has its slot.
+    ///
+    /// Polled again after it returned, it panics.
     ///
     /// ```
     /// use std::convert::Infallible;
@@ -130,6 +169,7 @@ pin_project! {
     {
         #[pin]
         state: State<S, Req>,
+        sweep: Option<Arc<Sweep>>,
     }
 }
 
@@ -143,9 +183,14 @@ pin_project! {
             acquire: Acquire,
             wait: Wait,
             limit: usize,
-            // Boxed: the service and request are needed only while waiting, and a
-            // future's size is kept by its caller's task for the whole stream.
-            call: Option<Box<(S, Req)>>,
+            // Boxed: needed only while waiting, and a future's size is kept by its
+            // caller's task for the whole stream.
+            call: Option<Box<Parked<S, Req>>>,
+        },
+        // A slot is held: the parked service is driven ready, then called.
+        Readying {
+            call: Box<Parked<S, Req>>,
+            slot: Option<Slot>,
         },
         Calling {
             #[pin]
@@ -155,6 +200,7 @@ pin_project! {
         Rejected {
             error: Rejected,
         },
+        Done,
     }
 }
 
@@ -162,30 +208,26 @@ impl<S, Req> ResponseFuture<S, Req>
 where
     S: Service<Req>,
 {
-    pub(crate) fn calling(future: S::Future, slot: Slot) -> Self {
+    pub(crate) fn calling(future: S::Future, slot: Slot, sweep: Option<Arc<Sweep>>) -> Self {
         Self {
             state: State::Calling {
                 future,
                 slot: Some(slot),
             },
+            sweep,
         }
     }
 
     pub(crate) fn rejected(error: Rejected) -> Self {
         Self {
             state: State::Rejected { error },
+            sweep: None,
         }
     }
 
-    /// Queues for a slot (FIFO) until `deadline`, or for as long as the caller waits.
-    pub(crate) fn waiting(
-        semaphore: Arc<Semaphore>,
-        limit: usize,
-        deadline: Option<Instant>,
-        metrics: Arc<ConcurrencyMetrics>,
-        service: S,
-        request: Req,
-    ) -> Self {
+    /// Queues for a slot with `service`, a clone nobody has polled ready.
+    pub(crate) fn waiting(wait: Wait, deadline: Option<Instant>, service: S, request: Req) -> Self {
+        let semaphore = wait.shared.semaphore.clone();
         let acquire: Acquire = Box::pin(async move {
             // The semaphore is never closed, so `acquire_owned` only ever succeeds.
             let permit = semaphore.acquire_owned();
@@ -194,17 +236,15 @@ where
                 None => permit.await.ok(),
             }
         });
+        let (limit, sweep) = (wait.shared.limit, wait.shared.sweep.clone());
         Self {
             state: State::Waiting {
                 acquire,
-                wait: Wait {
-                    started: Instant::now(),
-                    metrics,
-                    finished: false,
-                },
+                wait,
                 limit,
-                call: Some(Box::new((service, request))),
+                call: Some(Box::new(Parked::new(service, request))),
             },
+            sweep,
         }
     }
 }
@@ -213,13 +253,14 @@ impl<S, Req, B> Future for ResponseFuture<S, Req>
 where
     S: Service<Req, Response = Response<B>>,
     S::Error: Into<BoxError>,
-    B: Body,
+    B: Body + Send + 'static,
 {
     type Output = Result<Response<ResponseBody<B>>, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
-            match self.as_mut().project().state.project() {
+            let mut this = self.as_mut().project();
+            match this.state.as_mut().project() {
                 StateProj::Waiting {
                     acquire,
                     wait,
@@ -230,31 +271,49 @@ where
                     let waited = wait.finish();
                     let Some(permit) = permit else {
                         let error = reject(&wait.metrics, *limit, waited);
-                        self.as_mut().project().state.set(State::Rejected { error });
+                        this.state.set(State::Rejected { error });
                         continue;
                     };
                     let slot = Slot::new(permit, wait.metrics.clone(), waited);
-                    let Some((mut service, request)) = call.take().map(|call| *call) else {
+                    let Some(call) = call.take() else {
                         unreachable!("the call is taken only when leaving this state")
                     };
-                    let future = service.call(request);
-                    self.as_mut().project().state.set(State::Calling {
-                        future,
+                    this.state.set(State::Readying {
+                        call,
                         slot: Some(slot),
                     });
+                }
+                StateProj::Readying { call, slot } => {
+                    let result = ready!(call.poll_call(cx));
+                    let slot = slot.take();
+                    match (result, slot) {
+                        (Ok(future), slot) => this.state.set(State::Calling { future, slot }),
+                        (Err(error), _) => {
+                            // The slot goes with the failed call.
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                    }
                 }
                 StateProj::Calling { future, slot } => {
                     let result = ready!(future.poll(cx));
                     let slot = slot.take();
+                    this.state.set(State::Done);
                     return Poll::Ready(match (result, slot) {
                         (Ok(response), Some(slot)) => {
-                            Ok(response.map(|body| ResponseBody::new(body, slot)))
+                            Ok(response
+                                .map(|body| ResponseBody::new(body, slot, this.sweep.as_ref())))
                         }
                         (Err(error), _) => Err(error.into()),
-                        (Ok(_), None) => panic!("ResponseFuture polled after completion"),
+                        (Ok(_), None) => unreachable!("the slot is held until the response"),
                     });
                 }
-                StateProj::Rejected { error } => return Poll::Ready(Err(Box::new(*error))),
+                StateProj::Rejected { error } => {
+                    let error = *error;
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(Box::new(error)));
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
         }
     }
@@ -267,8 +326,10 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Waiting { .. } => "waiting for a slot",
+            State::Readying { .. } => "waiting for the inner service to be ready",
             State::Calling { .. } => "calling",
             State::Rejected { .. } => "rejected",
+            State::Done => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

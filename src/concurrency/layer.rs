@@ -6,6 +6,7 @@ use opentelemetry::metrics::Meter;
 use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
+use super::idle::Sweep;
 use super::service::Shared;
 use super::StreamConcurrency;
 use crate::metrics::{ConcurrencyMetrics, Telemetry};
@@ -89,8 +90,11 @@ impl StreamConcurrencyLayer {
         Ok(Self {
             shared: Arc::new(Shared {
                 semaphore: Arc::new(Semaphore::new(limit)),
+                queued: Arc::default(),
                 limit,
                 max_wait: None,
+                max_queued: None,
+                sweep: None,
             }),
             telemetry: Telemetry::default(),
         })
@@ -133,13 +137,176 @@ impl StreamConcurrencyLayer {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
+    #[must_use]
     pub fn max_wait(self, max_wait: Duration) -> Self {
-        let shared = Arc::new(Shared {
+        self.with(|shared| shared.max_wait = Some(max_wait))
+    }
+
+    /// How many callers may wait for a slot at once: when `max_queued` already wait, the
+    /// next one fails at once with [`Rejected`](super::Rejected)
+    /// ([`RejectReason::QueueFull`](super::RejectReason::QueueFull)), counted as
+    /// `stream_concurrency_rejections_total{reason="queue_full"}`. `0` lets nobody
+    /// wait. Without it the queue is unbounded and each caller's `max_wait` (or its own
+    /// deadline) decides.
+    ///
+    /// A waiting call holds its request (head, extensions and body as the caller made
+    /// them), a clone of the inner service, and about 300 bytes of its own: its place
+    /// in the queue, and a timer with `max_wait`. Bound the queue where that times the
+    /// callers that may pile up during an outage is more than the process can hold.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::{RejectReason, Rejected, StreamConcurrencyLayer};
+    ///
+    /// let layer = StreamConcurrencyLayer::new(1).max_queued(1);
+    /// let service = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// }));
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// let _open = service.clone().oneshot(http::Request::new(())).await?; // holds the slot
+    /// let _waiting = tokio::spawn(service.clone().oneshot(http::Request::new(())));
+    /// tokio::task::yield_now().await; // the second call is queued now
+    ///
+    /// let error = service.oneshot(http::Request::new(())).await.unwrap_err();
+    /// let rejected = error.downcast_ref::<Rejected>().expect("a rejection");
+    /// assert_eq!(rejected.reason(), RejectReason::QueueFull);
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
+    #[must_use]
+    pub fn max_queued(self, max_queued: usize) -> Self {
+        self.with(|shared| shared.max_queued = Some(max_queued))
+    }
+
+    /// Ends a stream whose consumer neither reads nor drops its body for `timeout`
+    /// after it was handed a frame (a stalled reader): its upstream body is dropped,
+    /// closing the upstream stream, its slot is released, and the body's next poll
+    /// returns [`IdleTimeout`](super::IdleTimeout). A body waiting for the upstream is
+    /// not idle. The stream ends between `timeout` and `timeout * 1.25` after its last
+    /// poll: one task per layer sweeps the open streams every `timeout / 4`, so no
+    /// timer is set or reset per frame (see the module docs).
+    ///
+    /// Without it, a body that is never polled again holds its slot until it is dropped.
+    /// Needs a tokio runtime (the sweep is a task).
+    ///
+    /// # Panics
+    ///
+    /// When `timeout` is zero: no stream could be read at all.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http_body_util::{BodyExt, StreamBody};
+    /// use http_body::Frame;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::concurrency::IdleTimeout;
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let layer = StreamConcurrencyLayer::new(1).idle_timeout(Duration::from_secs(60));
+    /// let service = layer.layer(service_fn(|_: http::Request<()>| async {
+    ///     // A stream with more to send than anyone reads.
+    ///     let events = futures_util::stream::repeat_with(|| {
+    ///         Ok::<_, Infallible>(Frame::data(Bytes::from("data: {}\n\n")))
+    ///     });
+    ///     Ok::<_, Infallible>(http::Response::new(StreamBody::new(events)))
+    /// }));
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let mut body = service.oneshot(http::Request::new(())).await?.into_body();
+    /// body.frame().await.unwrap()?; // one frame read, then the reader stalls
+    /// assert_eq!(layer.available_slots(), 0);
+    ///
+    /// tokio::time::sleep(Duration::from_secs(80)).await;
+    /// assert_eq!(layer.available_slots(), 1, "the stalled stream was ended");
+    /// let error = body.frame().await.unwrap().unwrap_err();
+    /// assert!(error.is::<IdleTimeout>(), "{error}");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
+    #[must_use]
+    pub fn idle_timeout(self, timeout: Duration) -> Self {
+        assert!(
+            !timeout.is_zero(),
+            "StreamConcurrencyLayer: invalid `idle_timeout`: must be above zero"
+        );
+        self.with(|shared| shared.sweep = Some(Arc::new(Sweep::new(timeout))))
+    }
+
+    /// The same layer (the same slots and queue), with other settings.
+    fn with(self, change: impl FnOnce(&mut Shared)) -> Self {
+        let mut shared = Shared {
             semaphore: self.shared.semaphore.clone(),
+            queued: self.shared.queued.clone(),
             limit: self.shared.limit,
-            max_wait: Some(max_wait),
-        });
-        Self { shared, ..self }
+            max_wait: self.shared.max_wait,
+            max_queued: self.shared.max_queued,
+            sweep: self.shared.sweep.clone(),
+        };
+        change(&mut shared);
+        Self {
+            shared: Arc::new(shared),
+            ..self
+        }
+    }
+
+    /// The limit: streams open at once.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// assert_eq!(StreamConcurrencyLayer::new(8).limit(), 8);
+    /// ```
+    pub fn limit(&self) -> usize {
+        self.shared.limit
+    }
+
+    /// The [`max_wait`](Self::max_wait) in force, `None` when a call waits until its
+    /// caller drops it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let layer = StreamConcurrencyLayer::new(8);
+    /// assert_eq!(layer.get_max_wait(), None);
+    /// let layer = layer.max_wait(Duration::from_secs(2));
+    /// assert_eq!(layer.get_max_wait(), Some(Duration::from_secs(2)));
+    /// ```
+    pub fn get_max_wait(&self) -> Option<Duration> {
+        self.shared.max_wait
+    }
+
+    /// The [`max_queued`](Self::max_queued) in force, `None` when unbounded.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// assert_eq!(StreamConcurrencyLayer::new(8).max_queued(100).get_max_queued(), Some(100));
+    /// ```
+    pub fn get_max_queued(&self) -> Option<usize> {
+        self.shared.max_queued
+    }
+
+    /// The [`idle_timeout`](Self::idle_timeout) in force, `None` when off.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let layer = StreamConcurrencyLayer::new(8).idle_timeout(Duration::from_secs(60));
+    /// assert_eq!(layer.get_idle_timeout(), Some(Duration::from_secs(60)));
+    /// ```
+    pub fn get_idle_timeout(&self) -> Option<Duration> {
+        self.shared.sweep.as_ref().map(|sweep| sweep.timeout())
     }
 
     /// The `provider` attribute of this layer's metrics (default `"unknown"`).
@@ -186,6 +353,7 @@ impl StreamConcurrencyLayer {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
+    #[must_use]
     pub fn provider(self, provider: impl Into<Cow<'static, str>>) -> Self {
         Self {
             telemetry: self.telemetry.with_provider(provider),
@@ -230,6 +398,7 @@ impl StreamConcurrencyLayer {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
+    #[must_use]
     pub fn meter(self, meter: Meter) -> Self {
         Self {
             telemetry: self.telemetry.with_meter(meter),

@@ -67,13 +67,14 @@
 mod body;
 mod error;
 mod future;
+mod idle;
 mod layer;
 mod service;
 
 use std::time::Duration;
 
 pub use self::body::ResponseBody;
-pub use self::error::{RejectReason, Rejected};
+pub use self::error::{IdleTimeout, RejectReason, Rejected};
 pub use self::future::ResponseFuture;
 pub use self::layer::StreamConcurrencyLayer;
 pub use self::service::StreamConcurrency;

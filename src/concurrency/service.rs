@@ -1,3 +1,4 @@
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -8,6 +9,8 @@ use tokio::sync::Semaphore;
 use tower::BoxError;
 use tower_service::Service;
 
+use super::future::{reject, reject_queue_full, Wait};
+use super::idle::Sweep;
 use super::{MaxWait, ResponseBody, ResponseFuture, Slot};
 use crate::metrics::ConcurrencyMetrics;
 
@@ -51,6 +54,11 @@ pub(crate) struct Shared {
     pub(crate) semaphore: Arc<Semaphore>,
     pub(crate) limit: usize,
     pub(crate) max_wait: Option<Duration>,
+    pub(crate) max_queued: Option<usize>,
+    /// Callers waiting for a slot now.
+    pub(crate) queued: Arc<AtomicUsize>,
+    /// The idle sweep, with `idle_timeout`.
+    pub(crate) sweep: Option<Arc<Sweep>>,
 }
 
 impl<S: Clone> Clone for StreamConcurrency<S> {
@@ -179,7 +187,7 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for StreamConcurrency<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
-    ResBody: Body,
+    ResBody: Body + Send + 'static,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = BoxError;
@@ -199,28 +207,25 @@ where
         // released permits to waiters first), so the call starts at once.
         if let Ok(permit) = shared.semaphore.clone().try_acquire_owned() {
             let slot = Slot::new(permit, self.metrics.clone(), Duration::ZERO);
-            return ResponseFuture::calling(self.inner.call(request), slot);
+            let sweep = shared.sweep.clone();
+            return ResponseFuture::calling(self.inner.call(request), slot, sweep);
         }
         let max_wait = request
             .extensions()
             .get::<MaxWait>()
             .map_or(shared.max_wait, |max_wait| max_wait.get());
         if max_wait == Some(Duration::ZERO) {
-            let error = super::future::reject(&self.metrics, shared.limit, Duration::ZERO);
+            let error = reject(&self.metrics, shared.limit, Duration::ZERO);
             return ResponseFuture::rejected(error);
         }
-        // Slow path: queue. The ready inner service goes with the request into the
-        // future; this one keeps a fresh clone, which will be polled ready again.
-        let ready = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, ready);
-        ResponseFuture::waiting(
-            shared.semaphore.clone(),
-            shared.limit,
-            max_wait.map(crate::deadline_after),
-            self.metrics.clone(),
-            ready,
-            request,
-        )
+        let Some(wait) = Wait::enter(shared, &self.metrics) else {
+            return ResponseFuture::rejected(reject_queue_full(&self.metrics, shared.limit));
+        };
+        // Slow path: queue, with a clone of the inner service that is not ready (see
+        // `park`). The ready one stays here, for this service's next call.
+        let parked = self.inner.clone();
+        let deadline = max_wait.map(crate::deadline_after);
+        ResponseFuture::waiting(wait, deadline, parked, request)
     }
 }
 

@@ -7,18 +7,19 @@ use std::task::{ready, Context, Poll};
 
 use http::Uri;
 use pin_project_lite::pin_project;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tower::BoxError;
 use tower_service::Service;
 
 use super::io::OpenConnection;
-use super::service::Shared;
+use super::service::{HostPlace, Shared};
 use super::CountedIo;
 use crate::metrics::ConnectionMetrics;
+use crate::park::Parked;
 
 /// Resolves to a permit of the host's semaphore, or to `None` once every handle of the
 /// connector is gone.
-type Acquire = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
+type Acquire = Pin<Box<dyn Future<Output = Option<HostPlace>> + Send>>;
 
 const ABANDONED: &str =
     "connect abandoned: the connector was dropped while waiting for a place on the host";
@@ -76,12 +77,17 @@ pin_project! {
     {
         Waiting {
             acquire: Acquire,
-            call: Option<(S, Uri)>,
+            call: Option<Parked<S, Uri>>,
+        },
+        // A place is held: the parked connector is driven ready, then called.
+        Readying {
+            call: Parked<S, Uri>,
+            permit: Option<HostPlace>,
         },
         Connecting {
             #[pin]
             future: S::Future,
-            permit: Option<OwnedSemaphorePermit>,
+            permit: Option<HostPlace>,
         },
         Done,
     }
@@ -94,7 +100,7 @@ where
     /// Connects at once; `permit` is the host's place, when there is a cap.
     pub(crate) fn connecting(
         future: S::Future,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Option<HostPlace>,
         shared: Arc<Shared>,
         metrics: Arc<ConnectionMetrics>,
     ) -> Self {
@@ -108,13 +114,14 @@ where
     /// Waits for a place on `host`, then calls the (ready) `service` with `uri`; gives
     /// up when `handles` reports that every handle of the connector is gone.
     pub(crate) fn waiting(
-        host: Arc<Semaphore>,
+        (key, host): (String, Arc<Semaphore>),
         mut handles: watch::Receiver<()>,
         service: S,
         uri: Uri,
         shared: Arc<Shared>,
         metrics: Arc<ConnectionMetrics>,
     ) -> Self {
+        let place_shared = shared.clone();
         let acquire: Acquire = Box::pin(async move {
             let mut permit = pin!(host.acquire_owned());
             // Nothing is ever sent: `changed` returns when the sender is dropped.
@@ -127,11 +134,12 @@ where
                 gone.as_mut().poll(cx).map(|_| None)
             })
             .await
+            .map(|permit| HostPlace::new(permit, key, place_shared))
         });
         Self {
             state: State::Waiting {
                 acquire,
-                call: Some((service, uri)),
+                call: Some(Parked::new(service, uri)),
             },
             shared,
             metrics,
@@ -155,14 +163,25 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(Box::new(io::Error::other(ABANDONED))));
                     };
-                    let Some((mut service, uri)) = call.take() else {
+                    let Some(call) = call.take() else {
                         unreachable!("the call is taken only when leaving this state")
                     };
-                    let future = service.call(uri);
-                    this.state.set(State::Connecting {
-                        future,
+                    this.state.set(State::Readying {
+                        call,
                         permit: Some(permit),
                     });
+                }
+                StateProj::Readying { call, permit } => {
+                    let result = ready!(call.poll_call(cx));
+                    let permit = permit.take();
+                    match result {
+                        Ok(future) => this.state.set(State::Connecting { future, permit }),
+                        Err(error) => {
+                            // The place goes with the failed connect.
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                    }
                 }
                 StateProj::Connecting { future, permit } => {
                     let result = ready!(future.poll(cx));
@@ -193,6 +212,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Waiting { .. } => "waiting for a place on the host",
+            State::Readying { .. } => "waiting for the connector to be ready",
             State::Connecting { .. } => "connecting",
             State::Done => "done",
         };

@@ -5,13 +5,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use super::service::{HostPlace, Shared};
+use crate::metrics::ConnectionMetrics;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use pin_project_lite::pin_project;
-use tokio::sync::OwnedSemaphorePermit;
-
-use super::service::Shared;
-use crate::metrics::ConnectionMetrics;
 
 /// One open connection: its count in `http_client_open_connections` and in
 /// [`open_connections`](super::ConnectionGaugeLayer::open_connections), and its host's
@@ -23,21 +21,21 @@ use crate::metrics::ConnectionMetrics;
 pub(crate) struct OpenConnection {
     shared: Arc<Shared>,
     metrics: Arc<ConnectionMetrics>,
-    _permit: Option<OwnedSemaphorePermit>,
+    _place: Option<HostPlace>,
 }
 
 impl OpenConnection {
     pub(crate) fn new(
         shared: Arc<Shared>,
         metrics: Arc<ConnectionMetrics>,
-        permit: Option<OwnedSemaphorePermit>,
+        place: Option<HostPlace>,
     ) -> Self {
         shared.open.fetch_add(1, Ordering::Relaxed);
         metrics.opened();
         Self {
             shared,
             metrics,
-            _permit: permit,
+            _place: place,
         }
     }
 }
@@ -253,9 +251,10 @@ mod tests {
         let (shared, metrics) = shared();
         let host = Arc::new(Semaphore::new(1));
         let permit = host.clone().try_acquire_owned().unwrap();
+        let place = HostPlace::new(permit, "a:80".to_owned(), shared.clone());
         let io = CountedIo::new(
             (),
-            OpenConnection::new(shared.clone(), metrics, Some(permit)),
+            OpenConnection::new(shared.clone(), metrics, Some(place)),
         );
         assert_eq!(host.available_permits(), 0);
         assert_eq!(shared.open_connections(), 1);

@@ -1,10 +1,11 @@
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::Uri;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower::BoxError;
 use tower_service::Service;
 
@@ -49,7 +50,7 @@ pub struct ConnectionGauge<S> {
 pub(crate) struct Shared {
     max_per_host: Option<usize>,
     /// One semaphore of `max_per_host` permits per `host:port`, made on first use and
-    /// kept (one small entry per host the client ever connected to).
+    /// forgotten when the host's last connection closes (and nobody waits for one).
     hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Connections open, as in `http_client_open_connections`.
     pub(crate) open: AtomicUsize,
@@ -72,14 +73,66 @@ impl Shared {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// The semaphore of `uri`'s host, `None` when there is no cap.
-    fn host(&self, uri: &Uri) -> Option<Arc<Semaphore>> {
+    /// The key and semaphore of `uri`'s host, `None` when there is no cap.
+    fn host(&self, uri: &Uri) -> Option<(String, Arc<Semaphore>)> {
         let max = self.max_per_host?;
+        let key = host_key(uri);
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         let semaphore = hosts
-            .entry(host_key(uri))
+            .entry(key.clone())
             .or_insert_with(|| Arc::new(Semaphore::new(max)));
-        Some(semaphore.clone())
+        Some((key, semaphore.clone()))
+    }
+
+    /// Hosts with a semaphore now.
+    #[cfg(test)]
+    pub(crate) fn hosts(&self) -> usize {
+        self.hosts.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Forgets `key`'s semaphore if nothing holds it but the map: no place taken, no
+    /// connect waiting. (Every clone of it is made under this lock, so none can appear
+    /// while it is looked at.)
+    fn forget_if_unused(&self, key: &str) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if hosts
+            .get(key)
+            .is_some_and(|host| Arc::strong_count(host) == 1)
+        {
+            hosts.remove(key);
+        }
+    }
+}
+
+/// A place on a host under the per-host cap, held by a connect and then by its
+/// connection. Dropped, it frees the place, and the host is forgotten if nobody else
+/// uses it, so that the map holds only hosts in use.
+pub(crate) struct HostPlace {
+    permit: Option<OwnedSemaphorePermit>,
+    key: String,
+    shared: Arc<Shared>,
+}
+
+impl HostPlace {
+    pub(crate) fn new(permit: OwnedSemaphorePermit, key: String, shared: Arc<Shared>) -> Self {
+        Self {
+            permit: Some(permit),
+            key,
+            shared,
+        }
+    }
+}
+
+impl Drop for HostPlace {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.shared.forget_if_unused(&self.key);
+    }
+}
+
+impl fmt::Debug for HostPlace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("HostPlace").field(&self.key).finish()
     }
 }
 
@@ -223,20 +276,20 @@ where
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let (shared, metrics) = (self.shared.clone(), self.metrics.clone());
-        let Some(host) = shared.host(&uri) else {
+        let Some((key, host)) = shared.host(&uri) else {
             return ConnectFuture::connecting(self.inner.call(uri), None, shared, metrics);
         };
         // Fast path: a place is free (never ahead of queued connects: the semaphore
         // hands released permits to waiters first).
         if let Ok(permit) = host.clone().try_acquire_owned() {
-            return ConnectFuture::connecting(self.inner.call(uri), Some(permit), shared, metrics);
+            let place = HostPlace::new(permit, key, shared.clone());
+            return ConnectFuture::connecting(self.inner.call(uri), Some(place), shared, metrics);
         }
-        // Slow path: queue. The ready inner connector goes with the destination into
-        // the future; this one keeps a fresh clone, which will be polled ready again.
-        let ready = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, ready);
+        // Slow path: queue, with a clone of the inner connector that is not ready (see
+        // `park`). The ready one stays here, for this connector's next call.
+        let parked = self.inner.clone();
         let handles = self.handles.subscribe();
-        ConnectFuture::waiting(host, handles, ready, uri, shared, metrics)
+        ConnectFuture::waiting((key, host), handles, parked, uri, shared, metrics)
     }
 }
 
@@ -455,5 +508,95 @@ mod tests {
             "example.com:8080"
         );
         assert_eq!(host_key(&uri("http://[::1]:9000/")), "[::1]:9000");
+    }
+
+    #[tokio::test]
+    async fn a_host_is_forgotten_once_its_last_connection_closes() {
+        let layer = ConnectionGaugeLayer::new().max_per_host(2);
+        let connector = layer.layer(Connector::default());
+        let hosts = || connector.shared.hosts();
+        let a1 = connector.clone().oneshot(uri("http://a/")).await.unwrap();
+        let a2 = connector.clone().oneshot(uri("http://a/")).await.unwrap();
+        let b = connector.clone().oneshot(uri("http://b/")).await.unwrap();
+        assert_eq!(hosts(), 2);
+        drop(a1);
+        assert_eq!(hosts(), 2, "a still has a connection");
+        drop(a2);
+        assert_eq!(hosts(), 1, "a is forgotten");
+        // A failed connect leaves nothing behind either.
+        let _ = connector
+            .clone()
+            .oneshot(uri("http://down/"))
+            .await
+            .unwrap_err();
+        assert_eq!(hosts(), 1);
+        drop(b);
+        assert_eq!(hosts(), 0);
+        // A host that comes back gets its cap again.
+        let _c1 = connector.clone().oneshot(uri("http://a/")).await.unwrap();
+        let _c2 = connector.clone().oneshot(uri("http://a/")).await.unwrap();
+        let mut third = connector.clone().oneshot(uri("http://a/"));
+        assert!(pending(&mut third), "the cap holds for the host come back");
+    }
+
+    /// A connector whose `poll_ready` takes the one place of a shared gate until its
+    /// call, as tower's `Buffer` does with its channel (and, like it, a clone starts
+    /// unready).
+    struct Gated {
+        gate: Arc<Semaphore>,
+        held: Option<OwnedSemaphorePermit>,
+    }
+
+    impl Clone for Gated {
+        fn clone(&self) -> Self {
+            Self {
+                gate: self.gate.clone(),
+                held: None,
+            }
+        }
+    }
+
+    impl Service<Uri> for Gated {
+        type Response = NullIo;
+        type Error = io::Error;
+        type Future = std::future::Ready<io::Result<NullIo>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if self.held.is_none() {
+                match self.gate.clone().try_acquire_owned() {
+                    Ok(permit) => self.held = Some(permit),
+                    Err(_) => return Poll::Pending,
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Uri) -> Self::Future {
+            self.held = None;
+            std::future::ready(Ok(NullIo))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connect_waiting_for_a_place_holds_no_readiness_of_the_connector() {
+        let gate = Arc::new(Semaphore::new(1));
+        let layer = ConnectionGaugeLayer::new().max_per_host(1);
+        let connector = layer.layer(Gated {
+            gate: gate.clone(),
+            held: None,
+        });
+        let held = connector.clone().oneshot(uri("http://a/")).await.unwrap();
+        // Waits for a's place: the readiness it was polled to is not parked with it.
+        let mut waiting = connector.clone().oneshot(uri("http://a/"));
+        assert!(pending(&mut waiting));
+        assert_eq!(
+            gate.available_permits(),
+            1,
+            "nothing reserved while waiting"
+        );
+        // Another host's connect goes through the gate meanwhile.
+        let _b = connector.clone().oneshot(uri("http://b/")).await.unwrap();
+        drop(held);
+        let _a = waiting.await.unwrap();
     }
 }

@@ -123,7 +123,11 @@ impl Detector for JsonArray {
                         b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => self.state = State::Scalar,
                         // Nothing else can start a JSON value: waiting would only
                         // run into the first-chunk timeout, and a retry gets the same.
-                        _ => return self.not_a_stream("an element starts with a byte no JSON value starts with"),
+                        _ => {
+                            return self.not_a_stream(
+                                "an element starts with a byte no JSON value starts with",
+                            )
+                        }
                     }
                     if self.state != State::Open {
                         from = Some(i);
@@ -295,18 +299,27 @@ mod tests {
     fn lenient_takes_the_end_of_the_body_and_a_full_buffer_as_a_plain_document() {
         assert_eq!(JsonArray::lenient().empty(), Progress::Found);
         // Ending without a byte after the head promised more: no answer at all.
-        assert_eq!(run(&JsonArray::lenient(), &[b"", b""]).progress, Progress::Pending);
+        assert_eq!(
+            run(&JsonArray::lenient(), &[b"", b""]).progress,
+            Progress::Pending
+        );
         for input in [" ", "[", "[{\"b64_json\": \"AAAA", "[12"] {
             let outcome = run(&JsonArray::lenient(), &[input.as_bytes()]);
             assert_eq!(outcome.progress, Progress::Found, "{input:?}");
-            assert_eq!(outcome.chunk, None, "content, not an in-band error: {input:?}");
+            assert_eq!(
+                outcome.chunk, None,
+                "content, not an in-band error: {input:?}"
+            );
             let mut d = JsonArray::lenient();
             let _ = d.feed(input.as_bytes());
             assert_eq!(d.buffer_full(), Progress::Found, "{input:?}");
             assert!(d.first_chunk().is_none());
         }
         // Not a JSON value at all: a plain (broken) document for the caller to judge.
-        assert_eq!(run(&JsonArray::lenient(), &[b"[x"]).progress, Progress::Found);
+        assert_eq!(
+            run(&JsonArray::lenient(), &[b"[x"]).progress,
+            Progress::Found
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::ReplayBody;
+use crate::park::Parked;
 use crate::retry::NotReplayable;
 
 pin_project! {
@@ -56,10 +57,15 @@ pin_project! {
         Reading {
             read: Option<Read<S, B>>,
         },
+        // The body is read: the service is driven ready, then called.
+        Readying {
+            call: Parked<S, Request<ReplayBody<B>>>,
+        },
         Calling {
             #[pin]
             future: S::Future,
         },
+        Done,
     }
 }
 
@@ -106,20 +112,39 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            let future = match this.state.as_mut().project() {
-                StateProj::Calling { future } => return future.poll(cx).map_err(Into::into),
+            match this.state.as_mut().project() {
                 StateProj::Reading { read } => {
                     let Some(reading) = read.as_mut() else {
                         unreachable!("the request is read until it is sent")
                     };
-                    let body = ready!(reading.poll_body(cx))?;
+                    let body = match ready!(reading.poll_body(cx)) {
+                        Ok(body) => body,
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                    };
                     let Some(reading) = read.take() else {
                         unreachable!("the request is read until it is sent")
                     };
-                    reading.send(body)
+                    this.state.set(State::Readying {
+                        call: reading.into_call(body),
+                    });
                 }
-            };
-            this.state.set(State::Calling { future });
+                StateProj::Readying { call } => match ready!(call.poll_call(cx)) {
+                    Ok(future) => this.state.set(State::Calling { future }),
+                    Err(error) => {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error.into()));
+                    }
+                },
+                StateProj::Calling { future } => {
+                    let output = ready!(future.poll(cx)).map_err(Into::into);
+                    this.state.set(State::Done);
+                    return Poll::Ready(output);
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
         }
     }
 }
@@ -159,9 +184,10 @@ where
 
     /// Calls the inner service: with the bytes held when the body `ended` (with its
     /// trailers), else with the bytes read and the rest, once.
-    fn send(self, ended: Option<Option<HeaderMap>>) -> S::Future {
+    /// The request to send, with the service to send it on.
+    fn into_call(self, ended: Option<Option<HeaderMap>>) -> Parked<S, Request<ReplayBody<B>>> {
         let Self {
-            mut service,
+            service,
             mut head,
             body,
             read,
@@ -174,7 +200,7 @@ where
                 ReplayBody::streaming(read, body)
             }
         };
-        service.call(Request::from_parts(head, body))
+        Parked::new(service, Request::from_parts(head, body))
     }
 }
 
@@ -200,7 +226,9 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Reading { .. } => "reading the request body",
+            State::Readying { .. } => "waiting for the inner service to be ready",
             State::Calling { .. } => "calling",
+            State::Done => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

@@ -105,15 +105,14 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<S, B>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+    /// Always ready: every call waits for its request body first, so the call drives a
+    /// clone of the inner service ready once the body is read, and holds none of its
+    /// readiness while it reads.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        // The ready service goes with the request; this one keeps a fresh clone, which
-        // will be polled ready again.
-        let fresh = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, fresh);
-        ResponseFuture::new(ready, request, self.limit)
+        ResponseFuture::new(self.inner.clone(), request, self.limit)
     }
 }

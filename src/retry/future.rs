@@ -463,7 +463,10 @@ static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-shoul
 /// size of a response is no cost here.)
 #[allow(clippy::large_enum_variant)]
 enum Next<B: Body> {
-    Retry { after: Duration, failure: Failure<B> },
+    Retry {
+        after: Duration,
+        failure: Failure<B>,
+    },
     Done(Output<B>),
 }
 

@@ -534,7 +534,10 @@ async fn a_short_plain_answer_ends_as_its_first_chunk_and_is_never_retried_for_e
     // A JSON list cut short: a plain document for the caller to judge.
     let bodies: [&[&'static str]; 3] = [&["[12"], &["[{\"id\":", " 1"], &["  "]];
     for chunks in bodies {
-        let mock = Mock::new(vec![ok_as("application/json", Scripted::data(chunks).exact())]);
+        let mock = Mock::new(vec![ok_as(
+            "application/json",
+            Scripted::data(chunks).exact(),
+        )]);
         let response = run(FirstChunkRetryLayer::new(policy()), &mock, request())
             .await
             .unwrap();
@@ -572,13 +575,20 @@ async fn a_plain_json_list_larger_than_the_buffer_is_a_response() {
     let mock = Mock::new(vec![ok_as("application/json", Scripted::data(&frames))]);
     let layer = FirstChunkRetryLayer::new(policy()).frames(crate::frame::JsonArray::default());
     let error = run(layer, &mock, request()).await.unwrap_err();
-    assert_eq!(first_chunk_error(&error).kind(), FirstChunkErrorKind::BufferLimit);
+    assert_eq!(
+        first_chunk_error(&error).kind(),
+        FirstChunkErrorKind::BufferLimit
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_zero_or_past_hint_falls_back_to_the_backoff() {
     let past = "Wed, 21 Oct 2015 07:28:00 GMT";
-    for (name, value) in [("retry-after", "0"), ("retry-after-ms", "0"), ("retry-after", past)] {
+    for (name, value) in [
+        ("retry-after", "0"),
+        ("retry-after-ms", "0"),
+        ("retry-after", past),
+    ] {
         let mut replies: Vec<Reply> = (0..4).map(|_| status(503, &[(name, value)])).collect();
         replies.push(ok(Scripted::data(&["data: 1\n\n"])));
         let mock = Mock::new(replies);
@@ -625,7 +635,9 @@ async fn a_body_that_is_always_ready_cannot_pin_the_task_past_the_timeout() {
     let policy = RetryPolicy::default()
         .max_attempts(1)
         .first_chunk_timeout(Duration::from_millis(50));
-    let call = FirstChunkRetryLayer::new(policy).layer(upstream).oneshot(request());
+    let call = FirstChunkRetryLayer::new(policy)
+        .layer(upstream)
+        .oneshot(request());
     // On its own task: a call that never yields would hold it, not this test.
     let call = tokio::spawn(call);
     let error = tokio::time::timeout(Duration::from_secs(20), call)
@@ -633,7 +645,10 @@ async fn a_body_that_is_always_ready_cannot_pin_the_task_past_the_timeout() {
         .expect("the call ends, by its first-chunk timeout")
         .unwrap()
         .unwrap_err();
-    assert_eq!(first_chunk_error(&error).kind(), FirstChunkErrorKind::Timeout);
+    assert_eq!(
+        first_chunk_error(&error).kind(),
+        FirstChunkErrorKind::Timeout
+    );
 }
 
 /// Fails its `poll_ready` from the `n`th call on (counting from 1).
@@ -692,7 +707,11 @@ async fn a_poll_ready_error_before_a_retry_returns_the_previous_failure() {
     let error = first_chunk_error(&error);
     assert_eq!(error.kind(), FirstChunkErrorKind::Upstream);
     assert_eq!(error.stop_reason(), StopReason::NotReady);
-    assert_eq!(error.attempts(), 1, "the attempt that never started is not one");
+    assert_eq!(
+        error.attempts(),
+        1,
+        "the attempt that never started is not one"
+    );
 
     // Nothing counted as a failed retry: no retry started.
     provider.force_flush().unwrap();
