@@ -1,8 +1,10 @@
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use opentelemetry::metrics::Meter;
 use tower_layer::Layer;
 
+use super::service::Placement;
 use super::{RetryBudget, WithRetryBudget};
 use crate::metrics::{self, Telemetry};
 
@@ -26,6 +28,8 @@ use crate::metrics::{self, Telemetry};
 pub struct RetryBudgetLayer {
     budget: RetryBudget,
     telemetry: Telemetry<()>,
+    /// Shared by every service the layer builds, so that it warns once if misplaced.
+    placement: Arc<Placement>,
 }
 
 impl RetryBudgetLayer {
@@ -60,6 +64,7 @@ impl RetryBudgetLayer {
         Self {
             budget,
             telemetry: Telemetry::default(),
+            placement: Arc::new(Placement::new(Cow::Borrowed("unknown"))),
         }
     }
 
@@ -101,7 +106,9 @@ impl RetryBudgetLayer {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn provider(self, provider: impl Into<Cow<'static, str>>) -> Self {
+        let provider = provider.into();
         Self {
+            placement: Arc::new(Placement::new(provider.clone())),
             telemetry: self.telemetry.with_provider(provider),
             ..self
         }
@@ -163,7 +170,7 @@ impl<S> Layer<S> for RetryBudgetLayer {
         self.telemetry.instruments(|meter, provider| {
             metrics::observe_budget(meter, provider, self.budget.clone());
         });
-        WithRetryBudget::new(inner, self.budget.clone())
+        WithRetryBudget::with_placement(inner, self.budget.clone(), self.placement.clone())
     }
 }
 

@@ -32,4 +32,5 @@ mod service;
 
 pub use self::layer::RetryBudgetLayer;
 pub use self::retry_budget::RetryBudget;
+pub(crate) use self::service::Budgets;
 pub use self::service::WithRetryBudget;

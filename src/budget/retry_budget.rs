@@ -234,6 +234,27 @@ impl RetryBudget {
         self.inner.retry_ratio
     }
 
+    /// Gives back the retry just withdrawn: a call that needs a retry from several
+    /// budgets takes none when one of them refuses.
+    pub(crate) fn refund(&self) {
+        let mut window = self.window();
+        // The retry is in the newest slice that holds one: the current slice, unless
+        // it turned in between. A retry already expired has nothing to give back.
+        for back in 0..SLICES {
+            let slice = (window.current + SLICES - back) % SLICES;
+            if window.retries[slice] > 0 {
+                window.retries[slice] -= 1;
+                window.total_retries -= 1;
+                return;
+            }
+        }
+    }
+
+    /// Whether `other` is this budget (or a clone of it), not merely an equal one.
+    pub(crate) fn same(&self, other: &RetryBudget) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// How many handles share this budget (clones, services, metric callbacks).
     #[cfg(test)]
     pub(crate) fn handles(&self) -> usize {
