@@ -60,7 +60,8 @@
 //! Put the concurrency limit outermost: the slot is held across every retry of a call,
 //! so retries cannot raise the number of open streams, and a saturated client rejects
 //! before spending budget. The budget layer goes above the retry layer, so it counts
-//! each original request once and hands the budget down to the retries.
+//! each original request once and hands the budget down to the retries; below it, the
+//! budget cannot bound them, and says so once in a `WARN` (see [`budget`]).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

@@ -14,7 +14,7 @@
 //! | `provider_calls_in_flight` | gauge | +1 per upstream attempt, -1 when the attempt fails or its body ends or drops |
 //! | `stream_first_chunk_latency_seconds` | histogram | first attempt start to first chunk found |
 //! | `stream_retries_total{outcome,reason}` | counter | see [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer); nothing when retry is disabled |
-//! | `stream_retry_budget_available` | gauge | the budget's [`available()`](crate::RetryBudget::available), read at collection |
+//! | `stream_retry_budget_available` | gauge | the budget's [`available()`](crate::RetryBudget::available), read at collection: one series per budget and meter (the first layer's `provider`), none once the budget is dropped |
 //! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded`, `queue_full` or `context_canceled` |
 //! | `stream_concurrency_wait_seconds` | histogram | time waited for a slot, granted or not (0 when granted at once) |
 //! | `http_client_open_connections` | gauge | +1 when a connector wrapped by [`ConnectionGaugeLayer`](crate::ConnectionGaugeLayer) connects, -1 when that connection's IO is dropped |
@@ -440,18 +440,28 @@ impl ConnectionMetrics {
     }
 }
 
-/// Registers the observable `stream_retry_budget_available` gauge for one budget.
+/// Registers the observable `stream_retry_budget_available` gauge for one budget, once
+/// per meter: a budget shared by several layers, renamed or given the meter again, is
+/// one series, named by the first layer that registered it.
 ///
-/// The callback lives as long as the meter provider; registering happens once per
-/// [`RetryBudgetLayer`](crate::RetryBudgetLayer) (see [`Telemetry`]).
-pub(crate) fn observe_budget(meter: &Meter, provider: KeyValue, budget: crate::RetryBudget) {
+/// The SDK keeps a callback as long as the meter provider lives and cannot forget one,
+/// so the callback holds no budget, only a weak handle: once every handle on the budget
+/// is gone (a configuration reload dropped the old stack), its counts are freed and it
+/// reports no series.
+pub(crate) fn observe_budget(meter: &Meter, provider: KeyValue, budget: &crate::RetryBudget) {
+    if !budget.first_gauge_on(meter) {
+        return;
+    }
     let provider = [provider];
+    let budget = budget.downgrade();
     meter
         .i64_observable_gauge(STREAM_RETRY_BUDGET_AVAILABLE)
         .with_description("Retries the budget would allow now")
         .with_callback(move |observer| {
-            let available = i64::try_from(budget.available()).unwrap_or(i64::MAX);
-            observer.observe(available, &provider);
+            if let Some(budget) = budget.upgrade() {
+                let available = i64::try_from(budget.available()).unwrap_or(i64::MAX);
+                observer.observe(available, &provider);
+            }
         })
         .build();
 }

@@ -220,3 +220,80 @@ async fn the_budget_gauge_reads_the_budget_at_collection() {
         Some(100.0)
     );
 }
+
+/// However the stack is built around one budget (the same layer twice, clones, a
+/// renamed layer, the meter given again), the budget is one series per meter.
+#[tokio::test]
+async fn one_budget_gauge_series_per_budget_and_meter() {
+    use tower::Layer;
+    use tower_stream_backpressure::RetryBudgetLayer;
+    fn build(layer: &RetryBudgetLayer) {
+        let _ = layer.layer(tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(())
+        }));
+    }
+    const GAUGE: &str = "stream_retry_budget_available";
+    let metrics = Metrics::new();
+    let budget = RetryBudget::default();
+    let layer = RetryBudgetLayer::new(budget.clone())
+        .meter(metrics.meter())
+        .provider("test");
+    build(&layer);
+    build(&layer.clone());
+    build(&layer.clone().provider("renamed"));
+    build(&layer.clone().meter(metrics.meter()));
+    build(
+        &RetryBudgetLayer::new(budget.clone())
+            .meter(metrics.meter())
+            .provider("other"),
+    );
+    let snapshot = metrics.snapshot();
+    assert_eq!(snapshot.series(GAUGE), 1, "one budget, one meter");
+    // Named by the first layer that registered it.
+    assert_eq!(snapshot.value(GAUGE, &[TEST]), Some(100.0));
+
+    // Another budget is another series.
+    let other = RetryBudget::new(Duration::from_secs(10), 1, 0.0).unwrap();
+    build(
+        &RetryBudgetLayer::new(other.clone())
+            .meter(metrics.meter())
+            .provider("other"),
+    );
+    let snapshot = metrics.snapshot();
+    assert_eq!(snapshot.series(GAUGE), 2);
+    assert_eq!(snapshot.value(GAUGE, &[("provider", "other")]), Some(10.0));
+}
+
+/// A budget whose every handle is gone (its layers and services dropped, as after a
+/// configuration reload) reports nothing more.
+#[cfg(feature = "serde")]
+#[tokio::test]
+async fn a_dropped_budget_leaves_no_gauge_series() {
+    use tower::Layer;
+    use tower_stream_backpressure::config::Config;
+    const GAUGE: &str = "stream_retry_budget_available";
+    let metrics = Metrics::new();
+    let upstream = || {
+        tower::service_fn(|_: http::Request<bytes::Bytes>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                bytes::Bytes,
+            >::new()))
+        })
+    };
+    let config: Config = serde_json::from_str(r#"{"stream_max_concurrent": 10}"#).unwrap();
+    let layers = config.layer("test").unwrap().meter(metrics.meter());
+    let service = layers.layer(upstream());
+    assert_eq!(metrics.snapshot().series(GAUGE), 1);
+
+    // Reloaded twice: each reload builds a new stack, with a new budget, and drops the
+    // old one.
+    let mut current = (layers, service);
+    for _ in 0..2 {
+        let layers = config.layer("test").unwrap().meter(metrics.meter());
+        let service = layers.layer(upstream());
+        current = (layers, service);
+        assert_eq!(metrics.snapshot().series(GAUGE), 1, "only the stack in use");
+    }
+    drop(current);
+    assert_eq!(metrics.snapshot().series(GAUGE), 0, "no budget, no series");
+}

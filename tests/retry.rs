@@ -14,7 +14,8 @@ use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_stream_backpressure::retry::{FirstChunkErrorKind, StopReason};
 use tower_stream_backpressure::{
-    FirstChunkError, FirstChunkRetryLayer, RetryBudget, RetryPolicy, StreamConcurrencyLayer,
+    FirstChunkError, FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy,
+    StreamConcurrencyLayer,
 };
 
 /// Fails the first `failures` hits with `fault`, then streams 3 tokens.
@@ -448,5 +449,116 @@ async fn a_complete_empty_answer_is_sent_once() {
             FirstChunkErrorKind::EndOfStream
         );
         assert_eq!(upstream.hits(), 3, "{protocol:?}");
+
+/// No reserve, one retry per deposit: what a budget allows is what it was given.
+fn one_retry_per_deposit() -> RetryBudget {
+    RetryBudget::new(Duration::from_secs(10), 0, 1.0).expect("a valid budget")
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_budget_in_two_layers_deposits_once_per_call() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::status(503)).await;
+        let budget = one_retry_per_deposit();
+        let service = ServiceBuilder::new()
+            .layer(RetryBudgetLayer::new(budget.clone()))
+            .layer(RetryBudgetLayer::new(budget.clone()))
+            .layer(FirstChunkRetryLayer::new(RetryPolicy::default()))
+            .service(client(protocol));
+        let response = service.oneshot(post(&upstream.url("/"))).await.unwrap();
+        assert_eq!(response.status(), 503);
+        // Two deposits would have bought a second retry: three hits.
+        assert_eq!(upstream.hits(), 2, "{protocol:?}: one deposit, one retry");
+        assert_eq!(budget.available(), 0, "{protocol:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn nested_budgets_each_deposit_once_and_each_bounds_the_retries() {
+    for protocol in BOTH {
+        let stack = |outer: &RetryBudget, inner: &RetryBudget| {
+            ServiceBuilder::new()
+                .layer(RetryBudgetLayer::new(outer.clone()))
+                .layer(RetryBudgetLayer::new(inner.clone()))
+                .layer(FirstChunkRetryLayer::new(RetryPolicy::default()))
+                .service(client(protocol))
+        };
+        let upstream = Upstream::start(|_| Reply::status(503)).await;
+        let url = upstream.url("/");
+
+        // The outer budget (say, one for every provider) allows no retry: none is made,
+        // however generous the inner one is.
+        let (outer, inner) = (
+            RetryBudget::new(Duration::from_secs(10), 0, 0.0).unwrap(),
+            one_retry_per_deposit(),
+        );
+        let response = stack(&outer, &inner).oneshot(post(&url)).await.unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(upstream.hits(), 1, "{protocol:?}: the outer budget refused");
+        assert_eq!(
+            inner.available(),
+            1,
+            "{protocol:?}: the inner one deposited, untouched"
+        );
+
+        // The other way round: the outer budget's unit is given back when the inner
+        // one refuses.
+        let (outer, inner) = (
+            one_retry_per_deposit(),
+            RetryBudget::new(Duration::from_secs(10), 0, 0.0).unwrap(),
+        );
+        stack(&outer, &inner).oneshot(post(&url)).await.unwrap();
+        assert_eq!(upstream.hits(), 2, "{protocol:?}: the inner budget refused");
+        assert_eq!(
+            outer.available(),
+            1,
+            "{protocol:?}: nothing taken from the outer one"
+        );
+
+        // Both allow one: one retry, taken from both.
+        let (outer, inner) = (one_retry_per_deposit(), one_retry_per_deposit());
+        stack(&outer, &inner).oneshot(post(&url)).await.unwrap();
+        assert_eq!(upstream.hits(), 4, "{protocol:?}: one retry");
+        assert_eq!(
+            (outer.available(), inner.available()),
+            (0, 0),
+            "{protocol:?}: one deposit and one withdrawal in each"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_budget_below_the_retry_layer_deposits_once_per_call() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::status(503)).await;
+        let url = upstream.url("/");
+        let budget = one_retry_per_deposit();
+        // The wrong order: every attempt passes through the budget layer.
+        let misordered = ServiceBuilder::new()
+            .layer(FirstChunkRetryLayer::new(RetryPolicy::default()))
+            .layer(RetryBudgetLayer::new(budget.clone()))
+            .service(client(protocol));
+        misordered.oneshot(post(&url)).await.unwrap();
+        assert_eq!(
+            upstream.hits(),
+            3,
+            "{protocol:?}: no budget above, max_attempts"
+        );
+
+        // A well-ordered stack sharing the budget draws on what the call deposited:
+        // its own deposit and the misordered call's, one retry each.
+        let ordered = ServiceBuilder::new()
+            .layer(RetryBudgetLayer::new(budget.clone()))
+            .layer(FirstChunkRetryLayer::new(
+                RetryPolicy::default().max_attempts(10),
+            ))
+            .service(client(protocol));
+        ordered.oneshot(post(&url)).await.unwrap();
+        assert_eq!(
+            upstream.hits(),
+            3 + 3,
+            "{protocol:?}: two retries; one deposit per attempt would have bought four"
+        );
+        assert_eq!(budget.available(), 0, "{protocol:?}");
     }
 }

@@ -215,3 +215,34 @@ async fn budget_exhaustion_rejections_and_cancellations_are_logged() {
     );
     assert_eq!(field(&events[1], "waited_ms"), "100");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_budget_below_the_retry_layer_warns_once() {
+    use tower::ServiceBuilder;
+    use tower_stream_backpressure::{FirstChunkRetryLayer, RetryBudgetLayer};
+
+    let recorder = Recorder::default();
+    let _guard = tracing::subscriber::set_default(recorder.clone());
+    let upstream = Upstream::start(|_| Reply::status(503)).await;
+    let misordered = ServiceBuilder::new()
+        .layer(FirstChunkRetryLayer::new(policy()).provider("test"))
+        .layer(RetryBudgetLayer::new(RetryBudget::default()).provider("test"))
+        .service(client(Protocol::Http1));
+    for _ in 0..3 {
+        let response = misordered.clone().oneshot(post(&upstream.url("/"))).await;
+        assert_eq!(response.unwrap().status(), 503);
+    }
+    assert_eq!(upstream.hits(), 6, "three calls, two attempts each");
+    let events = recorder.take();
+    let misplaced: Vec<_> = events
+        .iter()
+        .filter(|e| e.message.contains("below the retry layer"))
+        .collect();
+    assert_eq!(
+        misplaced.len(),
+        1,
+        "once per layer, not per retry: {events:?}"
+    );
+    assert_eq!(misplaced[0].level, Level::WARN);
+    assert_eq!(field(misplaced[0], "provider"), "test");
+}

@@ -1,8 +1,10 @@
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use opentelemetry::metrics::Meter;
 use tower_layer::Layer;
 
+use super::service::Placement;
 use super::{RetryBudget, WithRetryBudget};
 use crate::metrics::{self, Telemetry};
 
@@ -26,6 +28,8 @@ use crate::metrics::{self, Telemetry};
 pub struct RetryBudgetLayer {
     budget: RetryBudget,
     telemetry: Telemetry<()>,
+    /// Shared by every service the layer builds, so that it warns once if misplaced.
+    placement: Arc<Placement>,
 }
 
 impl RetryBudgetLayer {
@@ -60,6 +64,7 @@ impl RetryBudgetLayer {
         Self {
             budget,
             telemetry: Telemetry::default(),
+            placement: Arc::new(Placement::new(Cow::Borrowed("unknown"))),
         }
     }
 
@@ -101,7 +106,9 @@ impl RetryBudgetLayer {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn provider(self, provider: impl Into<Cow<'static, str>>) -> Self {
+        let provider = provider.into();
         Self {
+            placement: Arc::new(Placement::new(provider.clone())),
             telemetry: self.telemetry.with_provider(provider),
             ..self
         }
@@ -158,12 +165,13 @@ impl<S> Layer<S> for RetryBudgetLayer {
     type Service = WithRetryBudget<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        // The gauge reads the budget at collection time; it is registered once per
-        // layer, however many services the layer builds.
+        // The gauge reads the budget at collection time. The layer asks once, however
+        // many services it builds; the budget registers it once per meter, however
+        // many layers ask.
         self.telemetry.instruments(|meter, provider| {
-            metrics::observe_budget(meter, provider, self.budget.clone());
+            metrics::observe_budget(meter, provider, &self.budget);
         });
-        WithRetryBudget::new(inner, self.budget.clone())
+        WithRetryBudget::with_placement(inner, self.budget.clone(), self.placement.clone())
     }
 }
 
@@ -174,7 +182,7 @@ mod tests {
     use opentelemetry_sdk::metrics::{ManualReader, SdkMeterProvider};
 
     #[test]
-    fn the_gauge_is_registered_once_per_layer() {
+    fn the_gauge_is_registered_once_per_budget_and_meter() {
         // With no reader the SDK keeps no callbacks at all.
         let provider = SdkMeterProvider::builder()
             .with_reader(ManualReader::builder().build())
@@ -183,16 +191,35 @@ mod tests {
         let layer = RetryBudgetLayer::new(budget.clone()).meter(provider.meter("test"));
         let services: Vec<_> = (0..10).map(|_| layer.layer(())).collect();
         drop(services);
-        // Ours, the layer's, and one gauge callback's.
-        assert_eq!(budget.handles(), 3);
+        assert_eq!(budget.gauges(), 1);
+        // Ours and the layer's: the gauge keeps no budget alive.
+        assert_eq!(budget.handles(), 2);
 
-        // A changed layer is a new set of instruments: one more callback.
-        let renamed = layer.clone().provider("other");
-        let _ = (renamed.layer(()), renamed.layer(()));
-        assert_eq!(
-            budget.handles(),
-            5,
-            "+ the renamed layer's and its callback's"
-        );
+        // Renamed, given the meter again, or another layer on the same budget: the
+        // same budget on the same meter, no new callback.
+        let _ = layer.clone().provider("other").layer(());
+        let _ = layer.clone().meter(provider.meter("test")).layer(());
+        let _ = RetryBudgetLayer::new(budget.clone())
+            .meter(provider.meter("test"))
+            .layer(());
+        assert_eq!(budget.gauges(), 1);
+
+        // Another meter (another scope) is another series: one more.
+        let _ = layer.clone().meter(provider.meter("other")).layer(());
+        let _ = layer.clone().meter(provider.meter("other")).layer(());
+        assert_eq!(budget.gauges(), 2);
+    }
+
+    #[test]
+    fn a_dropped_budget_is_freed_though_its_gauge_stays() {
+        let provider = SdkMeterProvider::builder()
+            .with_reader(ManualReader::builder().build())
+            .build();
+        let budget = RetryBudget::default();
+        let weak = budget.downgrade();
+        let layer = RetryBudgetLayer::new(budget).meter(provider.meter("test"));
+        let service = layer.layer(());
+        drop((layer, service));
+        assert!(weak.upgrade().is_none(), "the gauge kept the budget alive");
     }
 }

@@ -11,7 +11,7 @@
 //! # How
 //!
 //! [`RetryBudget`] holds the counts; clones share them. [`RetryBudgetLayer`] deposits
-//! once per request passing through and puts the budget handle into the request's
+//! once per call passing through and puts the budget handle into the request's
 //! extensions. [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer), below it in the
 //! stack, finds the handle and withdraws one unit before each retry; when the budget
 //! refuses, the call returns its last failure at once. Without a handle, retries are
@@ -23,8 +23,53 @@
 //! Unlike the other middleware, [`WithRetryBudget`] has no response future or body of
 //! its own: it acts only on the request, so the inner service's pass through.
 //!
-//! Metric: `stream_retry_budget_available`, read from
-//! [`available()`](RetryBudget::available) at each collection.
+//! # One deposit per call, however the stack is built
+//!
+//! The ratio only means something if a deposit is one call: a budget that took two
+//! deposits for a call allows twice the retries it was set to, and one that sees every
+//! attempt pays for retries with retries. So a budget layer deposits only for a call
+//! that has not already deposited in that same budget, and never for a retry:
+//!
+//! - **The same budget in two layers** (or a clone of it: the budget is compared by
+//!   identity, not by settings) takes one deposit; the inner layer finds the budget
+//!   already in the request and passes it on.
+//! - **Nested layers with different budgets** (say, one per provider inside one for
+//!   the whole client) each take one deposit, and a retry needs a unit from **every**
+//!   budget the call deposited in: taken from all, or, when one refuses, from none (the
+//!   units already taken are given back). A retry is load on every scope the budgets
+//!   stand for, so each of them bounds it.
+//! - **A budget layer below the retry layer** sees every attempt. The retry layer marks
+//!   its retries with [`RetryAttempt`](crate::retry::RetryAttempt); the budget layer
+//!   deposits for the first attempt only and hands the budget on, but it cannot bound
+//!   retries made above it, so it logs one `WARN` (per layer, not per call) that the
+//!   order is wrong. A retrying layer of your own should mark its retries the same way.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//! use tower_stream_backpressure::{FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy};
+//!
+//! let client_wide = RetryBudget::new(Duration::from_secs(10), 10, 0.1)?;
+//! let per_provider = RetryBudget::default();
+//! let stack = ServiceBuilder::new()
+//!     // Each call deposits in both; each retry takes from both.
+//!     .layer(RetryBudgetLayer::new(client_wide.clone()))
+//!     .layer(RetryBudgetLayer::new(per_provider.clone()))
+//!     .layer(FirstChunkRetryLayer::new(RetryPolicy::default()));
+//! # let _ = stack;
+//! # Ok::<(), tower_stream_backpressure::ConfigError>(())
+//! ```
+//!
+//! # Metric
+//!
+//! `stream_retry_budget_available`, read from [`available()`](RetryBudget::available)
+//! at each collection. It is registered once per budget and meter, whatever the number
+//! of layers, clones, `.provider()` or `.meter()` calls: a budget is one series, with
+//! the `provider` of the first layer that registered it (give each provider its own
+//! budget to see them apart). Meters are one when they are handles on the same
+//! implementation, as the SDK's are for one provider and scope. The callback holds the
+//! budget weakly: once every handle on it is gone (a configuration reload builds a new
+//! stack and drops the old), the budget's counts are freed and it reports no series.
 
 mod layer;
 mod retry_budget;
@@ -32,4 +77,5 @@ mod service;
 
 pub use self::layer::RetryBudgetLayer;
 pub use self::retry_budget::RetryBudget;
+pub(crate) use self::service::Budgets;
 pub use self::service::WithRetryBudget;

@@ -8,6 +8,7 @@ use shuttle::sync::{Arc, Mutex, MutexGuard};
 #[cfg(not(shuttle))]
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use opentelemetry::metrics::Meter;
 use tokio::time::Instant;
 
 use crate::ConfigError;
@@ -67,6 +68,23 @@ struct Inner {
     reserve: u128,
     slice: Duration,
     window: Mutex<Window>,
+    /// The meters this budget's gauge is registered with, so that it is registered
+    /// once per meter however many layers share the budget. Holding them keeps each
+    /// one's identity (its address) from being reused by another meter.
+    gauges: std::sync::Mutex<Vec<Meter>>,
+}
+
+/// A handle on a budget that does not keep it alive: what its gauge holds.
+#[derive(Clone)]
+pub(crate) struct WeakRetryBudget {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl WeakRetryBudget {
+    /// The budget, if some handle on it is still alive.
+    pub(crate) fn upgrade(&self) -> Option<RetryBudget> {
+        self.inner.upgrade().map(|inner| RetryBudget { inner })
+    }
 }
 
 /// Counts over the last `ttl`, in `SLICES` slices, the newest at `current`.
@@ -130,6 +148,7 @@ impl RetryBudget {
                     total_deposits: 0,
                     total_retries: 0,
                 }),
+                gauges: std::sync::Mutex::default(),
             }),
         })
     }
@@ -234,10 +253,55 @@ impl RetryBudget {
         self.inner.retry_ratio
     }
 
-    /// How many handles share this budget (clones, services, metric callbacks).
+    /// Gives back the retry just withdrawn: a call that needs a retry from several
+    /// budgets takes none when one of them refuses.
+    pub(crate) fn refund(&self) {
+        let mut window = self.window();
+        // The retry is in the newest slice that holds one: the current slice, unless
+        // it turned in between. A retry already expired has nothing to give back.
+        for back in 0..SLICES {
+            let slice = (window.current + SLICES - back) % SLICES;
+            if window.retries[slice] > 0 {
+                window.retries[slice] -= 1;
+                window.total_retries -= 1;
+                return;
+            }
+        }
+    }
+
+    /// Whether `other` is this budget (or a clone of it), not merely an equal one.
+    pub(crate) fn same(&self, other: &RetryBudget) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// A handle that does not keep the budget alive.
+    pub(crate) fn downgrade(&self) -> WeakRetryBudget {
+        WeakRetryBudget {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
+    /// Records that this budget's gauge is registered with `meter`, and says whether
+    /// this is the first time: only then is it to be registered.
+    pub(crate) fn first_gauge_on(&self, meter: &Meter) -> bool {
+        let mut gauges = self.inner.gauges.lock().unwrap_or_else(|e| e.into_inner());
+        if gauges.iter().any(|known| same_meter(known, meter)) {
+            return false;
+        }
+        gauges.push(meter.clone());
+        true
+    }
+
+    /// How many handles share this budget (clones, services).
     #[cfg(test)]
     pub(crate) fn handles(&self) -> usize {
         Arc::strong_count(&self.inner)
+    }
+
+    /// How many gauge callbacks read this budget.
+    #[cfg(test)]
+    pub(crate) fn gauges(&self) -> usize {
+        Arc::weak_count(&self.inner)
     }
 
     fn balance(&self, window: &Window) -> u128 {
@@ -253,6 +317,15 @@ impl RetryBudget {
         window.expire(Instant::now(), self.inner.slice);
         window
     }
+}
+
+/// Whether two meters are one: `Meter` has no identity of its own, but the SDK hands
+/// out one implementation per provider and scope, and every handle on a meter reaches
+/// it. Its address is the meter's identity.
+fn same_meter(a: &Meter, b: &Meter) -> bool {
+    // Making a builder registers nothing: only `build` does.
+    let (a, b) = (a.i64_observable_gauge(""), b.i64_observable_gauge(""));
+    std::ptr::addr_eq(a.instrument_provider, b.instrument_provider)
 }
 
 impl Window {

@@ -1,13 +1,22 @@
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::Request;
+use http::{Extensions, Request};
 use tower_service::Service;
 
 use super::RetryBudget;
+use crate::retry::RetryAttempt;
 
 /// Deposits one request into a [`RetryBudget`] per call and puts the budget in the
 /// request's extensions, where [`FirstChunkRetry`](crate::retry::FirstChunkRetry)
 /// finds it and withdraws one unit per retry.
+///
+/// A call deposits once into a budget however the stack is built: not when the budget
+/// already took this call's deposit (the same budget in two layers), nor for a
+/// [`RetryAttempt`] (this layer sits below a retrying layer, and logs one `WARN` that
+/// it does). See the [module docs](super).
 ///
 /// Made by [`RetryBudgetLayer`](super::RetryBudgetLayer). Responses, errors and futures
 /// pass through untouched.
@@ -33,6 +42,34 @@ use super::RetryBudget;
 pub struct WithRetryBudget<S> {
     inner: S,
     budget: RetryBudget,
+    placement: Arc<Placement>,
+}
+
+/// What a layer needs to warn, once, that it sits below a retrying layer.
+#[derive(Debug)]
+pub(crate) struct Placement {
+    provider: Cow<'static, str>,
+    warned: AtomicBool,
+}
+
+impl Placement {
+    pub(crate) fn new(provider: Cow<'static, str>) -> Self {
+        Self {
+            provider,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// A retry came through: warn, the first time only.
+    fn retry_seen(&self) {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                provider = %self.provider,
+                "retry budget layer below the retry layer: retries pass through it and \
+                 cannot be bounded; put RetryBudgetLayer above FirstChunkRetryLayer"
+            );
+        }
+    }
 }
 
 impl<S> WithRetryBudget<S> {
@@ -58,7 +95,16 @@ impl<S> WithRetryBudget<S> {
     /// # Ok::<(), tower::BoxError>(())
     /// ```
     pub fn new(inner: S, budget: RetryBudget) -> Self {
-        Self { inner, budget }
+        let placement = Arc::new(Placement::new(Cow::Borrowed("unknown")));
+        Self::with_placement(inner, budget, placement)
+    }
+
+    pub(crate) fn with_placement(inner: S, budget: RetryBudget, placement: Arc<Placement>) -> Self {
+        Self {
+            inner,
+            budget,
+            placement,
+        }
     }
 
     /// The inner service.
@@ -124,8 +170,140 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        self.budget.deposit();
-        request.extensions_mut().insert(self.budget.clone());
+        let extensions = request.extensions_mut();
+        // A request without extensions (the usual one, above the retry layer) is a new
+        // call that no budget has seen: no lookup.
+        let retry = !extensions.is_empty() && extensions.get::<RetryAttempt>().is_some();
+        if retry {
+            self.placement.retry_seen();
+        }
+        if !carries(extensions, &self.budget) {
+            if !retry {
+                self.budget.deposit();
+            }
+            // Handed down even on a retry: a retry layer below may still spend it.
+            hand_down(extensions, &self.budget);
+        }
         self.inner.call(request)
+    }
+}
+
+/// The budgets a call deposited in after the first, outermost first; the first is the
+/// [`RetryBudget`] extension itself, where a retry layer looks for it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InnerBudgets(Vec<RetryBudget>);
+
+/// Whether the request already carries `budget`: it took this call's deposit.
+fn carries(extensions: &Extensions, budget: &RetryBudget) -> bool {
+    if extensions.is_empty() {
+        return false;
+    }
+    extensions
+        .get::<RetryBudget>()
+        .is_some_and(|first| first.same(budget))
+        || extensions
+            .get::<InnerBudgets>()
+            .is_some_and(|more| more.0.iter().any(|other| other.same(budget)))
+}
+
+fn hand_down(extensions: &mut Extensions, budget: &RetryBudget) {
+    if extensions.get::<RetryBudget>().is_none() {
+        extensions.insert(budget.clone());
+        return;
+    }
+    // Nested budget layers: the only case that allocates for a list.
+    match extensions.get_mut::<InnerBudgets>() {
+        Some(more) => more.0.push(budget.clone()),
+        None => {
+            extensions.insert(InnerBudgets(vec![budget.clone()]));
+        }
+    }
+}
+
+/// Every budget a call deposited in, taken out of its request by the retry layer: a
+/// retry takes one unit from each of them, or from none.
+#[derive(Debug, Default)]
+pub(crate) struct Budgets {
+    first: Option<RetryBudget>,
+    more: Vec<RetryBudget>,
+}
+
+impl Budgets {
+    /// Takes the budgets out of `extensions`. With nothing else in them, they are
+    /// emptied, so that the copy of the request each attempt sends does not copy a map.
+    pub(crate) fn take(extensions: &mut Extensions) -> Self {
+        if extensions.is_empty() {
+            return Self::default();
+        }
+        let first = extensions.remove::<RetryBudget>();
+        let more = match first {
+            Some(_) => extensions
+                .remove::<InnerBudgets>()
+                .map(|more| more.0)
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        if first.is_some() && extensions.is_empty() {
+            *extensions = Extensions::new();
+        }
+        Self { first, more }
+    }
+
+    /// Whether the call has no budget: its retries are bounded by `max_attempts` only.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// Takes one retry from every budget, if every one allows it, and says whether it
+    /// did. When one refuses, those already taken are given back.
+    pub(crate) fn withdraw(&self) -> bool {
+        let Some(first) = &self.first else {
+            return true;
+        };
+        if !first.withdraw() {
+            return false;
+        }
+        for (taken, budget) in self.more.iter().enumerate() {
+            if !budget.withdraw() {
+                first.refund();
+                self.more[..taken].iter().for_each(RetryBudget::refund);
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn one_per_deposit() -> RetryBudget {
+        RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap()
+    }
+
+    #[test]
+    fn a_refused_retry_takes_nothing_from_any_budget() {
+        let (a, b, c) = (one_per_deposit(), one_per_deposit(), one_per_deposit());
+        let mut extensions = Extensions::new();
+        for budget in [&a, &b, &c] {
+            budget.deposit();
+            hand_down(&mut extensions, budget);
+        }
+        assert!(extensions.get::<InnerBudgets>().is_some());
+        let budgets = Budgets::take(&mut extensions);
+        assert!(extensions.is_empty(), "the budgets are out of the request");
+        assert!(budgets.withdraw(), "each allows one");
+        c.deposit();
+        assert!(!budgets.withdraw(), "a and b are empty");
+        assert_eq!(c.available(), 1, "c gave nothing");
+        a.deposit();
+        b.deposit();
+        a.deposit();
+        assert!(budgets.withdraw());
+        assert!(!budgets.withdraw(), "b and c are empty");
+        assert_eq!(a.available(), 1, "the unit taken from a came back");
+        assert_eq!((b.available(), c.available()), (0, 0));
     }
 }

@@ -20,9 +20,11 @@ use super::retry_after::retry_after;
 use super::service::Shared;
 use super::NotReplayable;
 use super::ResponseBody;
+use super::RetryAttempt;
+use crate::budget::Budgets;
 use crate::frame::{Detector, Malformed, Progress};
 use crate::metrics::{RetryMetrics, RetryOutcome, RetryReason};
-use crate::{deadline, deadline_after, RetryBudget};
+use crate::{deadline, deadline_after};
 
 /// Response future of [`FirstChunkRetry`](super::FirstChunkRetry).
 ///
@@ -169,7 +171,8 @@ struct Attempts<S, ReqBody, D> {
     /// Why the attempt in progress is a retry (`None` for the first).
     retried_for: Option<RetryReason>,
     started: Instant,
-    budget: Option<RetryBudget>,
+    /// Every budget the call deposited in; a retry takes a unit from each.
+    budgets: Budgets,
     shared: Arc<Shared<D>>,
     metrics: Arc<RetryMetrics>,
 }
@@ -299,10 +302,10 @@ where
             shared.policy.attempts_allowed()
         };
         let retries = max_attempts > 1;
-        let budget = if retries {
-            take_budget(request.extensions_mut())
+        let budgets = if retries {
+            Budgets::take(request.extensions_mut())
         } else {
-            None
+            Budgets::default()
         };
         let head_request = request.method() == http::Method::HEAD;
         let (first, request) = if retries {
@@ -326,7 +329,7 @@ where
                 attempt: 1,
                 retried_for: None,
                 started,
-                budget,
+                budgets,
                 shared,
                 metrics,
             },
@@ -514,6 +517,14 @@ where
     where
         S: Service<Request<ReqBody>>,
     {
+        if self.attempt == 2 {
+            if let Some(request) = &mut self.request {
+                // Marked once, at the first retry, and carried by the copies of later
+                // ones: layers below count it as the same call (a budget layer there
+                // deposits nothing). It costs the request a map, on retries only.
+                request.extensions_mut().insert(RetryAttempt);
+            }
+        }
         let request = if self.attempt < self.max_attempts {
             self.request.clone()
         } else {
@@ -654,12 +665,7 @@ where
                 }
                 StopReason::AttemptsExhausted
             }
-            Some(reason)
-                if self
-                    .budget
-                    .as_ref()
-                    .is_some_and(|budget| !budget.withdraw()) =>
-            {
+            Some(reason) if !self.budgets.is_empty() && !self.budgets.withdraw() => {
                 self.metrics.retry(RetryOutcome::BudgetExhausted, reason);
                 tracing::warn!(
                     %provider,
@@ -714,17 +720,6 @@ where
 
 fn pass_through<B: Body>(response: Response<B>, call: CallGuard) -> Response<ResponseBody<B>> {
     response.map(|body| ResponseBody::new(body, Replay::default(), false, call))
-}
-
-/// Takes the budget that [`RetryBudgetLayer`](crate::RetryBudgetLayer) put in the
-/// request's extensions. With nothing else in them, they are emptied, so that the
-/// copy of the request each attempt sends does not copy a map.
-fn take_budget(extensions: &mut http::Extensions) -> Option<RetryBudget> {
-    let budget = extensions.remove::<RetryBudget>()?;
-    if extensions.is_empty() {
-        *extensions = http::Extensions::new();
-    }
-    Some(budget)
 }
 
 impl<B, D> Peek<B, D>

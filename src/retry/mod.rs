@@ -14,8 +14,9 @@
 //!
 //! Each attempt sends a clone of the request (the body must be `Clone`, e.g.
 //! `Full<Bytes>`, or made so by [`BufferRequestBodyLayer`](crate::BufferRequestBodyLayer);
-//! the last attempt takes the original). A request marked [`NotReplayable`] gets one
-//! attempt. Then:
+//! the last attempt takes the original). Every attempt after the first carries a
+//! [`RetryAttempt`] mark, so that the layers below can tell a retry from a new call. A
+//! request marked [`NotReplayable`] gets one attempt. Then:
 //!
 //! - **Inner error**: retried when [transient](is_transient) (connect failure, reset,
 //!   `REFUSED_STREAM`, GOAWAY, ...); any other error goes back at once. Either way,
@@ -42,7 +43,8 @@
 //!
 //! Before each retry, one unit is withdrawn from the [`RetryBudget`](crate::RetryBudget)
 //! that [`RetryBudgetLayer`](crate::RetryBudgetLayer) put in the request's
-//! extensions, if any; when it refuses, the last failure goes back at once. When the
+//! extensions, if any (from each of them, when nested budget layers put several); when
+//! it refuses, the last failure goes back at once. When the
 //! attempts run out, a retryable-status response or a transient in-band error goes back
 //! as it is, and other failures as a [`FirstChunkError`] saying what happened and after
 //! how many attempts.
@@ -67,6 +69,7 @@
 //!
 //! With `max_attempts(1)` (retry disabled) nothing is counted.
 
+mod attempt;
 mod body;
 mod classify;
 mod error;
@@ -77,6 +80,7 @@ mod policy;
 mod retry_after;
 mod service;
 
+pub use self::attempt::RetryAttempt;
 pub use self::body::ResponseBody;
 pub use self::classify::is_transient;
 pub use self::error::{FirstChunkError, FirstChunkErrorKind, StopReason};

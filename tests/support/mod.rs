@@ -172,6 +172,24 @@ impl Snapshot {
         }
     }
 
+    /// How many data points (series) of `name` were exported: 0 when none.
+    pub fn series(&self, name: &str) -> usize {
+        fn points<T>(data: &MetricData<T>) -> usize {
+            match data {
+                MetricData::Sum(sum) => sum.data_points().count(),
+                MetricData::Gauge(gauge) => gauge.data_points().count(),
+                MetricData::Histogram(histogram) => histogram.data_points().count(),
+                MetricData::ExponentialHistogram(histogram) => histogram.data_points().count(),
+            }
+        }
+        match self.data(name) {
+            None => 0,
+            Some(AggregatedMetrics::F64(data)) => points(data),
+            Some(AggregatedMetrics::U64(data)) => points(data),
+            Some(AggregatedMetrics::I64(data)) => points(data),
+        }
+    }
+
     /// `value`, or 0 when nothing was recorded.
     pub fn count(&self, name: &str, attrs: &[(&str, &str)]) -> f64 {
         self.value(name, attrs).unwrap_or(0.0)
