@@ -100,6 +100,10 @@ fn status(code: u16, header: &'static str, value: impl Into<String>) -> Reply {
     Reply::status(code).header(header, value)
 }
 
+/// Ollama's free-text error: "internal" here names no internal server error.
+const OLLAMA_CONTEXT_LIMIT: &[u8] =
+    b"{\"error\":\"prompt exceeds the model's internal context limit\"}\n";
+
 fn first_events(n: usize) -> Bytes {
     Bytes::from(token_events(3)[..n].concat())
 }
@@ -388,6 +392,20 @@ fn cases() -> Vec<Case> {
             retried: false,
             hits: 1,
             receives: Receives::Response(200, capture("anthropic_invalid_request.sse")),
+            waited: NO_WAIT,
+            retries: &[],
+        },
+        Case {
+            id: "in-band-free-text-error",
+            h2_only: false,
+            server: always(Reply::chunks(
+                "application/x-ndjson",
+                vec![Bytes::from_static(OLLAMA_CONTEXT_LIMIT)],
+            )),
+            policy: policy(),
+            retried: false,
+            hits: 1,
+            receives: Receives::Response(200, Bytes::from_static(OLLAMA_CONTEXT_LIMIT)),
             waited: NO_WAIT,
             retries: &[],
         },
