@@ -9,18 +9,21 @@
 
 mod support;
 
+use std::io;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body::Body;
 use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
 use support::raw_h2::{H2Connection, H2Reply, RawH2};
 use support::upstream::token_events;
 use support::{
-    capture, client, full_stack, post, Fault, Hit, Metrics, Protocol, Reply, Upstream, BOTH, TEST,
+    capture, client_with, full_stack, post, Fault, FlakyConnector, Hit, LoopbackResolver, Metrics,
+    Protocol, Reply, Upstream, BOTH, TEST,
 };
 use tokio::time::Instant;
-use tower::ServiceExt;
+use tower::{BoxError, ServiceExt};
 use tower_stream_backpressure::retry::{FirstChunkError, FirstChunkErrorKind, StopReason};
 use tower_stream_backpressure::{RetryBudget, RetryPolicy, StreamConcurrencyLayer};
 
@@ -45,12 +48,76 @@ enum Receives {
     BodyStalls(Bytes),
     /// A `FirstChunkError`.
     Error(FirstChunkErrorKind, StopReason, u32),
+    /// hyper-util's connect error itself, unchanged, after one connection attempt.
+    ConnectError,
+}
+
+/// How the client connects.
+#[derive(Clone, Copy)]
+enum Connector {
+    /// hyper-util's `HttpConnector`, as a user sets it up.
+    Http,
+    /// The URL names `upstream.invalid`, whose first lookup fails as the system
+    /// resolver fails for a name that does not exist (hyper-util's `dns error`); later
+    /// lookups answer 127.0.0.1. Nothing asks the network.
+    DnsFailsFirst,
+    /// The first connection fails with this error, as a TLS connector fails its
+    /// handshake; later ones connect.
+    FailsFirst(fn() -> BoxError),
+    /// The URL's scheme is `https`, which `HttpConnector` refuses: an invalid URI.
+    Https,
+}
+
+type TestConnector = FlakyConnector<HttpConnector<LoopbackResolver>>;
+
+impl Connector {
+    fn build(self) -> TestConnector {
+        let failures = match self {
+            Connector::DnsFailsFirst => 1,
+            _ => 0,
+        };
+        let mut http = HttpConnector::new_with_resolver(LoopbackResolver::failing_first(failures));
+        http.set_nodelay(true);
+        let failure = match self {
+            Connector::FailsFirst(failure) => Some(failure),
+            _ => None,
+        };
+        FlakyConnector::new(http, failure)
+    }
+
+    fn url(self, url: String) -> String {
+        match self {
+            Connector::DnsFailsFirst => url.replacen("127.0.0.1", "upstream.invalid", 1),
+            Connector::Https => url.replacen("http://", "https://", 1),
+            Connector::Http | Connector::FailsFirst(_) => url,
+        }
+    }
+}
+
+/// What tokio-rustls (under hyper-rustls) returns for a failed handshake.
+fn rustls_handshake_failure() -> BoxError {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "received fatal alert: HandshakeFailure",
+    )
+    .into()
+}
+
+/// What hyper-tls returns for a certificate OpenSSL rejects: text in an `io::Error`.
+fn native_tls_certificate_rejected() -> BoxError {
+    io::Error::other(
+        "error:0A000086:SSL routines:tls_post_process_server_certificate:certificate \
+         verify failed:../ssl/statem/statem_clnt.c:1889: (unable to get local issuer \
+         certificate)",
+    )
+    .into()
 }
 
 struct Case {
     /// The row of `docs/faults.md`.
     id: &'static str,
     h2_only: bool,
+    connector: Connector,
     server: Server,
     policy: RetryPolicy,
     retried: bool,
@@ -114,6 +181,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "connection-refused",
             h2_only: false,
+            connector: Connector::Http,
             server: Server::Closed,
             policy: policy(),
             retried: true,
@@ -130,8 +198,57 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
+            id: "dns-failure",
+            h2_only: false,
+            connector: Connector::DnsFailsFirst,
+            server: always(Reply::tokens(3)),
+            policy: policy(),
+            retried: false,
+            hits: 0,
+            receives: Receives::ConnectError,
+            waited: NO_WAIT,
+            retries: &[],
+        },
+        Case {
+            id: "tls-handshake-failure",
+            h2_only: false,
+            connector: Connector::FailsFirst(rustls_handshake_failure),
+            server: always(Reply::tokens(3)),
+            policy: policy(),
+            retried: false,
+            hits: 0,
+            receives: Receives::ConnectError,
+            waited: NO_WAIT,
+            retries: &[],
+        },
+        Case {
+            id: "tls-certificate-rejected",
+            h2_only: false,
+            connector: Connector::FailsFirst(native_tls_certificate_rejected),
+            server: always(Reply::tokens(3)),
+            policy: policy(),
+            retried: false,
+            hits: 0,
+            receives: Receives::ConnectError,
+            waited: NO_WAIT,
+            retries: &[],
+        },
+        Case {
+            id: "invalid-uri",
+            h2_only: false,
+            connector: Connector::Https,
+            server: always(Reply::tokens(3)),
+            policy: policy(),
+            retried: false,
+            hits: 0,
+            receives: Receives::ConnectError,
+            waited: NO_WAIT,
+            retries: &[],
+        },
+        Case {
             id: "closed-before-response",
             h2_only: false,
+            connector: Connector::Http,
             server: once(Reply::DropConnection),
             policy: policy(),
             retried: true,
@@ -143,6 +260,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "reset-before-first-event",
             h2_only: false,
+            connector: Connector::Http,
             server: once(Reply::faulty(3, Fault::ResetBeforeFirst)),
             policy: policy(),
             retried: true,
@@ -154,6 +272,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "h2-refused-stream",
             h2_only: true,
+            connector: Connector::Http,
             server: Server::RawH2(
                 |_| H2Connection::Serve,
                 |hit| match hit {
@@ -171,6 +290,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "h2-goaway-covering-stream",
             h2_only: true,
+            connector: Connector::Http,
             server: Server::RawH2(
                 |_| H2Connection::Serve,
                 |hit| match hit {
@@ -188,6 +308,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "h2-goaway-before-stream",
             h2_only: true,
+            connector: Connector::Http,
             server: Server::RawH2(
                 |connection| match connection {
                     0 => H2Connection::GoAwayFirst,
@@ -205,6 +326,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "retry-after-seconds",
             h2_only: false,
+            connector: Connector::Http,
             server: once(status(503, "retry-after", "2")),
             policy: policy(),
             retried: true,
@@ -216,6 +338,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "retry-after-http-date",
             h2_only: false,
+            connector: Connector::Http,
             server: once(status(429, "retry-after", in_three)),
             policy: policy(),
             retried: true,
@@ -228,6 +351,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "retry-after-ms",
             h2_only: false,
+            connector: Connector::Http,
             server: once(status(503, "retry-after-ms", "700")),
             policy: policy(),
             retried: true,
@@ -239,6 +363,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "retry-after-negative",
             h2_only: false,
+            connector: Connector::Http,
             server: once(status(503, "retry-after", "-5")),
             policy: policy(),
             retried: true,
@@ -250,6 +375,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "retry-after-huge",
             h2_only: false,
+            connector: Connector::Http,
             server: always(status(503, "retry-after", "99999999999999999999")),
             policy: policy(),
             retried: false,
@@ -264,6 +390,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "retry-after-garbage",
             h2_only: false,
+            connector: Connector::Http,
             server: once(status(503, "retry-after", "soon, maybe")),
             policy: policy(),
             retried: true,
@@ -275,6 +402,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "status-not-retried",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::status(500)),
             policy: policy(),
             retried: false,
@@ -289,6 +417,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "stall-before-headers",
             h2_only: false,
+            connector: Connector::Http,
             server: once(Reply::Hang),
             policy: policy(),
             retried: true,
@@ -300,6 +429,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "stall-before-first-event",
             h2_only: false,
+            connector: Connector::Http,
             server: once(Reply::faulty(3, Fault::StallBeforeFirst)),
             policy: policy(),
             retried: true,
@@ -311,6 +441,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "endless-keep-alives",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::faulty(
                 3,
                 Fault::KeepAlivesForever(Duration::from_millis(100)),
@@ -329,6 +460,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "first-event-over-buffer",
             h2_only: false,
+            connector: Connector::Http,
             server: always(
                 Reply::chunks("text/event-stream", {
                     // In 512-byte frames: a frame that completes the first chunk is
@@ -356,6 +488,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "malformed-framing",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::chunks(
                 "application/vnd.amazon.eventstream",
                 vec![capture("bedrock_bad_message_crc.eventstream")],
@@ -370,6 +503,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "in-band-transient-error",
             h2_only: false,
+            connector: Connector::Http,
             server: once(Reply::chunks(
                 "text/event-stream",
                 vec![capture("anthropic_overloaded.sse")],
@@ -384,6 +518,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "in-band-terminal-error",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::chunks(
                 "text/event-stream",
                 vec![capture("anthropic_invalid_request.sse")],
@@ -398,6 +533,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "in-band-free-text-error",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::chunks(
                 "application/x-ndjson",
                 vec![Bytes::from_static(OLLAMA_CONTEXT_LIMIT)],
@@ -412,6 +548,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "stall-mid-stream",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::faulty(3, Fault::StallAfter(1))),
             policy: policy(),
             retried: false,
@@ -423,6 +560,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "reset-mid-stream",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::faulty(3, Fault::ResetAfter(2))),
             policy: policy(),
             retried: false,
@@ -503,16 +641,19 @@ async fn every_fault_in_the_catalogue() {
             }
             let id = case.id;
             let upstream = Running::start(case.server).await;
+            let connector = case.connector.build();
             let metrics = Metrics::new();
             let stack = full_stack(
-                client(protocol),
+                client_with(protocol, connector.clone()),
                 &metrics.meter(),
                 StreamConcurrencyLayer::new(4),
                 RetryBudget::default(),
                 case.policy,
             );
             let started = Instant::now();
-            let result = stack.oneshot(post(&upstream.url())).await;
+            let result = stack
+                .oneshot(post(&case.connector.url(upstream.url())))
+                .await;
             let waited = started.elapsed();
             let at = format!("{id} over {protocol:?}");
 
@@ -543,6 +684,13 @@ async fn every_fault_in_the_catalogue() {
                     assert_eq!(error.kind(), kind, "{at}");
                     assert_eq!(error.stop_reason(), stop, "{at}");
                     assert_eq!(error.attempts(), attempts, "{at}");
+                }
+                (Err(error), Receives::ConnectError) => {
+                    let error = error
+                        .downcast_ref::<hyper_util::client::legacy::Error>()
+                        .unwrap_or_else(|| panic!("{at}: {error}"));
+                    assert!(error.is_connect(), "{at}: {error:?}");
+                    assert_eq!(connector.calls(), 1, "{at}: connections asked for");
                 }
                 (result, expected) => panic!("{at}: expected {expected:?}, got {result:?}"),
             }

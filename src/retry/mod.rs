@@ -18,7 +18,9 @@
 //! attempt. Then:
 //!
 //! - **Inner error**: retried when [transient](is_transient) (connect failure, reset,
-//!   `REFUSED_STREAM`, GOAWAY, ...); any other error goes back unchanged.
+//!   `REFUSED_STREAM`, GOAWAY, ...); any other error goes back unchanged, as does a
+//!   connect failure that a retry would only repeat (a TLS handshake or certificate
+//!   failure, a name that does not resolve, an invalid URI).
 //! - **Retryable status** (408, 429, 502, 503, 504, 529 by default, or
 //!   `x-should-retry: true`): retried after the backoff, or after the server's hint
 //!   (`retry-after-ms`, `Retry-After` in seconds or as an HTTP date). A hint above
