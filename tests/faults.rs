@@ -1,8 +1,9 @@
 //! Every upstream fault in `docs/faults.md`, through the full stack against a real
 //! upstream on loopback, on each protocol it applies to: the decision (retried or
 //! not), the upstream's hit count, what the caller receives, how long the call waited,
-//! and the metrics. The catalogue and this table are checked against each other, so
-//! the document stays true.
+//! and the metrics; then again with `retry_maybe_processed(false)`. The catalogue and
+//! this table are checked against each other (decision and class), so the document
+//! stays true.
 //!
 //! Time is tokio's paused clock. Unless a case says otherwise, a call may make 3
 //! attempts with no backoff and a first-chunk timeout of 1 s.
@@ -113,11 +114,36 @@ fn native_tls_certificate_rejected() -> BoxError {
     .into()
 }
 
+/// Whether the upstream may have processed the request when the fault struck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Class {
+    NotProcessed,
+    MaybeProcessed,
+}
+
+impl Class {
+    fn name(self) -> &'static str {
+        match self {
+            Class::NotProcessed => "not processed",
+            Class::MaybeProcessed => "maybe processed",
+        }
+    }
+}
+
+/// The body of the mock upstream's plain status responses.
+const INJECTED: &[u8] = br#"{"error":{"message":"injected"}}"#;
+
 struct Case {
     /// The row of `docs/faults.md`.
     id: &'static str,
     h2_only: bool,
     connector: Connector,
+    class: Class,
+    /// With `retry_maybe_processed(false)`, for a fault retried by default although
+    /// the upstream may have processed the request: what the caller receives instead,
+    /// and how long it waits, after one attempt (one hit) and no retry. `None`: the
+    /// same as by default.
+    strict: Option<(Receives, (Duration, Duration))>,
     server: Server,
     policy: RetryPolicy,
     retried: bool,
@@ -192,6 +218,8 @@ fn cases() -> Vec<Case> {
                 3,
             ),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[
                 ("failed", "upstream_error", 2),
                 ("exhausted", "upstream_error", 1),
@@ -207,6 +235,8 @@ fn cases() -> Vec<Case> {
             hits: 0,
             receives: Receives::ConnectError,
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
@@ -219,6 +249,8 @@ fn cases() -> Vec<Case> {
             hits: 0,
             receives: Receives::ConnectError,
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
@@ -231,6 +263,8 @@ fn cases() -> Vec<Case> {
             hits: 0,
             receives: Receives::ConnectError,
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
@@ -243,6 +277,8 @@ fn cases() -> Vec<Case> {
             hits: 0,
             receives: Receives::ConnectError,
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
@@ -255,6 +291,28 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Upstream, StopReason::MaybeProcessed, 1),
+                NO_WAIT,
+            )),
+            retries: &[("success", "upstream_error", 1)],
+        },
+        Case {
+            id: "reset-before-response",
+            h2_only: false,
+            connector: Connector::Http,
+            server: once(Reply::ResetStream),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Upstream, StopReason::MaybeProcessed, 1),
+                NO_WAIT,
+            )),
             retries: &[("success", "upstream_error", 1)],
         },
         Case {
@@ -267,6 +325,11 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Body, StopReason::MaybeProcessed, 1),
+                NO_WAIT,
+            )),
             retries: &[("success", "body_error", 1)],
         },
         Case {
@@ -285,6 +348,8 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "upstream_error", 1)],
         },
         Case {
@@ -303,6 +368,11 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Upstream, StopReason::MaybeProcessed, 1),
+                NO_WAIT,
+            )),
             retries: &[("success", "upstream_error", 1)],
         },
         Case {
@@ -321,6 +391,8 @@ fn cases() -> Vec<Case> {
             hits: 1,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "upstream_error", 1)],
         },
         Case {
@@ -333,6 +405,8 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: secs(2.0, 2.0),
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "status", 1)],
         },
         Case {
@@ -346,6 +420,8 @@ fn cases() -> Vec<Case> {
             receives: Receives::Response(200, healthy()),
             // The date has whole seconds, and real time passes before it is read.
             waited: secs(2.0, 3.0),
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "status", 1)],
         },
         Case {
@@ -358,6 +434,8 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: secs(0.7, 0.7),
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "status", 1)],
         },
         Case {
@@ -370,6 +448,8 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "status", 1)],
         },
         Case {
@@ -380,11 +460,10 @@ fn cases() -> Vec<Case> {
             policy: policy(),
             retried: false,
             hits: 1,
-            receives: Receives::Response(
-                503,
-                Bytes::from_static(br#"{"error":{"message":"injected"}}"#),
-            ),
+            receives: Receives::Response(503, Bytes::from_static(INJECTED)),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
@@ -397,6 +476,25 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
+            retries: &[("success", "status", 1)],
+        },
+        Case {
+            id: "bad-gateway",
+            h2_only: false,
+            connector: Connector::Http,
+            server: once(Reply::status(502)),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Response(502, Bytes::from_static(INJECTED)),
+                NO_WAIT,
+            )),
             retries: &[("success", "status", 1)],
         },
         Case {
@@ -407,11 +505,10 @@ fn cases() -> Vec<Case> {
             policy: policy(),
             retried: false,
             hits: 1,
-            receives: Receives::Response(
-                500,
-                Bytes::from_static(br#"{"error":{"message":"injected"}}"#),
-            ),
+            receives: Receives::Response(500, Bytes::from_static(INJECTED)),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
@@ -424,6 +521,11 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: secs(1.0, 1.0),
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Timeout, StopReason::MaybeProcessed, 1),
+                secs(1.0, 1.0),
+            )),
             retries: &[("success", "timeout", 1)],
         },
         Case {
@@ -436,6 +538,11 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: secs(1.0, 1.0),
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Timeout, StopReason::MaybeProcessed, 1),
+                secs(1.0, 1.0),
+            )),
             retries: &[("success", "timeout", 1)],
         },
         Case {
@@ -455,6 +562,11 @@ fn cases() -> Vec<Case> {
                 3,
             ),
             waited: secs(3.0, 3.0),
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Timeout, StopReason::MaybeProcessed, 1),
+                secs(1.0, 1.0),
+            )),
             retries: &[("failed", "timeout", 2), ("exhausted", "timeout", 1)],
         },
         Case {
@@ -483,6 +595,8 @@ fn cases() -> Vec<Case> {
             ),
             // The second frame passes the cap: 512 bytes and its bookkeeping each.
             waited: secs(0.002, 0.002),
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
@@ -498,6 +612,8 @@ fn cases() -> Vec<Case> {
             hits: 1,
             receives: Receives::Error(FirstChunkErrorKind::Malformed, StopReason::NotRetryable, 1),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
@@ -513,6 +629,11 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Response(200, capture("anthropic_overloaded.sse")),
+                NO_WAIT,
+            )),
             retries: &[("success", "in_band_error", 1)],
         },
         Case {
@@ -528,6 +649,8 @@ fn cases() -> Vec<Case> {
             hits: 1,
             receives: Receives::Response(200, capture("anthropic_invalid_request.sse")),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
@@ -543,6 +666,8 @@ fn cases() -> Vec<Case> {
             hits: 1,
             receives: Receives::Response(200, Bytes::from_static(OLLAMA_CONTEXT_LIMIT)),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
@@ -555,6 +680,8 @@ fn cases() -> Vec<Case> {
             hits: 1,
             receives: Receives::BodyStalls(first_events(1)),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
@@ -567,6 +694,8 @@ fn cases() -> Vec<Case> {
             hits: 1,
             receives: Receives::BodyError(first_events(2)),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
     ]
@@ -634,11 +763,32 @@ where
 
 #[tokio::test(start_paused = true)]
 async fn every_fault_in_the_catalogue() {
-    for protocol in BOTH {
-        for case in cases() {
+    for (protocol, strict) in BOTH.into_iter().flat_map(|p| [(p, false), (p, true)]) {
+        for mut case in cases() {
             if case.h2_only && protocol == Protocol::Http1 {
                 continue;
             }
+            if strict {
+                case.policy = case.policy.retry_maybe_processed(false);
+                if let Some((receives, waited)) = case.strict.take() {
+                    assert_eq!(case.class, Class::MaybeProcessed, "{}", case.id);
+                    (case.receives, case.waited) = (receives, waited);
+                    (case.hits, case.retries, case.retried) = (1, &[], false);
+                }
+            }
+            assert!(
+                case.strict.is_none() || case.class == Class::MaybeProcessed,
+                "{}: only what may have been processed changes",
+                case.id
+            );
+            assert!(
+                strict
+                    || case.class == Class::NotProcessed
+                    || case.strict.is_some()
+                    || !case.retried,
+                "{}: a retried maybe-processed fault says what happens without that retry",
+                case.id
+            );
             let id = case.id;
             let upstream = Running::start(case.server).await;
             let connector = case.connector.build();
@@ -655,7 +805,12 @@ async fn every_fault_in_the_catalogue() {
                 .oneshot(post(&case.connector.url(upstream.url())))
                 .await;
             let waited = started.elapsed();
-            let at = format!("{id} over {protocol:?}");
+            let mode = if strict {
+                ", retry_maybe_processed(false)"
+            } else {
+                ""
+            };
+            let at = format!("{id} over {protocol:?}{mode}");
 
             match (result, case.receives) {
                 (Ok(response), Receives::Response(status, body)) => {
@@ -735,18 +890,25 @@ async fn every_fault_in_the_catalogue() {
 fn the_catalogue_matches_the_tests() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/faults.md");
     let catalogue = std::fs::read_to_string(path).expect("docs/faults.md");
-    let mut rows: Vec<(String, bool)> = catalogue
+    let mut rows: Vec<(String, bool, String)> = catalogue
         .lines()
         .filter_map(|line| {
             let mut cells = line.strip_prefix("| `")?.split('|');
             let id = cells.next()?.trim().trim_end_matches('`').to_owned();
             let decision = cells.nth(1)?.trim();
-            Some((id, decision.starts_with("**retried**")))
+            let class = cells.next()?.trim().to_owned();
+            Some((id, decision.starts_with("**retried**"), class))
         })
         .collect();
-    let mut tested: Vec<(String, bool)> = cases()
+    let mut tested: Vec<(String, bool, String)> = cases()
         .into_iter()
-        .map(|case| (case.id.to_owned(), case.retried))
+        .map(|case| {
+            (
+                case.id.to_owned(),
+                case.retried,
+                case.class.name().to_owned(),
+            )
+        })
         .collect();
     rows.sort();
     tested.sort();

@@ -46,6 +46,57 @@ pub fn is_transient(error: &(dyn Error + 'static)) -> bool {
     chain(error).any(is_transient_itself)
 }
 
+/// Whether an error from the inner service proves that the upstream did no processing
+/// of the request: then a retry cannot repeat its side effects, whatever they are.
+///
+/// [`RetryPolicy::retry_maybe_processed(false)`](super::RetryPolicy::retry_maybe_processed)
+/// retries only such errors (among those [`is_transient`] or your classifier accepts).
+/// Walks the error and its [`source`](Error::source) chain, and returns `true` for:
+/// - a connect failure (hyper-util's legacy client `Error::is_connect`) and an
+///   [`io::Error`] of kind `ConnectionRefused`: no byte of the request was written;
+/// - an HTTP/2 `REFUSED_STREAM` (RFC 9113 §8.7: the server did no processing);
+/// - a GOAWAY from the server whose last stream id is below ours: h2 fails a stream
+///   with the GOAWAY's error only then (a stream the GOAWAY covers may have been
+///   processed, and fails otherwise when the connection closes);
+/// - a request hyper cancelled before sending it (`hyper::Error::is_canceled`: its
+///   connection closed while the request waited for it).
+///
+/// Everything else may have been processed: a reset or an end of the connection after
+/// the request was written (`ConnectionReset`, `BrokenPipe`, `UnexpectedEof`, hyper's
+/// incomplete message), a stream the server reset with `INTERNAL_ERROR`, `CANCEL` or
+/// `ENHANCE_YOUR_CALM`, any error this function does not know.
+///
+/// ```
+/// use std::io;
+/// use tower_stream_backpressure::retry::{is_transient, is_unprocessed};
+///
+/// let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+/// assert!(is_transient(&refused) && is_unprocessed(&refused));
+/// // The request was written, then the connection reset: the upstream may have it.
+/// let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+/// assert!(is_transient(&reset) && !is_unprocessed(&reset));
+/// ```
+pub fn is_unprocessed(error: &(dyn Error + 'static)) -> bool {
+    chain(error).any(|error| {
+        if is_connect_error(error) {
+            return true;
+        }
+        if let Some(error) = error.downcast_ref::<h2::Error>() {
+            return error.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (error.is_go_away() && error.is_remote());
+        }
+        if let Some(error) = error.downcast_ref::<io::Error>() {
+            return error.kind() == io::ErrorKind::ConnectionRefused;
+        }
+        if let Some(error) = error.downcast_ref::<hyper::Error>() {
+            // hyper also cancels a request whose connection task was dropped with the
+            // runtime, sent or not; a runtime that is going away retries nothing.
+            return error.is_canceled();
+        }
+        false
+    })
+}
+
 /// The error and its sources, outermost first.
 fn chain<'a>(error: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
     std::iter::successors(Some(error), |&error| error.source())
@@ -172,6 +223,50 @@ mod tests {
         ] {
             assert!(!repeats(&error), "{error}");
         }
+    }
+
+    #[test]
+    fn what_proves_the_upstream_did_no_processing() {
+        assert!(is_unprocessed(&io::Error::from(
+            io::ErrorKind::ConnectionRefused
+        )));
+        assert!(is_unprocessed(&Wrapped(Box::new(h2::Error::from(
+            h2::Reason::REFUSED_STREAM
+        )))));
+        for kind in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::ConnectionAborted,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::UnexpectedEof,
+            io::ErrorKind::TimedOut,
+        ] {
+            assert!(!is_unprocessed(&io::Error::from(kind)), "{kind:?}");
+        }
+        assert!(!is_unprocessed(&h2::Error::from(
+            h2::Reason::INTERNAL_ERROR
+        )));
+        assert!(!is_unprocessed(&h2::Error::from(h2::Reason::CANCEL)));
+    }
+
+    /// A request on a connection whose task is gone: hyper cancels it unsent.
+    #[tokio::test]
+    async fn a_request_hyper_cancelled_before_sending_was_not_processed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let io = hyper_util::rt::TokioIo::new(tcp);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, String>(io)
+            .await
+            .unwrap();
+        drop(connection);
+        let error = sender
+            .send_request(http::Request::new(String::new()))
+            .await
+            .unwrap_err();
+        assert!(error.is_canceled(), "{error:?}");
+        assert!(is_unprocessed(&error));
+        assert!(is_transient(&error));
     }
 
     #[test]

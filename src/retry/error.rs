@@ -167,6 +167,7 @@ impl fmt::Display for FirstChunkError {
             StopReason::AttemptsExhausted => "attempts exhausted",
             StopReason::BudgetExhausted => "retry budget exhausted",
             StopReason::NotRetryable => "not retryable",
+            StopReason::MaybeProcessed => "the upstream may have processed the request",
         };
         let plural = if self.attempts == 1 { "" } else { "s" };
         // The cause is the `source`, not repeated here: error reporters print both.
@@ -248,4 +249,8 @@ pub enum StopReason {
     BudgetExhausted,
     /// The failure is of a kind that a retry would only repeat.
     NotRetryable,
+    /// The upstream may have processed the request, and the policy retries only
+    /// failures where it did not
+    /// ([`retry_maybe_processed(false)`](super::RetryPolicy::retry_maybe_processed)).
+    MaybeProcessed,
 }

@@ -49,6 +49,21 @@
 //! A response is never retried once it has been handed to the caller: from then on
 //! this layer only counts.
 //!
+//! # What is safe to retry
+//!
+//! A failure before the first chunk is **not processed** when the upstream did no
+//! work: a connect failure, an HTTP/2 `REFUSED_STREAM`, a GOAWAY whose last stream id
+//! is below ours, a request cancelled before it was sent ([`is_unprocessed`]), or a
+//! status refusing the work (`408`, `425`, `429`, `503`, `529`, `x-should-retry:
+//! true`). Any other failure is **maybe processed**: a reset or an end of the
+//! connection after the request was written, an HTTP/2 `INTERNAL_ERROR` or `CANCEL`,
+//! a stall, a body error or end before the first chunk, an in-band error, a `502` or
+//! `504`. Both are retried by default, since an LLM completion cut off before its first
+//! token loses nothing but the prompt's cost;
+//! [`RetryPolicy::retry_maybe_processed(false)`](RetryPolicy::retry_maybe_processed)
+//! retries only the first class, for calls whose side effects must not repeat, and
+//! returns a failure of the second at once with [`StopReason::MaybeProcessed`].
+//!
 //! # Metrics
 //!
 //! `provider_calls_in_flight` (+1 per attempt, -1 when it fails or its body ends),
@@ -77,7 +92,7 @@ mod retry_after;
 mod service;
 
 pub use self::body::ResponseBody;
-pub use self::classify::is_transient;
+pub use self::classify::{is_transient, is_unprocessed};
 pub use self::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
 pub use self::future::ResponseFuture;
 pub use self::in_band::{InBand, InBandErrors};
