@@ -17,6 +17,7 @@
 //!   max_attempts: 3             # attempts in all, the first included
 //!   initial_delay: 250ms        # backoff: full jitter, doubling from initial_delay ...
 //!   max_delay: 2s               # ... up to max_delay
+//!   retry_maybe_processed: true # false: retry only failures where the upstream did no processing
 //!   budget:                     # retries shared by every call of the stack
 //!     enabled: true
 //!     ttl: 10s
@@ -219,7 +220,7 @@ impl Default for Config {
 #[serde(
     default,
     deny_unknown_fields,
-    expecting = "the `stream_retry` map (`enabled`, `max_attempts`, `initial_delay`, `max_delay`, `budget`)"
+    expecting = "the `stream_retry` map (`enabled`, `max_attempts`, `initial_delay`, `max_delay`, `retry_maybe_processed`, `budget`)"
 )]
 #[non_exhaustive]
 pub struct StreamRetry {
@@ -239,6 +240,24 @@ pub struct StreamRetry {
     /// The highest backoff ceiling (default 2 s).
     #[serde(deserialize_with = "de_max_delay")]
     pub max_delay: Duration,
+    /// Whether failures after which the upstream may have processed the request (a
+    /// reset after the request was written, a stall, a body cut off before its first
+    /// chunk) are retried, as well as those where it did not (a connect failure,
+    /// `REFUSED_STREAM`, `503`) (default `true`). `false` is for calls whose side
+    /// effects must not repeat: see
+    /// [`RetryPolicy::retry_maybe_processed`].
+    ///
+    /// ```
+    /// use tower_stream_backpressure::config::Config;
+    ///
+    /// let json = r#"{"stream_retry": {"retry_maybe_processed": false}}"#;
+    /// let config: Config = serde_json::from_str(json)?;
+    /// let layers = config.layer("payments")?;
+    /// assert!(!layers.policy().retries_maybe_processed());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[serde(deserialize_with = "de_retry_maybe_processed")]
+    pub retry_maybe_processed: bool,
     /// The retry budget shared by every call of the stack.
     pub budget: Budget,
 }
@@ -250,6 +269,7 @@ impl Default for StreamRetry {
             max_attempts: 3,
             initial_delay: Duration::from_millis(250),
             max_delay: Duration::from_secs(2),
+            retry_maybe_processed: true,
             budget: Budget::default(),
         }
     }
@@ -464,7 +484,8 @@ impl Config {
         let policy = RetryPolicy::default()
             .max_attempts(retry.max_attempts)
             .backoff(retry.initial_delay, retry.max_delay)
-            .first_chunk_timeout(self.first_chunk_timeout);
+            .first_chunk_timeout(self.first_chunk_timeout)
+            .retry_maybe_processed(retry.retry_maybe_processed);
         policy.validate().map_err(|e| {
             let field = match e.setting() {
                 "max_attempts" => "stream_retry.max_attempts",
@@ -1426,6 +1447,7 @@ fields! {
     de_max_attempts: u32 = whole, "stream_retry.max_attempts";
     de_initial_delay: Duration = duration, "stream_retry.initial_delay";
     de_max_delay: Duration = duration, "stream_retry.max_delay";
+    de_retry_maybe_processed: bool = boolean, "stream_retry.retry_maybe_processed";
     de_budget_enabled: Option<bool> = |v| boolean(v).map(Some), "stream_retry.budget.enabled";
     de_ttl: Option<Duration> = |v| duration(v).map(Some), "stream_retry.budget.ttl";
     de_min_per_sec: Option<u32> = |v| whole(v).map(Some), "stream_retry.budget.min_per_sec";

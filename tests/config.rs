@@ -63,6 +63,7 @@ fn an_empty_config_is_the_defaults() {
     assert_eq!(retry.max_attempts, 3);
     assert_eq!(retry.initial_delay, Duration::from_millis(250));
     assert_eq!(retry.max_delay, Duration::from_secs(2));
+    assert!(retry.retry_maybe_processed);
     assert_eq!(retry.budget, Budget::default());
 
     let layers = config.layer("test").unwrap();
@@ -90,6 +91,7 @@ fn every_field_is_read() {
                 "max_attempts": 4,
                 "initial_delay": "100ms",
                 "max_delay": "1m 30s",
+                "retry_maybe_processed": false,
                 "budget": {"enabled": true, "ttl": "20s", "min_per_sec": 3, "retry_ratio": 0.6}
             }
         }"#,
@@ -104,6 +106,7 @@ fn every_field_is_read() {
     assert_eq!(retry.max_attempts, 4);
     assert_eq!(retry.initial_delay, Duration::from_millis(100));
     assert_eq!(retry.max_delay, Duration::from_secs(90));
+    assert!(!retry.retry_maybe_processed);
     assert_eq!(retry.budget.enabled, Some(true));
     assert_eq!(retry.budget.ttl, Some(Duration::from_secs(20)));
     assert_eq!(retry.budget.min_per_sec, Some(3));
@@ -180,6 +183,7 @@ fn deserialization_errors_name_the_field() {
         (r#"{"stream_max_concurrent": 1.5}"#, "invalid `stream_max_concurrent`"),
         (r#"{"stream_retry": {"max_attempts": 4294967296}}"#, "invalid `stream_retry.max_attempts`: expected a whole number within 0 and 4294967295, got 4294967296"),
         (r#"{"stream_retry": {"enabled": "yes"}}"#, "invalid `stream_retry.enabled`: expected true or false, got \"yes\""),
+        (r#"{"stream_retry": {"retry_maybe_processed": 0}}"#, "invalid `stream_retry.retry_maybe_processed`: expected true or false, got 0"),
         (r#"{"stream_retry": {"budget": {"retry_ratio": "lots"}}}"#, "invalid `stream_retry.budget.retry_ratio`: expected a number"),
         (r#"{"stream_retry": {"budget": {"rate_per_sec": 0.5, "burst": 1}}}"#, "invalid `stream_retry.budget.rate_per_sec`: expected a whole number"),
         (r#"{"stream_retry": {"budget": {"burst": {}}}}"#, "invalid `stream_retry.budget.burst`"),
@@ -491,4 +495,51 @@ async fn a_stall_before_the_first_chunk_is_the_first_chunk_timeouts_to_retry() {
     assert_eq!(started.elapsed(), Duration::from_secs(5));
     assert_eq!(upstream.hits(), 2);
     assert_eq!(read_to_end(response.into_body()).await.unwrap(), TOKENS_3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_maybe_processed_false_retries_only_what_the_upstream_did_not_process() {
+    let config = parse(
+        r#"{"first_chunk_timeout": "1s",
+            "stream_retry": {"initial_delay": "0s", "max_delay": "0s", "retry_maybe_processed": false}}"#,
+    );
+    assert!(!config
+        .layer("test")
+        .unwrap()
+        .policy()
+        .retries_maybe_processed());
+    for protocol in support::BOTH {
+        // A stall after the request was written: the upstream may be working on it.
+        let upstream = Upstream::start(|hit| match hit.index {
+            0 => Reply::faulty(3, Fault::StallBeforeFirst),
+            _ => Reply::tokens(3),
+        })
+        .await;
+        let service = ServiceBuilder::new()
+            .layer(config.layer("test").unwrap())
+            .service(client(protocol));
+        let error = service.oneshot(post(&upstream.url("/"))).await.unwrap_err();
+        let error = error
+            .downcast_ref::<FirstChunkError>()
+            .unwrap_or_else(|| panic!("{error}"));
+        assert_eq!(
+            error.stop_reason(),
+            tower_stream_backpressure::retry::StopReason::MaybeProcessed,
+            "{protocol:?}"
+        );
+        assert_eq!(upstream.hits(), 1, "{protocol:?}: not sent again");
+
+        // A 503 refuses the work: retried.
+        let upstream = Upstream::start(|hit| match hit.index {
+            0 => Reply::status(503),
+            _ => Reply::tokens(3),
+        })
+        .await;
+        let service = ServiceBuilder::new()
+            .layer(config.layer("test").unwrap())
+            .service(client(protocol));
+        let response = service.oneshot(post(&upstream.url("/"))).await.unwrap();
+        assert_eq!(read_to_end(response.into_body()).await.unwrap(), TOKENS_3);
+        assert_eq!(upstream.hits(), 2, "{protocol:?}");
+    }
 }

@@ -1,26 +1,30 @@
 //! Every upstream fault in `docs/faults.md`, through the full stack against a real
 //! upstream on loopback, on each protocol it applies to: the decision (retried or
 //! not), the upstream's hit count, what the caller receives, how long the call waited,
-//! and the metrics. The catalogue and this table are checked against each other, so
-//! the document stays true.
+//! and the metrics; then again with `retry_maybe_processed(false)`. The catalogue and
+//! this table are checked against each other (decision and class), so the document
+//! stays true.
 //!
 //! Time is tokio's paused clock. Unless a case says otherwise, a call may make 3
 //! attempts with no backoff and a first-chunk timeout of 1 s.
 
 mod support;
 
+use std::io;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body::Body;
 use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
 use support::raw_h2::{H2Connection, H2Reply, RawH2};
 use support::upstream::token_events;
 use support::{
-    capture, client, full_stack, post, Fault, Hit, Metrics, Protocol, Reply, Upstream, BOTH, TEST,
+    capture, client_with, full_stack, post, Fault, FlakyConnector, Hit, LoopbackResolver, Metrics,
+    Protocol, Reply, Upstream, BOTH, TEST,
 };
 use tokio::time::Instant;
-use tower::ServiceExt;
+use tower::{BoxError, ServiceExt};
 use tower_stream_backpressure::retry::{FirstChunkError, FirstChunkErrorKind, StopReason};
 use tower_stream_backpressure::{RetryBudget, RetryPolicy, StreamConcurrencyLayer};
 
@@ -45,12 +49,101 @@ enum Receives {
     BodyStalls(Bytes),
     /// A `FirstChunkError`.
     Error(FirstChunkErrorKind, StopReason, u32),
+    /// hyper-util's connect error itself, unchanged, after one connection attempt.
+    ConnectError,
 }
+
+/// How the client connects.
+#[derive(Clone, Copy)]
+enum Connector {
+    /// hyper-util's `HttpConnector`, as a user sets it up.
+    Http,
+    /// The URL names `upstream.invalid`, whose first lookup fails as the system
+    /// resolver fails for a name that does not exist (hyper-util's `dns error`); later
+    /// lookups answer 127.0.0.1. Nothing asks the network.
+    DnsFailsFirst,
+    /// The first connection fails with this error, as a TLS connector fails its
+    /// handshake; later ones connect.
+    FailsFirst(fn() -> BoxError),
+    /// The URL's scheme is `https`, which `HttpConnector` refuses: an invalid URI.
+    Https,
+}
+
+type TestConnector = FlakyConnector<HttpConnector<LoopbackResolver>>;
+
+impl Connector {
+    fn build(self) -> TestConnector {
+        let failures = match self {
+            Connector::DnsFailsFirst => 1,
+            _ => 0,
+        };
+        let mut http = HttpConnector::new_with_resolver(LoopbackResolver::failing_first(failures));
+        http.set_nodelay(true);
+        let failure = match self {
+            Connector::FailsFirst(failure) => Some(failure),
+            _ => None,
+        };
+        FlakyConnector::new(http, failure)
+    }
+
+    fn url(self, url: String) -> String {
+        match self {
+            Connector::DnsFailsFirst => url.replacen("127.0.0.1", "upstream.invalid", 1),
+            Connector::Https => url.replacen("http://", "https://", 1),
+            Connector::Http | Connector::FailsFirst(_) => url,
+        }
+    }
+}
+
+/// What tokio-rustls (under hyper-rustls) returns for a failed handshake.
+fn rustls_handshake_failure() -> BoxError {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "received fatal alert: HandshakeFailure",
+    )
+    .into()
+}
+
+/// What hyper-tls returns for a certificate OpenSSL rejects: text in an `io::Error`.
+fn native_tls_certificate_rejected() -> BoxError {
+    io::Error::other(
+        "error:0A000086:SSL routines:tls_post_process_server_certificate:certificate \
+         verify failed:../ssl/statem/statem_clnt.c:1889: (unable to get local issuer \
+         certificate)",
+    )
+    .into()
+}
+
+/// Whether the upstream may have processed the request when the fault struck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Class {
+    NotProcessed,
+    MaybeProcessed,
+}
+
+impl Class {
+    fn name(self) -> &'static str {
+        match self {
+            Class::NotProcessed => "not processed",
+            Class::MaybeProcessed => "maybe processed",
+        }
+    }
+}
+
+/// The body of the mock upstream's plain status responses.
+const INJECTED: &[u8] = br#"{"error":{"message":"injected"}}"#;
 
 struct Case {
     /// The row of `docs/faults.md`.
     id: &'static str,
     h2_only: bool,
+    connector: Connector,
+    class: Class,
+    /// With `retry_maybe_processed(false)`, for a fault retried by default although
+    /// the upstream may have processed the request: what the caller receives instead,
+    /// and how long it waits, after one attempt (one hit) and no retry. `None`: the
+    /// same as by default.
+    strict: Option<(Receives, (Duration, Duration))>,
     server: Server,
     policy: RetryPolicy,
     retried: bool,
@@ -100,6 +193,10 @@ fn status(code: u16, header: &'static str, value: impl Into<String>) -> Reply {
     Reply::status(code).header(header, value)
 }
 
+/// Ollama's free-text error: "internal" here names no internal server error.
+const OLLAMA_CONTEXT_LIMIT: &[u8] =
+    b"{\"error\":\"prompt exceeds the model's internal context limit\"}\n";
+
 fn first_events(n: usize) -> Bytes {
     Bytes::from(token_events(3)[..n].concat())
 }
@@ -110,6 +207,7 @@ fn cases() -> Vec<Case> {
         Case {
             id: "connection-refused",
             h2_only: false,
+            connector: Connector::Http,
             server: Server::Closed,
             policy: policy(),
             retried: true,
@@ -120,36 +218,124 @@ fn cases() -> Vec<Case> {
                 3,
             ),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[
                 ("failed", "upstream_error", 2),
                 ("exhausted", "upstream_error", 1),
             ],
         },
         Case {
+            id: "dns-failure",
+            h2_only: false,
+            connector: Connector::DnsFailsFirst,
+            server: always(Reply::tokens(3)),
+            policy: policy(),
+            retried: false,
+            hits: 0,
+            receives: Receives::ConnectError,
+            waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
+            retries: &[],
+        },
+        Case {
+            id: "tls-handshake-failure",
+            h2_only: false,
+            connector: Connector::FailsFirst(rustls_handshake_failure),
+            server: always(Reply::tokens(3)),
+            policy: policy(),
+            retried: false,
+            hits: 0,
+            receives: Receives::ConnectError,
+            waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
+            retries: &[],
+        },
+        Case {
+            id: "tls-certificate-rejected",
+            h2_only: false,
+            connector: Connector::FailsFirst(native_tls_certificate_rejected),
+            server: always(Reply::tokens(3)),
+            policy: policy(),
+            retried: false,
+            hits: 0,
+            receives: Receives::ConnectError,
+            waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
+            retries: &[],
+        },
+        Case {
+            id: "invalid-uri",
+            h2_only: false,
+            connector: Connector::Https,
+            server: always(Reply::tokens(3)),
+            policy: policy(),
+            retried: false,
+            hits: 0,
+            receives: Receives::ConnectError,
+            waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
+            retries: &[],
+        },
+        Case {
             id: "closed-before-response",
             h2_only: false,
+            connector: Connector::Http,
             server: once(Reply::DropConnection),
             policy: policy(),
             retried: true,
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Upstream, StopReason::MaybeProcessed, 1),
+                NO_WAIT,
+            )),
+            retries: &[("success", "upstream_error", 1)],
+        },
+        Case {
+            id: "reset-before-response",
+            h2_only: false,
+            connector: Connector::Http,
+            server: once(Reply::ResetStream),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Upstream, StopReason::MaybeProcessed, 1),
+                NO_WAIT,
+            )),
             retries: &[("success", "upstream_error", 1)],
         },
         Case {
             id: "reset-before-first-event",
             h2_only: false,
+            connector: Connector::Http,
             server: once(Reply::faulty(3, Fault::ResetBeforeFirst)),
             policy: policy(),
             retried: true,
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Body, StopReason::MaybeProcessed, 1),
+                NO_WAIT,
+            )),
             retries: &[("success", "body_error", 1)],
         },
         Case {
             id: "h2-refused-stream",
             h2_only: true,
+            connector: Connector::Http,
             server: Server::RawH2(
                 |_| H2Connection::Serve,
                 |hit| match hit {
@@ -162,11 +348,14 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "upstream_error", 1)],
         },
         Case {
             id: "h2-goaway-covering-stream",
             h2_only: true,
+            connector: Connector::Http,
             server: Server::RawH2(
                 |_| H2Connection::Serve,
                 |hit| match hit {
@@ -179,11 +368,17 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Upstream, StopReason::MaybeProcessed, 1),
+                NO_WAIT,
+            )),
             retries: &[("success", "upstream_error", 1)],
         },
         Case {
             id: "h2-goaway-before-stream",
             h2_only: true,
+            connector: Connector::Http,
             server: Server::RawH2(
                 |connection| match connection {
                     0 => H2Connection::GoAwayFirst,
@@ -196,22 +391,28 @@ fn cases() -> Vec<Case> {
             hits: 1,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "upstream_error", 1)],
         },
         Case {
             id: "retry-after-seconds",
             h2_only: false,
+            connector: Connector::Http,
             server: once(status(503, "retry-after", "2")),
             policy: policy(),
             retried: true,
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: secs(2.0, 2.0),
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "status", 1)],
         },
         Case {
             id: "retry-after-http-date",
             h2_only: false,
+            connector: Connector::Http,
             server: once(status(429, "retry-after", in_three)),
             policy: policy(),
             retried: true,
@@ -219,94 +420,135 @@ fn cases() -> Vec<Case> {
             receives: Receives::Response(200, healthy()),
             // The date has whole seconds, and real time passes before it is read.
             waited: secs(2.0, 3.0),
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "status", 1)],
         },
         Case {
             id: "retry-after-ms",
             h2_only: false,
+            connector: Connector::Http,
             server: once(status(503, "retry-after-ms", "700")),
             policy: policy(),
             retried: true,
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: secs(0.7, 0.7),
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "status", 1)],
         },
         Case {
             id: "retry-after-negative",
             h2_only: false,
+            connector: Connector::Http,
             server: once(status(503, "retry-after", "-5")),
             policy: policy(),
             retried: true,
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[("success", "status", 1)],
         },
         Case {
             id: "retry-after-huge",
             h2_only: false,
+            connector: Connector::Http,
             server: always(status(503, "retry-after", "99999999999999999999")),
             policy: policy(),
             retried: false,
             hits: 1,
-            receives: Receives::Response(
-                503,
-                Bytes::from_static(br#"{"error":{"message":"injected"}}"#),
-            ),
+            receives: Receives::Response(503, Bytes::from_static(INJECTED)),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
             id: "retry-after-garbage",
             h2_only: false,
+            connector: Connector::Http,
             server: once(status(503, "retry-after", "soon, maybe")),
             policy: policy(),
             retried: true,
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::NotProcessed,
+            strict: None,
+            retries: &[("success", "status", 1)],
+        },
+        Case {
+            id: "bad-gateway",
+            h2_only: false,
+            connector: Connector::Http,
+            server: once(Reply::status(502)),
+            policy: policy(),
+            retried: true,
+            hits: 2,
+            receives: Receives::Response(200, healthy()),
+            waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Response(502, Bytes::from_static(INJECTED)),
+                NO_WAIT,
+            )),
             retries: &[("success", "status", 1)],
         },
         Case {
             id: "status-not-retried",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::status(500)),
             policy: policy(),
             retried: false,
             hits: 1,
-            receives: Receives::Response(
-                500,
-                Bytes::from_static(br#"{"error":{"message":"injected"}}"#),
-            ),
+            receives: Receives::Response(500, Bytes::from_static(INJECTED)),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
             id: "stall-before-headers",
             h2_only: false,
+            connector: Connector::Http,
             server: once(Reply::Hang),
             policy: policy(),
             retried: true,
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: secs(1.0, 1.0),
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Timeout, StopReason::MaybeProcessed, 1),
+                secs(1.0, 1.0),
+            )),
             retries: &[("success", "timeout", 1)],
         },
         Case {
             id: "stall-before-first-event",
             h2_only: false,
+            connector: Connector::Http,
             server: once(Reply::faulty(3, Fault::StallBeforeFirst)),
             policy: policy(),
             retried: true,
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: secs(1.0, 1.0),
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Timeout, StopReason::MaybeProcessed, 1),
+                secs(1.0, 1.0),
+            )),
             retries: &[("success", "timeout", 1)],
         },
         Case {
             id: "endless-keep-alives",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::faulty(
                 3,
                 Fault::KeepAlivesForever(Duration::from_millis(100)),
@@ -320,11 +562,17 @@ fn cases() -> Vec<Case> {
                 3,
             ),
             waited: secs(3.0, 3.0),
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Error(FirstChunkErrorKind::Timeout, StopReason::MaybeProcessed, 1),
+                secs(1.0, 1.0),
+            )),
             retries: &[("failed", "timeout", 2), ("exhausted", "timeout", 1)],
         },
         Case {
             id: "first-event-over-buffer",
             h2_only: false,
+            connector: Connector::Http,
             server: always(
                 Reply::chunks("text/event-stream", {
                     // In 512-byte frames: a frame that completes the first chunk is
@@ -347,11 +595,14 @@ fn cases() -> Vec<Case> {
             ),
             // The second frame passes the cap: 512 bytes and its bookkeeping each.
             waited: secs(0.002, 0.002),
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
             id: "malformed-framing",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::chunks(
                 "application/vnd.amazon.eventstream",
                 vec![capture("bedrock_bad_message_crc.eventstream")],
@@ -361,11 +612,14 @@ fn cases() -> Vec<Case> {
             hits: 1,
             receives: Receives::Error(FirstChunkErrorKind::Malformed, StopReason::NotRetryable, 1),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
             id: "in-band-transient-error",
             h2_only: false,
+            connector: Connector::Http,
             server: once(Reply::chunks(
                 "text/event-stream",
                 vec![capture("anthropic_overloaded.sse")],
@@ -375,11 +629,17 @@ fn cases() -> Vec<Case> {
             hits: 2,
             receives: Receives::Response(200, healthy()),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: Some((
+                Receives::Response(200, capture("anthropic_overloaded.sse")),
+                NO_WAIT,
+            )),
             retries: &[("success", "in_band_error", 1)],
         },
         Case {
             id: "in-band-terminal-error",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::chunks(
                 "text/event-stream",
                 vec![capture("anthropic_invalid_request.sse")],
@@ -389,28 +649,53 @@ fn cases() -> Vec<Case> {
             hits: 1,
             receives: Receives::Response(200, capture("anthropic_invalid_request.sse")),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
+            retries: &[],
+        },
+        Case {
+            id: "in-band-free-text-error",
+            h2_only: false,
+            connector: Connector::Http,
+            server: always(Reply::chunks(
+                "application/x-ndjson",
+                vec![Bytes::from_static(OLLAMA_CONTEXT_LIMIT)],
+            )),
+            policy: policy(),
+            retried: false,
+            hits: 1,
+            receives: Receives::Response(200, Bytes::from_static(OLLAMA_CONTEXT_LIMIT)),
+            waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
             id: "stall-mid-stream",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::faulty(3, Fault::StallAfter(1))),
             policy: policy(),
             retried: false,
             hits: 1,
             receives: Receives::BodyStalls(first_events(1)),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
         Case {
             id: "reset-mid-stream",
             h2_only: false,
+            connector: Connector::Http,
             server: always(Reply::faulty(3, Fault::ResetAfter(2))),
             policy: policy(),
             retried: false,
             hits: 1,
             receives: Receives::BodyError(first_events(2)),
             waited: NO_WAIT,
+            class: Class::MaybeProcessed,
+            strict: None,
             retries: &[],
         },
     ]
@@ -478,25 +763,54 @@ where
 
 #[tokio::test(start_paused = true)]
 async fn every_fault_in_the_catalogue() {
-    for protocol in BOTH {
-        for case in cases() {
+    for (protocol, strict) in BOTH.into_iter().flat_map(|p| [(p, false), (p, true)]) {
+        for mut case in cases() {
             if case.h2_only && protocol == Protocol::Http1 {
                 continue;
             }
+            if strict {
+                case.policy = case.policy.retry_maybe_processed(false);
+                if let Some((receives, waited)) = case.strict.take() {
+                    assert_eq!(case.class, Class::MaybeProcessed, "{}", case.id);
+                    (case.receives, case.waited) = (receives, waited);
+                    (case.hits, case.retries, case.retried) = (1, &[], false);
+                }
+            }
+            assert!(
+                case.strict.is_none() || case.class == Class::MaybeProcessed,
+                "{}: only what may have been processed changes",
+                case.id
+            );
+            assert!(
+                strict
+                    || case.class == Class::NotProcessed
+                    || case.strict.is_some()
+                    || !case.retried,
+                "{}: a retried maybe-processed fault says what happens without that retry",
+                case.id
+            );
             let id = case.id;
             let upstream = Running::start(case.server).await;
+            let connector = case.connector.build();
             let metrics = Metrics::new();
             let stack = full_stack(
-                client(protocol),
+                client_with(protocol, connector.clone()),
                 &metrics.meter(),
                 StreamConcurrencyLayer::new(4),
                 RetryBudget::default(),
                 case.policy,
             );
             let started = Instant::now();
-            let result = stack.oneshot(post(&upstream.url())).await;
+            let result = stack
+                .oneshot(post(&case.connector.url(upstream.url())))
+                .await;
             let waited = started.elapsed();
-            let at = format!("{id} over {protocol:?}");
+            let mode = if strict {
+                ", retry_maybe_processed(false)"
+            } else {
+                ""
+            };
+            let at = format!("{id} over {protocol:?}{mode}");
 
             match (result, case.receives) {
                 (Ok(response), Receives::Response(status, body)) => {
@@ -525,6 +839,13 @@ async fn every_fault_in_the_catalogue() {
                     assert_eq!(error.kind(), kind, "{at}");
                     assert_eq!(error.stop_reason(), stop, "{at}");
                     assert_eq!(error.attempts(), attempts, "{at}");
+                }
+                (Err(error), Receives::ConnectError) => {
+                    let error = error
+                        .downcast_ref::<hyper_util::client::legacy::Error>()
+                        .unwrap_or_else(|| panic!("{at}: {error}"));
+                    assert!(error.is_connect(), "{at}: {error:?}");
+                    assert_eq!(connector.calls(), 1, "{at}: connections asked for");
                 }
                 (result, expected) => panic!("{at}: expected {expected:?}, got {result:?}"),
             }
@@ -569,18 +890,25 @@ async fn every_fault_in_the_catalogue() {
 fn the_catalogue_matches_the_tests() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/faults.md");
     let catalogue = std::fs::read_to_string(path).expect("docs/faults.md");
-    let mut rows: Vec<(String, bool)> = catalogue
+    let mut rows: Vec<(String, bool, String)> = catalogue
         .lines()
         .filter_map(|line| {
             let mut cells = line.strip_prefix("| `")?.split('|');
             let id = cells.next()?.trim().trim_end_matches('`').to_owned();
             let decision = cells.nth(1)?.trim();
-            Some((id, decision.starts_with("**retried**")))
+            let class = cells.next()?.trim().to_owned();
+            Some((id, decision.starts_with("**retried**"), class))
         })
         .collect();
-    let mut tested: Vec<(String, bool)> = cases()
+    let mut tested: Vec<(String, bool, String)> = cases()
         .into_iter()
-        .map(|case| (case.id.to_owned(), case.retried))
+        .map(|case| {
+            (
+                case.id.to_owned(),
+                case.retried,
+                case.class.name().to_owned(),
+            )
+        })
         .collect();
     rows.sort();
     tested.sort();

@@ -6,7 +6,8 @@ use std::io;
 ///
 /// Walks the error and its [`source`](Error::source) chain, and returns `true` for:
 /// - a connect failure (hyper-util's legacy client `Error::is_connect`: nothing was
-///   sent);
+///   sent), except one that a retry would only repeat: a TLS handshake or certificate
+///   failure, a name that does not resolve, an invalid URI (see below);
 /// - an HTTP/2 `REFUSED_STREAM` (the server did no processing, RFC 9113 §8.7), a
 ///   GOAWAY sent by the server (the stream was not processed or the connection went
 ///   away), or a stream the server reset with `INTERNAL_ERROR` or `CANCEL` (HTTP/2's
@@ -16,9 +17,20 @@ use std::io;
 /// - hyper errors for a connection that closed before the response completed
 ///   (`is_incomplete_message`, `is_canceled`, `is_closed`).
 ///
-/// Everything else (a malformed request, a TLS failure, a body that could not be
-/// sent) is not retried. Compose it with your own rules through
+/// Everything else (a malformed request, a body that could not be sent) is not
+/// retried. Compose it with your own rules through
 /// [`RetryPolicy::classify_errors`](super::RetryPolicy::classify_errors).
+///
+/// A connect error is returned at once, not retried, when its source chain holds:
+/// - an [`io::Error`] of kind [`InvalidData`](io::ErrorKind::InvalidData): how
+///   tokio-rustls (under hyper-rustls) reports a failed handshake or a rejected
+///   certificate; a plain TCP connect never fails so;
+/// - an error whose message names a `certificate` or a `handshake` (case ignored): how
+///   native-tls (under hyper-tls) reports them, as text only;
+/// - hyper-util's `HttpConnector` error `dns error` (the name did not resolve) or
+///   `invalid URL, ...` (no scheme, no host, or not `http` when it enforces `http`).
+///   That error type is private: its message is all there is to read, so it is matched
+///   exactly as hyper-util words it.
 ///
 /// ```
 /// use std::io;
@@ -28,20 +40,95 @@ use std::io;
 /// assert!(!is_transient(&io::Error::from(io::ErrorKind::PermissionDenied)));
 /// ```
 pub fn is_transient(error: &(dyn Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(error) = next {
-        if is_transient_itself(error) {
+    if let Some(connect) = chain(error).find(|error| is_connect_error(*error)) {
+        return !chain(connect).any(repeats_on_retry);
+    }
+    chain(error).any(is_transient_itself)
+}
+
+/// Whether an error from the inner service proves that the upstream did no processing
+/// of the request: then a retry cannot repeat its side effects, whatever they are.
+///
+/// [`RetryPolicy::retry_maybe_processed(false)`](super::RetryPolicy::retry_maybe_processed)
+/// retries only such errors (among those [`is_transient`] or your classifier accepts).
+/// Walks the error and its [`source`](Error::source) chain, and returns `true` for:
+/// - a connect failure (hyper-util's legacy client `Error::is_connect`) and an
+///   [`io::Error`] of kind `ConnectionRefused`: no byte of the request was written;
+/// - an HTTP/2 `REFUSED_STREAM` (RFC 9113 §8.7: the server did no processing);
+/// - a GOAWAY from the server whose last stream id is below ours: h2 fails a stream
+///   with the GOAWAY's error only then (a stream the GOAWAY covers may have been
+///   processed, and fails otherwise when the connection closes);
+/// - a request hyper cancelled before sending it (`hyper::Error::is_canceled`: its
+///   connection closed while the request waited for it).
+///
+/// Everything else may have been processed: a reset or an end of the connection after
+/// the request was written (`ConnectionReset`, `BrokenPipe`, `UnexpectedEof`, hyper's
+/// incomplete message), a stream the server reset with `INTERNAL_ERROR`, `CANCEL` or
+/// `ENHANCE_YOUR_CALM`, any error this function does not know.
+///
+/// ```
+/// use std::io;
+/// use tower_stream_backpressure::retry::{is_transient, is_unprocessed};
+///
+/// let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+/// assert!(is_transient(&refused) && is_unprocessed(&refused));
+/// // The request was written, then the connection reset: the upstream may have it.
+/// let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+/// assert!(is_transient(&reset) && !is_unprocessed(&reset));
+/// ```
+pub fn is_unprocessed(error: &(dyn Error + 'static)) -> bool {
+    chain(error).any(|error| {
+        if is_connect_error(error) {
             return true;
         }
-        next = error.source();
+        if let Some(error) = error.downcast_ref::<h2::Error>() {
+            return error.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (error.is_go_away() && error.is_remote());
+        }
+        if let Some(error) = error.downcast_ref::<io::Error>() {
+            return error.kind() == io::ErrorKind::ConnectionRefused;
+        }
+        if let Some(error) = error.downcast_ref::<hyper::Error>() {
+            // hyper also cancels a request whose connection task was dropped with the
+            // runtime, sent or not; a runtime that is going away retries nothing.
+            return error.is_canceled();
+        }
+        false
+    })
+}
+
+/// The error and its sources, outermost first.
+fn chain<'a>(error: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
+    std::iter::successors(Some(error), |&error| error.source())
+}
+
+/// hyper-util's legacy client failed to connect: nothing of the request was sent.
+fn is_connect_error(error: &(dyn Error + 'static)) -> bool {
+    error
+        .downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(hyper_util::client::legacy::Error::is_connect)
+}
+
+/// A cause of a connect failure that the next attempt would meet again: TLS, name
+/// resolution, an invalid URI.
+fn repeats_on_retry(error: &(dyn Error + 'static)) -> bool {
+    if let Some(error) = error.downcast_ref::<io::Error>() {
+        if error.kind() == io::ErrorKind::InvalidData {
+            return true;
+        }
     }
-    false
+    // From here on, text: hyper-util's `ConnectError` is private, and native-tls
+    // errors are opaque. Only errors inside a connect error are read, so the words
+    // cannot come from a response.
+    let text = error.to_string();
+    if text == "dns error" || text.starts_with("invalid URL") {
+        return true;
+    }
+    let text = text.to_ascii_lowercase();
+    text.contains("certificate") || text.contains("handshake")
 }
 
 fn is_transient_itself(error: &(dyn Error + 'static)) -> bool {
-    if let Some(error) = error.downcast_ref::<hyper_util::client::legacy::Error>() {
-        return error.is_connect();
-    }
     if let Some(error) = error.downcast_ref::<h2::Error>() {
         let reset_by_server = error.is_reset()
             && error.is_remote()
@@ -113,6 +200,73 @@ mod tests {
         assert!(is_transient(&deep));
         let other = Wrapped(Box::new(io::Error::other("tls handshake failed")));
         assert!(!is_transient(&other));
+    }
+
+    #[test]
+    fn causes_of_a_connect_failure_that_a_retry_repeats() {
+        // The client's own connect errors cannot be made here: the loopback tests
+        // (`tests/faults.rs`) put these causes inside them.
+        let repeats = |error: &(dyn Error + 'static)| chain(error).any(repeats_on_retry);
+        assert!(repeats(&io::Error::from(io::ErrorKind::InvalidData)));
+        assert!(repeats(&Wrapped(Box::new(io::Error::other(
+            "SSL routines::certificate verify failed"
+        )))));
+        assert!(repeats(&io::Error::other("TLS Handshake failed")));
+        assert!(repeats(&Wrapped(Box::from("dns error"))));
+        assert!(repeats(&Wrapped(Box::from("invalid URL, host is missing"))));
+        for error in [
+            io::Error::from(io::ErrorKind::ConnectionRefused),
+            io::Error::from(io::ErrorKind::TimedOut),
+            io::Error::other("tcp connect error"),
+            // Only hyper-util's exact wording counts.
+            io::Error::other("the dns error page"),
+        ] {
+            assert!(!repeats(&error), "{error}");
+        }
+    }
+
+    #[test]
+    fn what_proves_the_upstream_did_no_processing() {
+        assert!(is_unprocessed(&io::Error::from(
+            io::ErrorKind::ConnectionRefused
+        )));
+        assert!(is_unprocessed(&Wrapped(Box::new(h2::Error::from(
+            h2::Reason::REFUSED_STREAM
+        )))));
+        for kind in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::ConnectionAborted,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::UnexpectedEof,
+            io::ErrorKind::TimedOut,
+        ] {
+            assert!(!is_unprocessed(&io::Error::from(kind)), "{kind:?}");
+        }
+        assert!(!is_unprocessed(&h2::Error::from(
+            h2::Reason::INTERNAL_ERROR
+        )));
+        assert!(!is_unprocessed(&h2::Error::from(h2::Reason::CANCEL)));
+    }
+
+    /// A request on a connection whose task is gone: hyper cancels it unsent.
+    #[tokio::test]
+    async fn a_request_hyper_cancelled_before_sending_was_not_processed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let io = hyper_util::rt::TokioIo::new(tcp);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, String>(io)
+            .await
+            .unwrap();
+        drop(connection);
+        let error = sender
+            .send_request(http::Request::new(String::new()))
+            .await
+            .unwrap_err();
+        assert!(error.is_canceled(), "{error:?}");
+        assert!(is_unprocessed(&error));
+        assert!(is_transient(&error));
     }
 
     #[test]

@@ -169,6 +169,7 @@ impl fmt::Display for FirstChunkError {
             StopReason::BudgetExhausted => "retry budget exhausted",
             StopReason::NotRetryable => "not retryable",
             StopReason::NotReady => "the service was not ready for a retry",
+            StopReason::MaybeProcessed => "the upstream may have processed the request",
         };
         let plural = if self.attempts == 1 { "" } else { "s" };
         // The cause is the `source`, not repeated here: error reporters print both.
@@ -255,4 +256,8 @@ pub enum StopReason {
     /// The inner service failed in `poll_ready` before the next attempt, which never
     /// started: the failure that called for it is returned (the error is logged).
     NotReady,
+    /// The upstream may have processed the request, and the policy retries only
+    /// failures where it did not
+    /// ([`retry_maybe_processed(false)`](super::RetryPolicy::retry_maybe_processed)).
+    MaybeProcessed,
 }

@@ -14,6 +14,7 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::body::{CallGuard, Replay};
+use super::classify::is_unprocessed;
 use super::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
 use super::in_band::InBand;
 use super::retry_after::retry_after;
@@ -206,6 +207,35 @@ impl<B: Body> Failure<B> {
             Failure::BufferLimit | Failure::Malformed(_) => return None,
         })
     }
+}
+
+impl<B: Body> Failure<B> {
+    /// Whether the upstream may have processed the request (see
+    /// [`RetryPolicy::retry_maybe_processed`](super::RetryPolicy::retry_maybe_processed)).
+    fn maybe_processed(&self) -> bool {
+        match self {
+            Failure::Status(response, ..) => !refuses_the_work(response),
+            Failure::Upstream(error) => !is_unprocessed(&**error),
+            // The upstream answered, or was sent the request and went quiet.
+            Failure::Body(_)
+            | Failure::EndOfStream
+            | Failure::Timeout
+            | Failure::InBand(_)
+            | Failure::BufferLimit
+            | Failure::Malformed(_) => true,
+        }
+    }
+}
+
+/// A response by which the server refuses the work, so that a retry cannot repeat it:
+/// `408` (it did not get the whole request), `425` (too early), `429` (rate limited),
+/// `503` (unavailable), `529` (overloaded), or any status with `x-should-retry: true`.
+fn refuses_the_work<B>(response: &Response<B>) -> bool {
+    let said_so = response
+        .headers()
+        .get(&X_SHOULD_RETRY)
+        .is_some_and(|value| value.as_bytes() == b"true");
+    said_so || matches!(response.status().as_u16(), 408 | 425 | 429 | 503 | 529)
 }
 
 type Output<B> = Result<Response<ResponseBody<B>>, BoxError>;
@@ -653,6 +683,15 @@ where
         };
         let stop = match reason {
             None => StopReason::NotRetryable,
+            Some(reason) if !policy.retries_maybe_processed() && failure.maybe_processed() => {
+                tracing::warn!(
+                    %provider,
+                    attempt = self.attempt,
+                    reason = reason.label(),
+                    "the upstream may have processed the request: not retried"
+                );
+                StopReason::MaybeProcessed
+            }
             Some(reason) if self.attempt >= self.max_attempts => {
                 if self.max_attempts > 1 {
                     self.metrics.retry(RetryOutcome::Exhausted, reason);

@@ -60,13 +60,25 @@ type Custom = Arc<dyn Fn(&Chunk<'_>) -> Option<InBand> + Send + Sync>;
 /// 3. It is **[terminal](InBand::TerminalError)** when a code contains a
 ///    [`terminal`](Self::terminal) marker, else **[transient](InBand::TransientError)**
 ///    when a code contains a [`transient`](Self::transient) marker, else terminal.
-///    Matching ignores case and everything but letters and digits (`rate_limit_error`
-///    contains `RateLimit`); a numeric marker must equal a numeric code.
 ///
-/// The default transient markers: `overloaded`, `ratelimit`, `toomanyrequests`,
-/// `throttl`, `unavailable`, `internal`, `servererror`, `apierror`,
-/// `modelstreamerror`, `resourceexhausted`, `deadlineexceeded`, and the codes `429`,
-/// `500`, `502`, `503`, `504`, `529`. No terminal markers.
+/// Markers match **whole words**. A code is split into words at anything but letters
+/// and digits and where `camelCase` changes case (`internalServerException` is
+/// `internal server exception`, `HTTPError` is `http error`); a marker matches when,
+/// ignoring case and everything but its letters and digits, it spells one or more
+/// consecutive words of a code: `rate_limit_error` contains `RateLimit` and
+/// `rate limit`, but `ratelimited` does not contain `rate limit`, and `throttl` matches
+/// nothing. This matters for the free text some providers send (Ollama's
+/// `{"error": "..."}`): "prompt exceeds the model's internal context limit" contains
+/// none of the default markers, so it is terminal. A numeric marker must equal a
+/// numeric code.
+///
+/// The default transient markers: `overloaded`, `rate limit`, `rate limited`,
+/// `too many requests`, `throttling`, `throttled`, `unavailable`, `internal error`,
+/// `internal server`, `server error`, `api error`, `model stream error`,
+/// `resource exhausted`, `deadline exceeded`, and the codes `429`, `500`, `502`,
+/// `503`, `504`, `529`. (A bare `internal` would take "internal context limit" for a
+/// server error; Gemini's `INTERNAL` status comes with its code `500`.) No terminal
+/// markers.
 ///
 /// ```
 /// use tower_stream_backpressure::frame::Chunk;
@@ -95,16 +107,19 @@ pub struct InBandErrors {
 
 const TRANSIENT: &[&str] = &[
     "overloaded",
-    "ratelimit",
-    "toomanyrequests",
-    "throttl",
+    "rate limit",
+    "rate limited",
+    "too many requests",
+    "throttling",
+    "throttled",
     "unavailable",
-    "internal",
-    "servererror",
-    "apierror",
-    "modelstreamerror",
-    "resourceexhausted",
-    "deadlineexceeded",
+    "internal error",
+    "internal server",
+    "server error",
+    "api error",
+    "model stream error",
+    "resource exhausted",
+    "deadline exceeded",
     "429",
     "500",
     "502",
@@ -229,14 +244,14 @@ impl InBandErrors {
         let Some(codes) = error_codes(chunk) else {
             return InBand::Content;
         };
-        let codes: Vec<String> = codes.iter().map(|code| normalize(code)).collect();
+        let codes: Vec<Vec<String>> = codes.iter().map(|code| words(code)).collect();
         let matches = |markers: &[String]| {
             markers.iter().any(|marker| {
-                codes.iter().any(|code| {
+                codes.iter().any(|words| {
                     if marker.bytes().all(|b| b.is_ascii_digit()) {
-                        code == marker
+                        words.len() == 1 && words[0] == *marker
                     } else {
-                        code.contains(marker.as_str())
+                        spells_consecutive_words(marker, words)
                     }
                 })
             })
@@ -260,6 +275,54 @@ fn normalize(text: &str) -> String {
         .filter(char::is_ascii_alphanumeric)
         .map(|c| c.to_ascii_lowercase())
         .collect()
+}
+
+/// A code's words, in lower case: split at anything but ASCII letters and digits, and
+/// where `camelCase` changes case (`HTTPErrorCode` is `http`, `error`, `code`).
+fn words(code: &str) -> Vec<String> {
+    let chars: Vec<char> = code.chars().collect();
+    let mut words = Vec::new();
+    let mut word = String::new();
+    for (i, &c) in chars.iter().enumerate() {
+        if !c.is_ascii_alphanumeric() {
+            if !word.is_empty() {
+                words.push(std::mem::take(&mut word));
+            }
+            continue;
+        }
+        let before = i.checked_sub(1).map(|i| chars[i]);
+        let after = chars.get(i + 1).copied();
+        let starts_word = c.is_ascii_uppercase()
+            && before.is_some_and(|b| {
+                // `aB` and `1B`, or the last capital of an acronym: `PError`.
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || (b.is_ascii_uppercase() && after.is_some_and(|a| a.is_ascii_lowercase()))
+            });
+        if starts_word && !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+        word.push(c.to_ascii_lowercase());
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+/// Whether `marker` (normalized) is exactly some consecutive run of `words`.
+fn spells_consecutive_words(marker: &str, words: &[String]) -> bool {
+    (0..words.len()).any(|start| {
+        let mut rest = marker;
+        for word in &words[start..] {
+            match rest.strip_prefix(word.as_str()) {
+                Some("") => return true,
+                Some(shorter) => rest = shorter,
+                None => return false,
+            }
+        }
+        false
+    })
 }
 
 /// The chunk's error codes, or `None` when it is not an error.
@@ -431,6 +494,62 @@ mod tests {
         assert_eq!(rules.classify(&terminal), InBand::TerminalError);
         let rules = InBandErrors::default().terminal(" - ");
         assert_eq!(rules.classify(&overloaded), InBand::TransientError);
+    }
+
+    #[test]
+    fn markers_match_whole_words_of_free_text() {
+        // Ollama's free text: "internal" here is no internal server error.
+        let context = br#"{"error":"prompt exceeds the model's internal context limit"}"#;
+        assert_eq!(classify(Chunk::new(context)), InBand::TerminalError);
+        for text in [
+            "Internal Server Error",
+            "internal error, please retry",
+            "rate limited, slow down",
+            "Too Many Requests",
+            "the model is overloaded",
+        ] {
+            let chunk = format!(r#"{{"error":"{text}"}}"#);
+            assert_eq!(
+                classify(Chunk::new(chunk.as_bytes())),
+                InBand::TransientError,
+                "{text}"
+            );
+        }
+        for text in [
+            "unthrottled access denied",
+            "see apierrors.md",
+            "the context limit was exceeded",
+            "429 tokens is too many for this model",
+        ] {
+            let chunk = format!(r#"{{"error":"{text}"}}"#);
+            assert_eq!(
+                classify(Chunk::new(chunk.as_bytes())),
+                InBand::TerminalError,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn codes_split_into_words_at_separators_and_case_changes() {
+        let words = |code: &str| words(code).join(" ");
+        assert_eq!(
+            words("internalServerException"),
+            "internal server exception"
+        );
+        assert_eq!(words("RESOURCE_EXHAUSTED"), "resource exhausted");
+        assert_eq!(words("HTTPErrorCode"), "http error code");
+        assert_eq!(words("rate-limit exceeded!"), "rate limit exceeded");
+        assert_eq!(words("v2Beta"), "v2 beta");
+        assert_eq!(words(" _ "), "");
+        let markers = |marker: &str, code: &str| {
+            spells_consecutive_words(&normalize(marker), &super::words(code))
+        };
+        assert!(markers("RateLimit", "rate_limit_error"));
+        assert!(markers("limit error", "rate_limit_error"));
+        assert!(!markers("ratelimit", "ratelimited"));
+        assert!(!markers("rate limit", "rate_limited"));
+        assert!(!markers("limiterror", "ratelimiterror"));
     }
 
     #[test]

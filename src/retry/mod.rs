@@ -19,10 +19,11 @@
 //! request marked [`NotReplayable`] gets one attempt. Then:
 //!
 //! - **Inner error**: retried when [transient](is_transient) (connect failure, reset,
-//!   `REFUSED_STREAM`, GOAWAY, ...); any other error goes back at once. Either way,
-//!   an error of the inner service reaches the caller as the source of a
-//!   [`FirstChunkError`] of kind [`Upstream`](FirstChunkErrorKind::Upstream), whatever
-//!   `max_attempts` is.
+//!   `REFUSED_STREAM`, GOAWAY, ...); any other error goes back at once, as does a
+//!   connect failure that a retry would only repeat (a TLS handshake or certificate
+//!   failure, a name that does not resolve, an invalid URI). Either way, an error of
+//!   the inner service reaches the caller as the source of a [`FirstChunkError`] of
+//!   kind [`Upstream`](FirstChunkErrorKind::Upstream), whatever `max_attempts` is.
 //! - **Retryable status** (408, 429, 502, 503, 504, 529 by default, or
 //!   `x-should-retry: true`): retried after the backoff, or after the server's hint
 //!   (`retry-after-ms`, `Retry-After` in seconds or as an HTTP date). A hint above
@@ -51,6 +52,21 @@
 //!
 //! A response is never retried once it has been handed to the caller: from then on
 //! this layer only counts.
+//!
+//! # What is safe to retry
+//!
+//! A failure before the first chunk is **not processed** when the upstream did no
+//! work: a connect failure, an HTTP/2 `REFUSED_STREAM`, a GOAWAY whose last stream id
+//! is below ours, a request cancelled before it was sent ([`is_unprocessed`]), or a
+//! status refusing the work (`408`, `425`, `429`, `503`, `529`, `x-should-retry:
+//! true`). Any other failure is **maybe processed**: a reset or an end of the
+//! connection after the request was written, an HTTP/2 `INTERNAL_ERROR` or `CANCEL`,
+//! a stall, a body error or end before the first chunk, an in-band error, a `502` or
+//! `504`. Both are retried by default, since an LLM completion cut off before its first
+//! token loses nothing but the prompt's cost;
+//! [`RetryPolicy::retry_maybe_processed(false)`](RetryPolicy::retry_maybe_processed)
+//! retries only the first class, for calls whose side effects must not repeat, and
+//! returns a failure of the second at once with [`StopReason::MaybeProcessed`].
 //!
 //! # Metrics
 //!
@@ -82,7 +98,7 @@ mod service;
 
 pub use self::attempt::RetryAttempt;
 pub use self::body::ResponseBody;
-pub use self::classify::is_transient;
+pub use self::classify::{is_transient, is_unprocessed};
 pub use self::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
 pub use self::future::ResponseFuture;
 pub use self::in_band::{InBand, InBandErrors};

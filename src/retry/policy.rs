@@ -38,6 +38,7 @@ pub struct NotReplayable;
 /// | [`retry_statuses`](Self::retry_statuses) | 408, 429, 502, 503, 504, 529 | statuses retried |
 /// | [`classify_errors`](Self::classify_errors) | [`is_transient`](super::is_transient) | inner errors retried |
 /// | [`in_band_errors`](Self::in_band_errors) | [`InBandErrors::default`] | which error in the first chunk of a `2xx` is retried |
+/// | [`retry_maybe_processed`](Self::retry_maybe_processed) | `true` | also retry failures after which the upstream may have processed the request |
 ///
 /// ```
 /// use std::time::Duration;
@@ -60,6 +61,7 @@ pub struct RetryPolicy {
     statuses: Arc<[StatusCode]>,
     classify: Classifier,
     in_band: InBandErrors,
+    retry_maybe_processed: bool,
 }
 
 impl Default for RetryPolicy {
@@ -77,6 +79,7 @@ impl Default for RetryPolicy {
                 .collect(),
             classify: Arc::new(super::is_transient),
             in_band: InBandErrors::default(),
+            retry_maybe_processed: true,
         }
     }
 }
@@ -366,6 +369,91 @@ impl RetryPolicy {
         }
     }
 
+    /// Whether a failure after which the upstream may have processed the request is
+    /// retried (default `true`).
+    ///
+    /// Failures before the first chunk fall in two classes:
+    ///
+    /// - **Not processed**: the upstream did no work. A connect failure (nothing was
+    ///   sent), an HTTP/2 `REFUSED_STREAM`, a GOAWAY whose last stream id is below
+    ///   ours, a request cancelled before it was sent (see
+    ///   [`is_unprocessed`](super::is_unprocessed)); and a status by which the server
+    ///   refuses the work: `408`, `425`, `429`, `503`, `529`, or any status with
+    ///   `x-should-retry: true`, the server's own word that a retry is safe.
+    /// - **Maybe processed**: the request reached the upstream, which may have acted on
+    ///   it. A reset or an end of the connection after the request was written, an
+    ///   HTTP/2 `INTERNAL_ERROR` or `CANCEL`, a stall (`first_chunk_timeout`), a body
+    ///   that fails or ends before its first chunk, an in-band error (the upstream
+    ///   accepted the request and began its response), and any other retried status
+    ///   (`502` and `504` say a server behind the gateway failed or timed out, maybe
+    ///   midway).
+    ///
+    /// Both are retried by default: an LLM completion cut off before its first token
+    /// loses nothing but the prompt's cost. `false` retries only the first class, for
+    /// calls whose side effects must not repeat; a failure of the second goes back at
+    /// once, as it would after the last attempt, with
+    /// [`StopReason::MaybeProcessed`](super::StopReason::MaybeProcessed). Any value is
+    /// valid.
+    ///
+    /// ```
+    /// use std::io;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, BoxError, Layer, ServiceExt};
+    /// use tower_stream_backpressure::retry::{FirstChunkError, StopReason};
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// let calls = Arc::new(AtomicUsize::new(0));
+    /// let upstream = {
+    ///     let calls = calls.clone();
+    ///     service_fn(move |_: http::Request<()>| {
+    ///         // The connection resets after the request was written.
+    ///         calls.fetch_add(1, Ordering::SeqCst);
+    ///         async move {
+    ///             let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+    ///             Err::<http::Response<Full<Bytes>>, BoxError>(reset.into())
+    ///         }
+    ///     })
+    /// };
+    /// let policy = RetryPolicy::default().retry_maybe_processed(false);
+    /// assert!(!policy.retries_maybe_processed());
+    /// let client = FirstChunkRetryLayer::new(policy).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let error = client.oneshot(http::Request::new(())).await.unwrap_err();
+    /// let error = error.downcast_ref::<FirstChunkError>().expect("a first-chunk error");
+    /// assert_eq!(error.stop_reason(), StopReason::MaybeProcessed);
+    /// assert_eq!(calls.load(Ordering::SeqCst), 1, "not sent again");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
+    #[must_use]
+    pub fn retry_maybe_processed(self, retry: bool) -> Self {
+        Self {
+            retry_maybe_processed: retry,
+            ..self
+        }
+    }
+
+    /// Whether failures after which the upstream may have processed the request are
+    /// retried: see [`retry_maybe_processed`](Self::retry_maybe_processed).
+    ///
+    /// ```
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// assert!(RetryPolicy::default().retries_maybe_processed());
+    /// assert!(!RetryPolicy::default().retry_maybe_processed(false).retries_maybe_processed());
+    /// ```
+    pub fn retries_maybe_processed(&self) -> bool {
+        self.retry_maybe_processed
+    }
+
     /// Checks every setting; the error names the one out of range.
     ///
     /// ```
@@ -454,6 +542,7 @@ impl fmt::Debug for RetryPolicy {
             .field("max_buffer", &self.max_buffer)
             .field("retry_statuses", &self.statuses)
             .field("in_band_errors", &self.in_band)
+            .field("retry_maybe_processed", &self.retry_maybe_processed)
             .finish_non_exhaustive()
     }
 }
@@ -473,6 +562,7 @@ mod tests {
         assert_eq!(p.max_buffer, 1 << 20);
         let codes: Vec<u16> = p.statuses.iter().map(|s| s.as_u16()).collect();
         assert_eq!(codes, [408, 429, 502, 503, 504, 529]);
+        assert!(p.retry_maybe_processed);
         assert!(p.validate().is_ok());
     }
 

@@ -723,4 +723,57 @@ async fn a_poll_ready_error_before_a_retry_returns_the_previous_failure() {
         .filter(|m| m.name() == "stream_retries")
         .count();
     assert_eq!(retries, 0, "no stream_retries series");
+
+async fn without_retry_maybe_processed_only_unprocessed_failures_are_retried() {
+    let strict = || FirstChunkRetryLayer::new(policy().retry_maybe_processed(false));
+    let healthy = || ok(Scripted::data(&["data: 1\n\n"]));
+
+    // The server did no work: retried.
+    let refused = || Err(io::Error::from(io::ErrorKind::ConnectionRefused).into());
+    let should_retry = status(500, &[("x-should-retry", "true")]);
+    let unprocessed: [(&str, Reply); 5] = [
+        ("connection refused", refused()),
+        ("429", status(429, &[])),
+        ("503", status(503, &[])),
+        ("529", status(529, &[])),
+        ("x-should-retry", should_retry),
+    ];
+    for (what, failure) in unprocessed {
+        let mock = Mock::new(vec![failure, healthy()]);
+        let response = run(strict(), &mock, request()).await.unwrap();
+        assert_eq!(response.status(), 200, "{what}");
+        assert_eq!(mock.attempts(), 2, "{what}");
+    }
+
+    // It may have: one attempt, the failure back at once.
+    let mock = Mock::new(vec![reset()]);
+    let error = run(strict(), &mock, request()).await.unwrap_err();
+    let error = first_chunk_error(&error);
+    assert_eq!(error.kind(), FirstChunkErrorKind::Upstream);
+    assert_eq!(error.stop_reason(), StopReason::MaybeProcessed);
+    assert_eq!(error.attempts(), 1);
+    assert!(error.to_string().contains("may have processed"), "{error}");
+
+    let cut = Scripted::data(&[": ping\n\n"]).then(Err(io::ErrorKind::ConnectionReset.into()));
+    let mock = Mock::new(vec![ok(cut)]);
+    let error = run(strict(), &mock, request()).await.unwrap_err();
+    let error = first_chunk_error(&error);
+    assert_eq!(error.kind(), FirstChunkErrorKind::Body);
+    assert_eq!(error.stop_reason(), StopReason::MaybeProcessed);
+    assert_eq!(mock.attempts(), 1);
+
+    for code in [502, 504] {
+        let mock = Mock::new(vec![status(code, &[])]);
+        let response = run(strict(), &mock, request()).await.unwrap();
+        assert_eq!(response.status(), code, "a gateway's {code} goes back");
+        assert_eq!(mock.attempts(), 1);
+    }
+
+    // By default both classes are retried.
+    for failure in [reset(), status(502, &[])] {
+        let mock = Mock::new(vec![failure, healthy()]);
+        let layer = FirstChunkRetryLayer::new(policy());
+        assert_eq!(run(layer, &mock, request()).await.unwrap().status(), 200);
+        assert_eq!(mock.attempts(), 2);
+    }
 }

@@ -5,13 +5,21 @@
 pub mod raw_h2;
 pub mod upstream;
 
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Request;
+use http::{Request, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry::metrics::{Meter, MeterProvider};
@@ -42,11 +50,116 @@ pub type HyperClient = Client<HttpConnector, Full<Bytes>>;
 pub fn client(protocol: Protocol) -> HyperClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
+    client_with(protocol, connector)
+}
+
+/// [`client`] over another connector.
+pub fn client_with<C>(protocol: Protocol, connector: C) -> Client<C, Full<Bytes>>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
     let mut builder = Client::builder(TokioExecutor::new());
     if protocol == Protocol::Http2 {
         builder.http2_only(true);
     }
     builder.build(connector)
+}
+
+/// A name resolver for `HttpConnector` that never asks the network: its first
+/// `failures` lookups fail as the system resolver fails for a name that does not
+/// exist, and later ones answer 127.0.0.1.
+#[derive(Clone, Debug, Default)]
+pub struct LoopbackResolver {
+    failures: u64,
+    lookups: Arc<AtomicU64>,
+}
+
+impl LoopbackResolver {
+    pub fn failing_first(failures: u64) -> Self {
+        Self {
+            failures,
+            lookups: Arc::default(),
+        }
+    }
+
+    /// Names looked up so far.
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::SeqCst)
+    }
+}
+
+impl tower::Service<Name> for LoopbackResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = io::Error;
+    type Future = std::future::Ready<Result<Self::Response, io::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Name) -> Self::Future {
+        let lookup = self.lookups.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(if lookup < self.failures {
+            // What getaddrinfo reports for a name that does not exist.
+            Err(io::Error::other(
+                "failed to lookup address information: Name or service not known",
+            ))
+        } else {
+            Ok(vec![SocketAddr::from(([127, 0, 0, 1], 0))].into_iter())
+        })
+    }
+}
+
+/// A connector that fails its first connection with `failure()`, if given, as a TLS
+/// connector fails its handshake before any byte of the request is written, then
+/// connects as `inner` does; it counts the connections asked of it.
+#[derive(Clone)]
+pub struct FlakyConnector<C> {
+    inner: C,
+    failure: Option<fn() -> BoxError>,
+    calls: Arc<AtomicU64>,
+}
+
+impl<C> FlakyConnector<C> {
+    pub fn new(inner: C, failure: Option<fn() -> BoxError>) -> Self {
+        Self {
+            inner,
+            failure,
+            calls: Arc::default(),
+        }
+    }
+
+    /// Connections asked for so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl<C> tower::Service<Uri> for FlakyConnector<C>
+where
+    C: tower::Service<Uri> + Clone + Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+    C::Response: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        match self.failure {
+            Some(failure) if call == 0 => Box::pin(std::future::ready(Err(failure()))),
+            _ => {
+                let connecting = self.inner.call(uri);
+                Box::pin(async move { connecting.await.map_err(Into::into) })
+            }
+        }
+    }
 }
 
 /// A streaming chat completion request to `url`.
@@ -223,8 +336,8 @@ pub struct Histogram {
 
 /// The three layers stacked as the README shows, over `client`, recording to `meter`
 /// under provider `"test"`.
-pub fn full_stack(
-    client: HyperClient,
+pub fn full_stack<C: Connect + Clone + Send + Sync + 'static>(
+    client: Client<C, Full<Bytes>>,
     meter: &Meter,
     limit: tower_stream_backpressure::StreamConcurrencyLayer,
     budget: tower_stream_backpressure::RetryBudget,
@@ -241,8 +354,8 @@ pub fn full_stack(
 }
 
 /// [`full_stack`] with another first-chunk detector.
-pub fn full_stack_with<D: tower_stream_backpressure::frame::Detector>(
-    client: HyperClient,
+pub fn full_stack_with<C, D>(
+    client: Client<C, Full<Bytes>>,
     meter: &Meter,
     limit: tower_stream_backpressure::StreamConcurrencyLayer,
     budget: tower_stream_backpressure::RetryBudget,
@@ -254,7 +367,11 @@ pub fn full_stack_with<D: tower_stream_backpressure::frame::Detector>(
     Error = BoxError,
     Future = impl Send,
 > + Clone
-       + Send {
+       + Send
+where
+    C: Connect + Clone + Send + Sync + 'static,
+    D: tower_stream_backpressure::frame::Detector,
+{
     use tower_stream_backpressure::{FirstChunkRetryLayer, RetryBudgetLayer};
     tower::ServiceBuilder::new()
         .layer(limit.meter(meter.clone()).provider("test"))

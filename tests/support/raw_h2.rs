@@ -26,7 +26,10 @@ pub enum H2Reply {
 pub enum H2Connection {
     /// Serve its streams.
     Serve,
-    /// Send GOAWAY with last stream id 0 at once: no stream on it is processed.
+    /// Once the client's first stream has arrived, send GOAWAY with last stream id 0,
+    /// and keep the connection open: the stream is above the last stream id, so the
+    /// client knows no stream on the connection was processed. (Written frame by frame:
+    /// the `h2` server cannot send a GOAWAY below a stream it has read.)
     GoAwayFirst,
 }
 
@@ -105,12 +108,13 @@ async fn serve(
         let mode = on_connection(index);
         let (script, hits) = (script.clone(), hits.clone());
         tasks.spawn(async move {
+            if mode == H2Connection::GoAwayFirst {
+                let _ = go_away_below_first_stream(tcp).await;
+                return;
+            }
             let Ok(mut connection) = h2::server::handshake(tcp).await else {
                 return;
             };
-            if mode == H2Connection::GoAwayFirst {
-                connection.abrupt_shutdown(Reason::NO_ERROR);
-            }
             let mut streams = JoinSet::new();
             while let Some(Ok((_request, mut respond))) = connection.accept().await {
                 let reply = script(hits.fetch_add(1, Ordering::SeqCst));
@@ -138,4 +142,48 @@ async fn serve(
             }
         });
     }
+}
+
+/// Frame types and flags of RFC 9113 §6.
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const ACK: u8 = 0x1;
+
+/// A frame: 9-byte header (24-bit length, type, flags, stream id), then the payload.
+fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len())
+        .expect("a small frame")
+        .to_be_bytes();
+    let mut frame = vec![length[1], length[2], length[3], kind, flags, 0, 0, 0, 0];
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The server side of [`H2Connection::GoAwayFirst`]: its SETTINGS, then, once a HEADERS
+/// frame has come, a SETTINGS ack and GOAWAY (last stream id 0, `NO_ERROR`); then it
+/// reads until the client closes.
+async fn go_away_below_first_stream(mut tcp: tokio::net::TcpStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    tcp.write_all(&frame(SETTINGS, 0, &[])).await?;
+    let mut preface = [0; 24];
+    tcp.read_exact(&mut preface).await?;
+    loop {
+        let mut header = [0; 9];
+        tcp.read_exact(&mut header).await?;
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0; length];
+        tcp.read_exact(&mut payload).await?;
+        if header[3] == HEADERS {
+            break;
+        }
+    }
+    let mut reply = frame(SETTINGS, ACK, &[]);
+    // Last stream id 0, error code 0 (`NO_ERROR`).
+    reply.extend(frame(GOAWAY, 0, &[0; 8]));
+    tcp.write_all(&reply).await?;
+    let mut rest = Vec::new();
+    tcp.read_to_end(&mut rest).await?;
+    Ok(())
 }
