@@ -147,7 +147,7 @@ fn our_stack(
     meter: Option<Meter>,
 ) -> impl Service<
     Request<Full<Bytes>>,
-    Response = Response<impl Body<Data = Bytes, Error = Infallible> + Unpin>,
+    Response = Response<impl Body<Data = Bytes, Error = tower::BoxError> + Unpin>,
     Error = tower::BoxError,
 > + Clone {
     let mut limit = StreamConcurrencyLayer::new(LIMIT).max_wait(Duration::from_secs(2));

@@ -207,7 +207,7 @@ async fn errors_release_the_slot_and_pass_through_unchanged() {
         assert!(body.frame().await.unwrap().is_ok());
         assert_eq!(limit.available_slots(), 0);
         let failed = read_until_error(&mut body).await;
-        let _: hyper::Error = failed;
+        assert!(failed.is::<hyper::Error>(), "{failed:?}");
         assert_eq!(
             limit.available_slots(),
             1,

@@ -49,7 +49,8 @@ enum Receives {
     BodyStalls(Bytes),
     /// A `FirstChunkError`.
     Error(FirstChunkErrorKind, StopReason, u32),
-    /// hyper-util's connect error itself, unchanged, after one connection attempt.
+    /// hyper-util's connect error, as the source of a `FirstChunkError` (`Upstream`,
+    /// `NotRetryable`), after one connection attempt.
     ConnectError,
 }
 
@@ -842,8 +843,14 @@ async fn every_fault_in_the_catalogue() {
                 }
                 (Err(error), Receives::ConnectError) => {
                     let error = error
-                        .downcast_ref::<hyper_util::client::legacy::Error>()
+                        .downcast_ref::<FirstChunkError>()
                         .unwrap_or_else(|| panic!("{at}: {error}"));
+                    assert_eq!(error.kind(), FirstChunkErrorKind::Upstream, "{at}");
+                    assert_eq!(error.stop_reason(), StopReason::NotRetryable, "{at}");
+                    assert_eq!(error.attempts(), 1, "{at}");
+                    let error = std::error::Error::source(error)
+                        .and_then(|e| e.downcast_ref::<hyper_util::client::legacy::Error>())
+                        .unwrap_or_else(|| panic!("{at}: {error:?}"));
                     assert!(error.is_connect(), "{at}: {error:?}");
                     assert_eq!(connector.calls(), 1, "{at}: connections asked for");
                 }

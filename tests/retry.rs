@@ -49,7 +49,7 @@ async fn one_call(
     policy: RetryPolicy,
 ) -> Result<
     http::Response<
-        impl http_body::Body<Data = bytes::Bytes, Error = hyper::Error> + std::fmt::Debug,
+        impl http_body::Body<Data = bytes::Bytes, Error = tower::BoxError> + std::fmt::Debug,
     >,
     tower::BoxError,
 > {
@@ -179,7 +179,7 @@ async fn nothing_is_retried_once_the_first_event_reached_the_caller() {
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert!(first.starts_with(b"data: {"));
         let error = read_until_error(&mut body).await;
-        let _: hyper::Error = error;
+        assert!(error.is::<hyper::Error>(), "{error:?}");
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(
             upstream.hits(),
@@ -449,6 +449,8 @@ async fn a_complete_empty_answer_is_sent_once() {
             FirstChunkErrorKind::EndOfStream
         );
         assert_eq!(upstream.hits(), 3, "{protocol:?}");
+    }
+}
 
 /// No reserve, one retry per deposit: what a budget allows is what it was given.
 fn one_retry_per_deposit() -> RetryBudget {

@@ -214,7 +214,7 @@ impl<B: Body> Failure<B> {
     /// [`RetryPolicy::retry_maybe_processed`](super::RetryPolicy::retry_maybe_processed)).
     fn maybe_processed(&self) -> bool {
         match self {
-            Failure::Status(response, ..) => !refuses_the_work(response),
+            Failure::Status(held, ..) => !refuses_the_work(&held.head),
             Failure::Upstream(error) => !is_unprocessed(&**error),
             // The upstream answered, or was sent the request and went quiet.
             Failure::Body(_)
@@ -230,12 +230,12 @@ impl<B: Body> Failure<B> {
 /// A response by which the server refuses the work, so that a retry cannot repeat it:
 /// `408` (it did not get the whole request), `425` (too early), `429` (rate limited),
 /// `503` (unavailable), `529` (overloaded), or any status with `x-should-retry: true`.
-fn refuses_the_work<B>(response: &Response<B>) -> bool {
-    let said_so = response
-        .headers()
+fn refuses_the_work(head: &http::response::Parts) -> bool {
+    let said_so = head
+        .headers
         .get(&X_SHOULD_RETRY)
         .is_some_and(|value| value.as_bytes() == b"true");
-    said_so || matches!(response.status().as_u16(), 408 | 425 | 429 | 503 | 529)
+    said_so || matches!(head.status.as_u16(), 408 | 425 | 429 | 503 | 529)
 }
 
 type Output<B> = Result<Response<ResponseBody<B>>, BoxError>;

@@ -723,7 +723,9 @@ async fn a_poll_ready_error_before_a_retry_returns_the_previous_failure() {
         .filter(|m| m.name() == "stream_retries")
         .count();
     assert_eq!(retries, 0, "no stream_retries series");
+}
 
+#[tokio::test(start_paused = true)]
 async fn without_retry_maybe_processed_only_unprocessed_failures_are_retried() {
     let strict = || FirstChunkRetryLayer::new(policy().retry_maybe_processed(false));
     let healthy = || ok(Scripted::data(&["data: 1\n\n"]));

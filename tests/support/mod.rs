@@ -344,7 +344,7 @@ pub fn full_stack<C: Connect + Clone + Send + Sync + 'static>(
     policy: tower_stream_backpressure::RetryPolicy,
 ) -> impl tower::Service<
     Request<Full<Bytes>>,
-    Response = http::Response<impl Body<Data = Bytes, Error = hyper::Error> + std::fmt::Debug>,
+    Response = http::Response<impl Body<Data = Bytes, Error = BoxError> + std::fmt::Debug>,
     Error = BoxError,
     Future = impl Send,
 > + Clone
@@ -363,7 +363,7 @@ pub fn full_stack_with<C, D>(
     detector: D,
 ) -> impl tower::Service<
     Request<Full<Bytes>>,
-    Response = http::Response<impl Body<Data = Bytes, Error = hyper::Error> + std::fmt::Debug>,
+    Response = http::Response<impl Body<Data = Bytes, Error = BoxError> + std::fmt::Debug>,
     Error = BoxError,
     Future = impl Send,
 > + Clone
