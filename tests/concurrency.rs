@@ -13,7 +13,7 @@ use support::{
 };
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
-use tower_stream_backpressure::concurrency::{MaxWait, ResponseBody};
+use tower_stream_backpressure::concurrency::{IdleTimeout, MaxWait, ResponseBody};
 use tower_stream_backpressure::{
     RejectReason, Rejected, RetryBudget, RetryPolicy, StreamConcurrencyLayer,
 };
@@ -363,4 +363,141 @@ async fn waiters_get_slots_in_arrival_order() {
         waiter.await.unwrap().unwrap();
     }
     assert_eq!(*order.lock().unwrap(), ["/held", "/a", "/b", "/c", "/d"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_queued_rejects_at_once_when_the_queue_is_full() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::faulty(3, Fault::StallAfter(1))).await;
+        let metrics = Metrics::new();
+        let limit = StreamConcurrencyLayer::new(1)
+            .max_queued(2)
+            .meter(metrics.meter())
+            .provider("test");
+        let service = limit.layer(client(protocol));
+        let held = call(&service, &upstream, "/").await.unwrap();
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let (service, url) = (service.clone(), upstream.url("/"));
+                tokio::spawn(async move { service.oneshot(post(&url)).await.map(drop) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+
+        // Two wait: the third fails at once, without reaching the upstream.
+        let started = Instant::now();
+        let error = call(&service, &upstream, "/").await.unwrap_err();
+        assert_eq!(rejected(&error).reason(), RejectReason::QueueFull);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert!(error.to_string().contains("queue_full"), "{error}");
+        assert_eq!(upstream.hits(), 1, "{protocol:?}");
+        let queue_full = [TEST, ("reason", "queue_full")];
+        let snapshot = metrics.snapshot();
+        assert_eq!(
+            snapshot.count("stream_concurrency_rejections", &queue_full),
+            1.0
+        );
+
+        // The waiters get the slot in turn; then the queue has room again.
+        drop(held);
+        for waiter in waiters {
+            waiter.await.unwrap().unwrap();
+        }
+        assert_eq!(upstream.hits(), 3, "{protocol:?}");
+        drop(call(&service, &upstream, "/").await.unwrap());
+        assert_eq!(limit.available_slots(), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_callers_hold_no_readiness_of_the_inner_service() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::faulty(3, Fault::StallAfter(1))).await;
+        let limit = StreamConcurrencyLayer::new(1).max_wait(Duration::from_millis(300));
+        // A buffer of one: a caller that kept it reserved would stall all the others.
+        let service = limit.layer(tower::buffer::Buffer::new(client(protocol), 1));
+        let url = upstream.url("/");
+        let held = service.clone().oneshot(post(&url)).await.unwrap();
+
+        let started = Instant::now();
+        let caller = || {
+            let (service, url) = (service.clone(), url.clone());
+            async move {
+                let result = service.oneshot(post(&url)).await.map(drop);
+                (result, started.elapsed())
+            }
+        };
+        let (a, b, c) = tokio::join!(caller(), caller(), caller());
+        for (result, elapsed) in [a, b, c] {
+            let error = result.unwrap_err();
+            assert_eq!(rejected(&error).reason(), RejectReason::DeadlineExceeded);
+            assert_eq!(rejected(&error).waited(), Duration::from_millis(300));
+            assert_eq!(
+                elapsed,
+                Duration::from_millis(300),
+                "{protocol:?}: each gives up after its own 300 ms, side by side"
+            );
+        }
+        assert_eq!(upstream.hits(), 1, "{protocol:?}");
+        drop(held);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_reader_loses_its_stream_after_the_idle_timeout() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::faulty(3, Fault::StallAfter(1))).await;
+        let metrics = Metrics::new();
+        let limit = StreamConcurrencyLayer::new(1)
+            .idle_timeout(Duration::from_secs(10))
+            .meter(metrics.meter())
+            .provider("test");
+        let service = limit.layer(client(protocol));
+        let mut body = call(&service, &upstream, "/").await.unwrap().into_body();
+        // The reader takes the first event, then neither reads nor drops the body.
+        body.frame().await.unwrap().unwrap();
+
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert_eq!(
+            limit.available_slots(),
+            0,
+            "{protocol:?}: not before the timeout"
+        );
+        assert_eq!(upstream.open_streams(), 1);
+
+        // By a quarter of the timeout after it (12.5 s), the stream is ended.
+        tokio::time::sleep(Duration::from_millis(3600)).await;
+        assert_eq!(limit.available_slots(), 1, "{protocol:?}: the slot is free");
+        assert_eq!(
+            upstream.open_streams(),
+            0,
+            "{protocol:?}: the upstream saw its stream closed"
+        );
+        assert_eq!(metrics.snapshot().count("streams_in_flight", &[TEST]), 0.0);
+        let error = body.frame().await.unwrap().unwrap_err();
+        let timeout = error
+            .downcast_ref::<IdleTimeout>()
+            .unwrap_or_else(|| panic!("{protocol:?}: {error}"));
+        assert_eq!(timeout.timeout(), Duration::from_secs(10));
+        assert!(error.to_string().contains("idle_timeout"), "{error}");
+        assert!(body.frame().await.is_none(), "once, then the end");
+        assert_eq!(upstream.hits(), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_waiting_for_a_slow_upstream_is_not_idle() {
+    for protocol in BOTH {
+        // Twenty seconds between events, twice the idle timeout.
+        let upstream = Upstream::start(|_| Reply::tokens(2).gap(Duration::from_secs(20))).await;
+        let limit = StreamConcurrencyLayer::new(1).idle_timeout(Duration::from_secs(10));
+        let service = limit.layer(client(protocol));
+        let started = Instant::now();
+        let response = call(&service, &upstream, "/").await.unwrap();
+        let body = read_to_end(response.into_body()).await.unwrap();
+        assert!(body.ends_with(b"data: [DONE]\n\n"), "{protocol:?}");
+        assert!(started.elapsed() >= Duration::from_secs(60));
+        assert_eq!(upstream.completed_streams(), 1, "{protocol:?}");
+        assert_eq!(limit.available_slots(), 1);
+    }
 }

@@ -354,4 +354,57 @@ mod tests {
     fn new_panics_on_zero() {
         let _ = StreamConcurrencyLayer::new(0);
     }
+
+    /// Polls `future` to its output, then once more.
+    async fn poll_twice<F: std::future::Future>(future: F) {
+        let mut future = std::pin::pin!(future);
+        let _ = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
+        let _ = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "ResponseFuture polled after completion")]
+    async fn a_response_future_polled_after_its_response_panics() {
+        let mut service = StreamConcurrencyLayer::new(1).layer(Endless::default());
+        poll_twice(service.ready().await.unwrap().call(Request::new(()))).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "ResponseFuture polled after completion")]
+    async fn a_response_future_polled_after_its_rejection_panics() {
+        let layer = StreamConcurrencyLayer::new(1).max_wait(Duration::ZERO);
+        let mut service = layer.layer(Endless::default());
+        let _held = service.clone().oneshot(Request::new(())).await.unwrap();
+        poll_twice(service.ready().await.unwrap().call(Request::new(()))).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "ResponseFuture polled after completion")]
+    async fn a_response_future_polled_after_an_inner_error_panics() {
+        let mut service =
+            StreamConcurrencyLayer::new(1).layer(service_fn(|_: Request<()>| async {
+                Err::<Response<Empty<bytes::Bytes>>, _>(UpstreamDown)
+            }));
+        poll_twice(service.ready().await.unwrap().call(Request::new(()))).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_ended_is_never_timed_out() {
+        use http_body_util::{BodyExt, Full};
+        let layer = StreamConcurrencyLayer::new(1).idle_timeout(Duration::from_secs(1));
+        let service = layer.layer(service_fn(|_: Request<()>| async {
+            Ok::<_, UpstreamDown>(Response::new(Full::new(bytes::Bytes::from("data: x\n\n"))))
+        }));
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(layer.available_slots(), 1, "released at the end");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(body.frame().await.is_none(), "the end, not a timeout");
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid `idle_timeout`: must be above zero")]
+    fn a_zero_idle_timeout_is_refused() {
+        let _ = StreamConcurrencyLayer::new(1).idle_timeout(Duration::ZERO);
+    }
 }

@@ -147,3 +147,72 @@ fn a_zero_cap_is_refused() {
         "limit"
     );
 }
+
+/// A request body that ends when its sender says so.
+struct Arrives(tokio::sync::oneshot::Receiver<()>);
+
+impl Body for Arrives {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        use std::future::Future;
+        let _ = std::task::ready!(Pin::new(&mut self.0).poll(cx));
+        Poll::Ready(None)
+    }
+}
+
+/// Counts its `poll_ready` calls.
+#[derive(Clone, Default)]
+struct CountsReady(Arc<Mutex<usize>>);
+
+impl tower::Service<Request<ReplayBody<Arrives>>> for CountsReady {
+    type Response = Response<()>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<()>, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        *self.0.lock().unwrap() += 1;
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<ReplayBody<Arrives>>) -> Self::Future {
+        std::future::ready(Ok(Response::new(())))
+    }
+}
+
+#[tokio::test]
+async fn reading_the_body_holds_no_readiness_of_the_inner_service() {
+    let inner = CountsReady::default();
+    let service = BufferRequestBodyLayer::new(64).layer(inner.clone());
+    let (arrive, body) = tokio::sync::oneshot::channel();
+    let call = tokio::spawn(service.oneshot(Request::new(Arrives(body))));
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        *inner.0.lock().unwrap(),
+        0,
+        "not made ready while the body is read"
+    );
+    arrive.send(()).unwrap();
+    call.await.unwrap().unwrap();
+    assert_eq!(*inner.0.lock().unwrap(), 1, "made ready once, after");
+}
+
+#[tokio::test]
+#[should_panic(expected = "ResponseFuture polled after completion")]
+async fn the_future_polled_after_it_returned_panics() {
+    use std::future::Future;
+    let service =
+        service_fn(|_: Request<ReplayBody<Frames>>| async { Ok::<_, BoxError>(Response::new(())) });
+    let mut service = BufferRequestBodyLayer::new(64).layer(service);
+    let future = service.ready().await.unwrap();
+    let future = tower::Service::call(future, Request::new(body(vec![data("x")])));
+    let mut future = std::pin::pin!(future);
+    let _ = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
+    let _ = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
+}
