@@ -549,7 +549,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let budget = match RetryBudget::new(Duration::from_secs(10), 10, args.budget_ratio) {
+    let budget = match RetryBudget::try_new(Duration::from_secs(10), 10, args.budget_ratio) {
         Ok(budget) => budget,
         Err(error) => {
             eprintln!("demo: --budget-ratio: {error}");

@@ -9,6 +9,7 @@
 //! ```yaml
 //! stream_max_concurrent: 0      # streams open at once; 0 = no limit
 //! max_wait: ~                   # how long a call may queue for a slot; ~ = until the caller gives up
+//! max_queued: ~                 # how many calls may queue at once; ~ = no bound
 //! first_chunk_timeout: 30s      # per attempt, from its start to its first chunk
 //! stream_idle_timeout: 30s      # gap allowed between chunks, once the first has arrived
 //! frames: auto                  # auto | sse | ndjson | json_array | eventstream | first_data
@@ -33,7 +34,7 @@
 //! | layer | from | when |
 //! |---|---|---|
 //! | idle timeout between chunks (tower-http's [`TimeoutBody`]), outermost | `stream_idle_timeout` | always |
-//! | [`StreamConcurrencyLayer`] | `stream_max_concurrent`, `max_wait` | `stream_max_concurrent` is not 0 |
+//! | [`StreamConcurrencyLayer`] | `stream_max_concurrent`, `max_wait`, `max_queued` | `stream_max_concurrent` is not 0 |
 //! | [`RetryBudgetLayer`] | `stream_retry.budget` | retry and the budget are enabled |
 //! | [`FirstChunkRetryLayer`], innermost, next to the client | `stream_retry`, `first_chunk_timeout`, `frames` | always (one attempt per call when retry is disabled) |
 //!
@@ -175,6 +176,11 @@ pub struct Config {
     /// fails at once when every slot is held). Unused without `stream_max_concurrent`.
     #[serde(deserialize_with = "de_max_wait")]
     pub max_wait: Option<Duration>,
+    /// How many calls may wait for a slot at once; the next fails at once with
+    /// [`Rejected`](crate::Rejected) (`queue_full`) (default `None`: no bound, each
+    /// call's `max_wait` decides). Unused without `stream_max_concurrent`.
+    #[serde(deserialize_with = "de_max_queued")]
+    pub max_queued: Option<usize>,
     /// Retry before the first chunk.
     pub stream_retry: StreamRetry,
     /// How long one attempt may take from its start to its first chunk, before it
@@ -195,6 +201,7 @@ impl Default for Config {
         Self {
             stream_max_concurrent: 0,
             max_wait: None,
+            max_queued: None,
             stream_retry: StreamRetry::default(),
             first_chunk_timeout: Duration::from_secs(30),
             stream_idle_timeout: Duration::from_secs(30),
@@ -253,7 +260,7 @@ pub struct StreamRetry {
     /// let json = r#"{"stream_retry": {"retry_maybe_processed": false}}"#;
     /// let config: Config = serde_json::from_str(json)?;
     /// let layers = config.layer("payments")?;
-    /// assert!(!layers.policy().retries_maybe_processed());
+    /// assert!(!layers.policy().get_retry_maybe_processed());
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     #[serde(deserialize_with = "de_retry_maybe_processed")]
@@ -375,6 +382,7 @@ impl Frames {
     /// assert_eq!(Frames::JsonArray.name(), "json_array");
     /// assert_eq!(Frames::EventStream.to_string(), "eventstream");
     /// ```
+    #[must_use]
     pub fn name(self) -> &'static str {
         Self::NAMES
             .iter()
@@ -441,8 +449,12 @@ impl Config {
                 let layer = StreamConcurrencyLayer::try_new(limit)
                     .map_err(|e| rename(e, "stream_max_concurrent"))?
                     .provider(provider.clone());
-                Some(match self.max_wait {
+                let layer = match self.max_wait {
                     Some(max_wait) => layer.max_wait(max_wait),
+                    None => layer,
+                };
+                Some(match self.max_queued {
+                    Some(max_queued) => layer.max_queued(max_queued),
                     None => layer,
                 })
             }
@@ -530,7 +542,7 @@ impl Budget {
             (Some(rate), Some(burst)) => Some((rate, burst)),
         };
         let budget = match bucket {
-            None => RetryBudget::new(
+            None => RetryBudget::try_new(
                 self.ttl.unwrap_or(Duration::from_secs(10)),
                 self.min_per_sec.unwrap_or(10),
                 self.retry_ratio.unwrap_or(0.2),
@@ -572,7 +584,7 @@ impl Budget {
                         ),
                     ));
                 }
-                RetryBudget::new(Duration::from_millis(ttl_ms), rate, 0.0)
+                RetryBudget::try_new(Duration::from_millis(ttl_ms), rate, 0.0)
                     .map_err(|e| rename(e, BURST))?
             }
         };
@@ -672,6 +684,7 @@ impl StreamLayers {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
+    #[must_use]
     pub fn meter(self, meter: Meter) -> Self {
         Self {
             concurrency: self.concurrency.map(|layer| layer.meter(meter.clone())),
@@ -1159,7 +1172,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.size.clone()
+        self.size
     }
 }
 
@@ -1440,6 +1453,10 @@ macro_rules! fields {
 fields! {
     de_stream_max_concurrent: usize = whole, "stream_max_concurrent";
     de_max_wait: Option<Duration> = optional_duration, "max_wait";
+    de_max_queued: Option<usize> = |v| match v {
+        Value::Null => Ok(None),
+        v => whole(v).map(Some),
+    }, "max_queued";
     de_first_chunk_timeout: Duration = duration, "first_chunk_timeout";
     de_stream_idle_timeout: Duration = duration, "stream_idle_timeout";
     de_frames: Frames = frames, "frames";
@@ -1469,8 +1486,11 @@ mod tests {
         let layers = parse(r#"{"stream_retry": {"enabled": false}, "first_chunk_timeout": "5s"}"#)
             .layer("test")
             .unwrap();
-        assert_eq!(layers.policy().attempts_allowed(), 1);
-        assert_eq!(layers.policy().attempt_timeout(), Duration::from_secs(5));
+        assert_eq!(layers.policy().get_max_attempts(), 1);
+        assert_eq!(
+            layers.policy().get_first_chunk_timeout(),
+            Duration::from_secs(5)
+        );
         assert!(layers.budget().is_none(), "no retries, no budget");
     }
 
@@ -1483,8 +1503,8 @@ mod tests {
         .layer("test")
         .unwrap();
         let policy = layers.policy();
-        assert_eq!(policy.attempts_allowed(), 5);
-        assert_eq!(policy.attempt_timeout(), Duration::from_secs(60));
+        assert_eq!(policy.get_max_attempts(), 5);
+        assert_eq!(policy.get_first_chunk_timeout(), Duration::from_secs(60));
         // initial == max: every retry's ceiling is 100 ms.
         for retry in 0..8 {
             assert!(policy.backoff_delay(retry) <= Duration::from_millis(100));

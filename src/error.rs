@@ -10,8 +10,9 @@ use std::fmt;
 /// A setting passed to a constructor is out of range.
 ///
 /// Returned by the fallible constructors ([`StreamConcurrencyLayer::try_new`],
-/// [`RetryBudget::new`], [`FirstChunkRetryLayer::try_new`]); the panicking constructors
-/// panic with the same message. [`setting`](Self::setting) names the parameter so that a
+/// [`RetryBudget::try_new`], [`FirstChunkRetryLayer::try_new`], ...). The crate's one
+/// rule: `new` (and a builder method such as `max_per_host`) panics with this message,
+/// and its `try_` twin returns it. [`setting`](Self::setting) names the parameter so that a
 /// configuration loader can point at the offending field.
 ///
 /// ```
@@ -23,7 +24,7 @@ use std::fmt;
 /// ```
 ///
 /// [`StreamConcurrencyLayer::try_new`]: crate::StreamConcurrencyLayer::try_new
-/// [`RetryBudget::new`]: crate::RetryBudget::new
+/// [`RetryBudget::try_new`]: crate::RetryBudget::try_new
 /// [`FirstChunkRetryLayer::try_new`]: crate::FirstChunkRetryLayer::try_new
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -45,7 +46,7 @@ impl ConfigError {
     /// use std::time::Duration;
     /// use tower_stream_backpressure::{RetryBudget, RetryPolicy};
     ///
-    /// let error = RetryBudget::new(Duration::from_secs(10), 10, 2000.0).unwrap_err();
+    /// let error = RetryBudget::try_new(Duration::from_secs(10), 10, 2000.0).unwrap_err();
     /// assert_eq!(error.setting(), "retry_ratio");
     ///
     /// let error = RetryPolicy::default().max_attempts(0).validate().unwrap_err();

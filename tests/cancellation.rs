@@ -49,7 +49,7 @@ const PRIMED: u64 = 4;
 
 /// Half a retry per call and no reserve, over a window longer than the test.
 fn budget() -> RetryBudget {
-    let budget = RetryBudget::new(Duration::from_secs(60), 0, 0.5).expect("a valid budget");
+    let budget = RetryBudget::new(Duration::from_secs(60), 0, 0.5);
     for _ in 0..PRIMED {
         budget.deposit();
     }

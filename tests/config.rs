@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use support::{
     client, post, read_to_end, read_until_error, Fault, Metrics, Protocol, Reply, Upstream, TEST,
@@ -176,6 +177,7 @@ fn deserialization_errors_name_the_field() {
         (r#"{"stream_idle_timeout": ""}"#, "invalid `stream_idle_timeout`"),
         (r#"{"first_chunk_timeout": null}"#, "invalid `first_chunk_timeout`"),
         (r#"{"max_wait": "soon"}"#, "invalid `max_wait`"),
+        (r#"{"max_queued": -3}"#, "invalid `max_queued`: expected a whole number within 0 and"),
         (r#"{"stream_retry": {"budget": {"ttl": [10]}}}"#, "invalid `stream_retry.budget.ttl`: expected a duration such as \"250ms\", \"2s\" or \"1m\", got a list"),
         (r#"{"frames": "xml"}"#, "invalid `frames`: expected one of auto, sse, ndjson, json_array, eventstream, first_data, got \"xml\""),
         (r#"{"frames": "SSE"}"#, "invalid `frames`"),
@@ -507,7 +509,7 @@ async fn retry_maybe_processed_false_retries_only_what_the_upstream_did_not_proc
         .layer("test")
         .unwrap()
         .policy()
-        .retries_maybe_processed());
+        .get_retry_maybe_processed());
     for protocol in support::BOTH {
         // A stall after the request was written: the upstream may be working on it.
         let upstream = Upstream::start(|hit| match hit.index {
@@ -541,5 +543,64 @@ async fn retry_maybe_processed_false_retries_only_what_the_upstream_did_not_proc
         let response = service.oneshot(post(&upstream.url("/"))).await.unwrap();
         assert_eq!(read_to_end(response.into_body()).await.unwrap(), TOKENS_3);
         assert_eq!(upstream.hits(), 2, "{protocol:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_queued_bounds_the_callers_waiting_for_a_slot() {
+    assert_eq!(parse(r#"{"max_queued": null}"#).max_queued, None);
+    assert_eq!(parse(r#"{"max_queued": "16"}"#).max_queued, Some(16));
+    let upstream = Upstream::start(|_| Reply::faulty(3, Fault::StallAfter(1))).await;
+    let config = parse(r#"{"stream_max_concurrent": 1, "max_queued": 0}"#);
+    let layers = config.layer("test").unwrap();
+    assert_eq!(layers.concurrency().unwrap().get_max_queued(), Some(0));
+    let service = ServiceBuilder::new()
+        .layer(layers)
+        .service(client(Protocol::Http1));
+    let _held = service
+        .clone()
+        .oneshot(post(&upstream.url("/")))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let error = service.oneshot(post(&upstream.url("/"))).await.unwrap_err();
+    let rejected = error.downcast_ref::<Rejected>().expect("a rejection");
+    assert_eq!(rejected.reason(), RejectReason::QueueFull);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_stack_body_reports_its_end_and_size_as_the_upstream_does() {
+    let json = r#"{"id":"chatcmpl-1","object":"chat.completion"}"#;
+    let upstream = Upstream::start(move |_| Reply::Status {
+        status: http::StatusCode::OK,
+        headers: vec![
+            ("content-type", "application/json".to_owned()),
+            ("content-length", json.len().to_string()),
+        ],
+        body: bytes::Bytes::from_static(json.as_bytes()),
+    })
+    .await;
+    for limit in ["0", "4"] {
+        let config = parse(&format!(r#"{{"stream_max_concurrent": {limit}}}"#));
+        let service = ServiceBuilder::new()
+            .layer(config.layer("test").unwrap())
+            .service(client(Protocol::Http1));
+        let response = service.oneshot(post(&upstream.url("/"))).await.unwrap();
+        let mut body = response.into_body();
+        assert_eq!(
+            body.size_hint().exact(),
+            Some(json.len() as u64),
+            "limit {limit}"
+        );
+        assert!(!body.is_end_stream());
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), json.as_bytes());
+        assert!(
+            body.is_end_stream(),
+            "limit {limit}: ended with its last byte"
+        );
+        assert_eq!(body.size_hint().exact(), Some(0));
     }
 }

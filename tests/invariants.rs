@@ -263,7 +263,7 @@ async fn a_million_calls_keep_every_invariant() {
         .provider("test");
     // No reserve, a tenth of a retry per call, over a window longer than the test.
     let ratio = 0.1;
-    let budget = RetryBudget::new(Duration::from_secs(60), 0, ratio).expect("a budget");
+    let budget = RetryBudget::new(Duration::from_secs(60), 0, ratio);
     let deposits = Arc::new(AtomicU64::new(0));
     let service = ServiceBuilder::new()
         .layer(limit.clone())

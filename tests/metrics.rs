@@ -28,7 +28,7 @@ async fn every_metric_by_value_and_by_prometheus_name() {
     // No reserve; a quarter of a retry per request, primed with five requests' worth
     // (1.25). Each call below adds 0.25: /retried takes one retry (1.5 -> 0.5), /held
     // adds (0.75), /failing takes one (1.0 -> 0), and /refused's 0.25 is not enough.
-    let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.25).unwrap();
+    let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.25);
     for _ in 0..5 {
         budget.deposit();
     }
@@ -253,7 +253,7 @@ async fn one_budget_gauge_series_per_budget_and_meter() {
     assert_eq!(snapshot.value(GAUGE, &[TEST]), Some(100.0));
 
     // Another budget is another series.
-    let other = RetryBudget::new(Duration::from_secs(10), 1, 0.0).unwrap();
+    let other = RetryBudget::new(Duration::from_secs(10), 1, 0.0);
     build(
         &RetryBudgetLayer::new(other.clone())
             .meter(metrics.meter())

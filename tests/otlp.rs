@@ -334,7 +334,7 @@ async fn every_metric_arrives_over_otlp_http() {
     let provider = otlp_provider(&receiver.endpoint());
     // No reserve, one retry per request: /retried deposits one and spends it on its
     // retry, /held deposits one, and the rejected call never reaches the budget.
-    let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap();
+    let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0);
     let service = full_stack(
         client(Http::Http1),
         &provider.meter("tests"),

@@ -454,7 +454,7 @@ async fn a_complete_empty_answer_is_sent_once() {
 
 /// No reserve, one retry per deposit: what a budget allows is what it was given.
 fn one_retry_per_deposit() -> RetryBudget {
-    RetryBudget::new(Duration::from_secs(10), 0, 1.0).expect("a valid budget")
+    RetryBudget::new(Duration::from_secs(10), 0, 1.0)
 }
 
 #[tokio::test(start_paused = true)]
@@ -491,7 +491,7 @@ async fn nested_budgets_each_deposit_once_and_each_bounds_the_retries() {
         // The outer budget (say, one for every provider) allows no retry: none is made,
         // however generous the inner one is.
         let (outer, inner) = (
-            RetryBudget::new(Duration::from_secs(10), 0, 0.0).unwrap(),
+            RetryBudget::new(Duration::from_secs(10), 0, 0.0),
             one_retry_per_deposit(),
         );
         let response = stack(&outer, &inner).oneshot(post(&url)).await.unwrap();
@@ -507,7 +507,7 @@ async fn nested_budgets_each_deposit_once_and_each_bounds_the_retries() {
         // one refuses.
         let (outer, inner) = (
             one_retry_per_deposit(),
-            RetryBudget::new(Duration::from_secs(10), 0, 0.0).unwrap(),
+            RetryBudget::new(Duration::from_secs(10), 0, 0.0),
         );
         stack(&outer, &inner).oneshot(post(&url)).await.unwrap();
         assert_eq!(upstream.hits(), 2, "{protocol:?}: the inner budget refused");

@@ -47,10 +47,16 @@ fn out_of_range_settings_are_refused_by_name() {
     }
 
     let second = Duration::from_secs(1);
-    refused(RetryBudget::new(Duration::ZERO, 10, 0.2), "ttl");
-    refused(RetryBudget::new(Duration::from_millis(999), 10, 0.2), "ttl");
-    refused(RetryBudget::new(Duration::from_secs(61), 10, 0.2), "ttl");
-    refused(RetryBudget::new(Duration::MAX, 10, 0.2), "ttl");
+    refused(RetryBudget::try_new(Duration::ZERO, 10, 0.2), "ttl");
+    refused(
+        RetryBudget::try_new(Duration::from_millis(999), 10, 0.2),
+        "ttl",
+    );
+    refused(
+        RetryBudget::try_new(Duration::from_secs(61), 10, 0.2),
+        "ttl",
+    );
+    refused(RetryBudget::try_new(Duration::MAX, 10, 0.2), "ttl");
     for ratio in [
         f64::NAN,
         -0.1,
@@ -59,7 +65,7 @@ fn out_of_range_settings_are_refused_by_name() {
         1000.5,
         f64::MAX,
     ] {
-        refused(RetryBudget::new(second, 10, ratio), "retry_ratio");
+        refused(RetryBudget::try_new(second, 10, ratio), "retry_ratio");
     }
 }
 
@@ -68,9 +74,9 @@ fn edge_values_in_range_are_accepted() {
     assert!(StreamConcurrencyLayer::try_new(1).is_ok());
     assert!(StreamConcurrencyLayer::try_new(Semaphore::MAX_PERMITS).is_ok());
     assert!(BufferRequestBodyLayer::try_new(usize::MAX).is_ok());
-    assert!(RetryBudget::new(Duration::from_secs(1), 0, 0.0).is_ok());
-    assert!(RetryBudget::new(Duration::from_secs(60), u32::MAX, 1000.0).is_ok());
-    let budget = RetryBudget::new(Duration::from_secs(60), u32::MAX, 1000.0).unwrap();
+    assert!(RetryBudget::try_new(Duration::from_secs(1), 0, 0.0).is_ok());
+    assert!(RetryBudget::try_new(Duration::from_secs(60), u32::MAX, 1000.0).is_ok());
+    let budget = RetryBudget::new(Duration::from_secs(60), u32::MAX, 1000.0);
     assert!(budget.available() > 0);
     assert!(budget.withdraw());
     for policy in [
@@ -110,7 +116,7 @@ async fn huge_settings_work_in_a_call() {
         client(Protocol::Http1),
         &metrics.meter(),
         StreamConcurrencyLayer::new(Semaphore::MAX_PERMITS).max_wait(Duration::MAX),
-        RetryBudget::new(Duration::from_secs(60), u32::MAX, 1000.0).unwrap(),
+        RetryBudget::new(Duration::from_secs(60), u32::MAX, 1000.0),
         policy,
     );
     let response = stack

@@ -158,7 +158,7 @@ async fn budget_exhaustion_rejections_and_cancellations_are_logged() {
     .await;
     let metrics = Metrics::new();
     let limit = StreamConcurrencyLayer::new(1).max_wait(Duration::from_millis(500));
-    let empty = RetryBudget::new(Duration::from_secs(10), 0, 0.0).unwrap();
+    let empty = RetryBudget::new(Duration::from_secs(10), 0, 0.0);
     let stack = full_stack(
         client(Protocol::Http1),
         &metrics.meter(),

@@ -25,6 +25,7 @@ use crate::metrics::{self, Telemetry};
 /// # let _ = stack;
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct RetryBudgetLayer {
     budget: RetryBudget,
     telemetry: Telemetry<()>,
@@ -45,7 +46,7 @@ impl RetryBudgetLayer {
     /// use tower_stream_backpressure::{RetryBudget, RetryBudgetLayer};
     ///
     /// // No reserve, one retry per request.
-    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0)?;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0);
     /// let layer = RetryBudgetLayer::new(budget.clone());
     /// let service = layer.layer(service_fn(|_: http::Request<()>| async {
     ///     Ok::<_, Infallible>(http::Response::new(()))
@@ -158,6 +159,20 @@ impl RetryBudgetLayer {
     /// ```
     pub fn budget(&self) -> &RetryBudget {
         &self.budget
+    }
+}
+
+/// A layer with a budget of its own, [`RetryBudget::default`]: Finagle's defaults.
+///
+/// ```
+/// use tower_stream_backpressure::RetryBudgetLayer;
+///
+/// let layer = RetryBudgetLayer::default();
+/// assert_eq!(layer.budget().retry_ratio(), 0.2);
+/// ```
+impl Default for RetryBudgetLayer {
+    fn default() -> Self {
+        Self::new(RetryBudget::default())
     }
 }
 

@@ -49,7 +49,7 @@
 //! use tower::ServiceBuilder;
 //! use tower_stream_backpressure::{FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy};
 //!
-//! let client_wide = RetryBudget::new(Duration::from_secs(10), 10, 0.1)?;
+//! let client_wide = RetryBudget::new(Duration::from_secs(10), 10, 0.1);
 //! let per_provider = RetryBudget::default();
 //! let stack = ServiceBuilder::new()
 //!     // Each call deposits in both; each retry takes from both.

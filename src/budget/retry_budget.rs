@@ -44,7 +44,7 @@ const SLICES: usize = 10;
 /// use tower_stream_backpressure::RetryBudget;
 ///
 /// // No reserve: only the ratio counts.
-/// let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.6)?;
+/// let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.6);
 /// for _ in 0..100 {
 ///     budget.deposit();
 /// }
@@ -102,22 +102,36 @@ impl RetryBudget {
     /// A budget over a window of `ttl` that always allows `min_per_sec` retries per
     /// second and, beyond that, `retry_ratio` retries per request.
     ///
-    /// Errors name the parameter out of range: `ttl` must be within 1 s and 60 s,
-    /// `retry_ratio` a number within 0 and 1000.
+    /// # Panics
+    ///
+    /// When a parameter is out of range (see [`try_new`](Self::try_new), which returns
+    /// the error instead, for settings read from configuration).
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower_stream_backpressure::RetryBudget;
     ///
     /// // A 10 s window, 5 retries a second always, plus 10 % of requests.
-    /// let budget = RetryBudget::new(Duration::from_secs(10), 5, 0.1)?;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 5, 0.1);
     /// assert_eq!(budget.available(), 50);
-    ///
-    /// let error = RetryBudget::new(Duration::from_secs(10), 5, -1.0).unwrap_err();
-    /// assert_eq!(error.setting(), "retry_ratio");
-    /// # Ok::<(), tower_stream_backpressure::ConfigError>(())
     /// ```
-    pub fn new(ttl: Duration, min_per_sec: u32, retry_ratio: f64) -> Result<Self, ConfigError> {
+    pub fn new(ttl: Duration, min_per_sec: u32, retry_ratio: f64) -> Self {
+        Self::try_new(ttl, min_per_sec, retry_ratio)
+            .unwrap_or_else(|error| panic!("RetryBudget: {error}"))
+    }
+
+    /// Like [`new`](Self::new), but returns an error naming the parameter out of range:
+    /// `ttl` must be within 1 s and 60 s, `retry_ratio` a number within 0 and 1000.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::RetryBudget;
+    ///
+    /// let error = RetryBudget::try_new(Duration::from_secs(10), 5, -1.0).unwrap_err();
+    /// assert_eq!(error.setting(), "retry_ratio");
+    /// assert!(RetryBudget::try_new(Duration::from_secs(10), 5, 0.1).is_ok());
+    /// ```
+    pub fn try_new(ttl: Duration, min_per_sec: u32, retry_ratio: f64) -> Result<Self, ConfigError> {
         if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&ttl) {
             return Err(ConfigError::new(
                 "ttl",
@@ -159,7 +173,7 @@ impl RetryBudget {
     /// use std::time::Duration;
     /// use tower_stream_backpressure::RetryBudget;
     ///
-    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.5)?;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.5);
     /// budget.deposit();
     /// assert_eq!(budget.available(), 0, "half a retry is not a retry");
     /// budget.deposit();
@@ -182,7 +196,7 @@ impl RetryBudget {
     /// use std::time::Duration;
     /// use tower_stream_backpressure::RetryBudget;
     ///
-    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0)?;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0);
     /// assert!(!budget.withdraw(), "nothing deposited yet");
     /// budget.deposit();
     /// assert!(budget.withdraw());
@@ -233,7 +247,7 @@ impl RetryBudget {
     /// use std::time::Duration;
     /// use tower_stream_backpressure::RetryBudget;
     ///
-    /// let budget = RetryBudget::new(Duration::from_secs(2), 3, 0.0)?;
+    /// let budget = RetryBudget::new(Duration::from_secs(2), 3, 0.0);
     /// assert_eq!(budget.min_per_sec(), 3);
     /// assert_eq!(budget.available(), 6, "3 a second over 2 s");
     /// # Ok::<(), tower_stream_backpressure::ConfigError>(())
@@ -349,7 +363,7 @@ impl Window {
 impl Default for RetryBudget {
     /// Finagle's defaults: a 10 s window, 10 retries per second, and 20 % of requests.
     fn default() -> Self {
-        Self::new(Duration::from_secs(10), 10, 0.2).expect("the defaults are in range")
+        Self::new(Duration::from_secs(10), 10, 0.2)
     }
 }
 
@@ -380,7 +394,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     fn budget(ttl_secs: u64, min_per_sec: u32, ratio: f64) -> RetryBudget {
-        RetryBudget::new(Duration::from_secs(ttl_secs), min_per_sec, ratio).unwrap()
+        RetryBudget::new(Duration::from_secs(ttl_secs), min_per_sec, ratio)
     }
 
     fn deposit(budget: &RetryBudget, n: usize) {
@@ -430,7 +444,7 @@ mod tests {
         assert!(!b.withdraw());
         deposit(&b, 4);
         assert!(b.withdraw());
-        let fractional = RetryBudget::new(Duration::from_millis(1500), 3, 0.0).unwrap();
+        let fractional = RetryBudget::new(Duration::from_millis(1500), 3, 0.0);
         assert_eq!(fractional.available(), 4, "3/s over 1.5 s");
     }
 
@@ -509,24 +523,30 @@ mod tests {
     fn out_of_range_settings_name_the_parameter() {
         let ttl = Duration::from_secs(10);
         for (result, setting) in [
-            (RetryBudget::new(Duration::from_millis(999), 10, 0.2), "ttl"),
-            (RetryBudget::new(Duration::from_secs(61), 10, 0.2), "ttl"),
-            (RetryBudget::new(ttl, 10, -0.1), "retry_ratio"),
-            (RetryBudget::new(ttl, 10, 1000.1), "retry_ratio"),
-            (RetryBudget::new(ttl, 10, f64::NAN), "retry_ratio"),
-            (RetryBudget::new(ttl, 10, f64::INFINITY), "retry_ratio"),
+            (
+                RetryBudget::try_new(Duration::from_millis(999), 10, 0.2),
+                "ttl",
+            ),
+            (
+                RetryBudget::try_new(Duration::from_secs(61), 10, 0.2),
+                "ttl",
+            ),
+            (RetryBudget::try_new(ttl, 10, -0.1), "retry_ratio"),
+            (RetryBudget::try_new(ttl, 10, 1000.1), "retry_ratio"),
+            (RetryBudget::try_new(ttl, 10, f64::NAN), "retry_ratio"),
+            (RetryBudget::try_new(ttl, 10, f64::INFINITY), "retry_ratio"),
         ] {
             let error = result.unwrap_err();
             assert_eq!(error.setting(), setting);
             assert!(error.to_string().contains(setting), "{error}");
         }
-        assert!(RetryBudget::new(Duration::from_secs(60), u32::MAX, 1000.0).is_ok());
-        assert!(RetryBudget::new(Duration::from_secs(1), 0, 0.0).is_ok());
+        assert!(RetryBudget::try_new(Duration::from_secs(60), u32::MAX, 1000.0).is_ok());
+        assert!(RetryBudget::try_new(Duration::from_secs(1), 0, 0.0).is_ok());
     }
 
     #[test]
     fn huge_settings_do_not_overflow() {
-        let b = RetryBudget::new(Duration::from_secs(60), u32::MAX, 1000.0).unwrap();
+        let b = RetryBudget::new(Duration::from_secs(60), u32::MAX, 1000.0);
         assert_eq!(b.available(), u64::from(u32::MAX) * 60);
         b.deposit();
         assert_eq!(b.available(), u64::from(u32::MAX) * 60 + 1000);
@@ -558,7 +578,7 @@ mod shuttle_tests {
         shuttle::check_random(
             || {
                 // Two retries' worth of reserve, half a retry per deposit.
-                let budget = RetryBudget::new(Duration::from_secs(60), 0, 0.5).unwrap();
+                let budget = RetryBudget::new(Duration::from_secs(60), 0, 0.5);
                 for _ in 0..4 {
                     budget.deposit();
                 }
@@ -586,7 +606,7 @@ mod shuttle_tests {
     fn available_is_never_above_the_formula() {
         shuttle::check_random(
             || {
-                let budget = RetryBudget::new(Duration::from_secs(60), 0, 1.0).unwrap();
+                let budget = RetryBudget::new(Duration::from_secs(60), 0, 1.0);
                 let depositor = {
                     let budget = budget.clone();
                     shuttle::thread::spawn(move || {

@@ -84,7 +84,7 @@ impl<S> WithRetryBudget<S> {
     /// use tower_stream_backpressure::budget::WithRetryBudget;
     /// use tower_stream_backpressure::RetryBudget;
     ///
-    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0)?;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0);
     /// let inner = service_fn(|_: http::Request<()>| async { Ok::<_, Infallible>(()) });
     /// let service = WithRetryBudget::new(inner, budget.clone());
     /// # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
@@ -118,7 +118,7 @@ impl<S> WithRetryBudget<S> {
     /// use tower_stream_backpressure::budget::WithRetryBudget;
     /// use tower_stream_backpressure::RetryBudget;
     ///
-    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0)?;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0);
     /// let inner = service_fn(|_: http::Request<()>| async { Ok::<_, Infallible>(()) });
     /// let service = WithRetryBudget::new(inner, budget.clone());
     /// # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
@@ -141,7 +141,7 @@ impl<S> WithRetryBudget<S> {
     /// use tower_stream_backpressure::budget::WithRetryBudget;
     /// use tower_stream_backpressure::RetryBudget;
     ///
-    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0)?;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0);
     /// let inner = service_fn(|_: http::Request<()>| async { Ok::<_, Infallible>("pong") });
     /// let service = WithRetryBudget::new(inner, budget.clone());
     /// let inner = service.into_inner();
@@ -152,6 +152,7 @@ impl<S> WithRetryBudget<S> {
     /// assert_eq!(budget.available(), 0, "the unwrapped service deposits nothing");
     /// # Ok::<(), tower::BoxError>(())
     /// ```
+    #[must_use]
     pub fn into_inner(self) -> S {
         self.inner
     }
@@ -280,7 +281,7 @@ mod tests {
     use std::time::Duration;
 
     fn one_per_deposit() -> RetryBudget {
-        RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap()
+        RetryBudget::new(Duration::from_secs(10), 0, 1.0)
     }
 
     #[test]

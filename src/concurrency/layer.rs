@@ -27,6 +27,7 @@ use crate::ConfigError;
 /// assert_eq!(layer.available_slots(), 100);
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct StreamConcurrencyLayer {
     shared: Arc<Shared>,
     telemetry: Telemetry<ConcurrencyMetrics>,
@@ -137,7 +138,6 @@ impl StreamConcurrencyLayer {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
-    #[must_use]
     pub fn max_wait(self, max_wait: Duration) -> Self {
         self.with(|shared| shared.max_wait = Some(max_wait))
     }
@@ -177,7 +177,6 @@ impl StreamConcurrencyLayer {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
-    #[must_use]
     pub fn max_queued(self, max_queued: usize) -> Self {
         self.with(|shared| shared.max_queued = Some(max_queued))
     }
@@ -232,7 +231,6 @@ impl StreamConcurrencyLayer {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
-    #[must_use]
     pub fn idle_timeout(self, timeout: Duration) -> Self {
         assert!(
             !timeout.is_zero(),
@@ -353,7 +351,6 @@ impl StreamConcurrencyLayer {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
-    #[must_use]
     pub fn provider(self, provider: impl Into<Cow<'static, str>>) -> Self {
         Self {
             telemetry: self.telemetry.with_provider(provider),
@@ -398,7 +395,6 @@ impl StreamConcurrencyLayer {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
-    #[must_use]
     pub fn meter(self, meter: Meter) -> Self {
         Self {
             telemetry: self.telemetry.with_meter(meter),

@@ -92,7 +92,9 @@ pub(crate) use self::future::Slot;
 /// // This call is interactive: fail fast rather than queue.
 /// request.extensions_mut().insert(MaxWait::new(Duration::from_millis(50)));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Its default is [`unbounded`](Self::unbounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MaxWait(Option<Duration>);
 
 impl MaxWait {
@@ -176,6 +178,7 @@ impl MaxWait {
     /// assert_eq!(MaxWait::new(Duration::from_secs(1)).get(), Some(Duration::from_secs(1)));
     /// assert_eq!(MaxWait::unbounded().get(), None);
     /// ```
+    #[must_use]
     pub fn get(self) -> Option<Duration> {
         self.0
     }

@@ -178,6 +178,7 @@ impl<S> StreamConcurrency<S> {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
+    #[must_use]
     pub fn into_inner(self) -> S {
         self.inner
     }

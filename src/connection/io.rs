@@ -164,6 +164,7 @@ impl<T> CountedIo<T> {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
+    #[must_use]
     pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut T> {
         self.project().inner
     }

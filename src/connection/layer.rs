@@ -32,6 +32,7 @@ use crate::ConfigError;
 /// # drop(client);
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct ConnectionGaugeLayer {
     shared: Arc<Shared>,
     telemetry: Telemetry<ConnectionMetrics>,
@@ -234,10 +235,10 @@ impl ConnectionGaugeLayer {
     /// ```
     /// use tower_stream_backpressure::ConnectionGaugeLayer;
     ///
-    /// assert_eq!(ConnectionGaugeLayer::new().per_host_cap(), None);
-    /// assert_eq!(ConnectionGaugeLayer::new().max_per_host(16).per_host_cap(), Some(16));
+    /// assert_eq!(ConnectionGaugeLayer::new().get_max_per_host(), None);
+    /// assert_eq!(ConnectionGaugeLayer::new().max_per_host(16).get_max_per_host(), Some(16));
     /// ```
-    pub fn per_host_cap(&self) -> Option<usize> {
+    pub fn get_max_per_host(&self) -> Option<usize> {
         self.shared.max_per_host()
     }
 
@@ -290,8 +291,8 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.setting(), "max_per_host");
         let layer = ConnectionGaugeLayer::new().max_per_host(3);
-        assert_eq!(layer.per_host_cap(), Some(3));
-        assert_eq!(ConnectionGaugeLayer::default().per_host_cap(), None);
+        assert_eq!(layer.get_max_per_host(), Some(3));
+        assert_eq!(ConnectionGaugeLayer::default().get_max_per_host(), None);
     }
 
     #[test]

@@ -254,6 +254,7 @@ impl<S> ConnectionGauge<S> {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
+    #[must_use]
     pub fn into_inner(self) -> S {
         self.inner
     }
@@ -598,5 +599,15 @@ mod tests {
         let _b = connector.clone().oneshot(uri("http://b/")).await.unwrap();
         drop(held);
         let _a = waiting.await.unwrap();
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "ConnectFuture polled after completion")]
+    async fn a_connect_future_polled_after_it_returned_panics() {
+        let mut connector = ConnectionGaugeLayer::new().layer(Connector::default());
+        let future = connector.ready().await.unwrap().call(uri("http://a/"));
+        let mut future = std::pin::pin!(future);
+        let _ = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
+        let _ = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
     }
 }

@@ -28,6 +28,7 @@ use super::{AnyDetector, Chunk, Detector, JsonArray, NdJson, Progress, Sse};
 /// assert_eq!(d.feed(b"{\"done\":false}\n"), Progress::Found);
 /// ```
 #[derive(Debug, Clone, Default)]
+#[must_use = "settings do nothing until a layer uses them"]
 pub struct Auto {
     sse: Sse,
     picked: AnyDetector,

@@ -70,6 +70,7 @@ impl<'a> Chunk<'a> {
     /// assert_eq!(chunk.event(), Some("error"));
     /// assert_eq!(InBandErrors::default().classify(&chunk), InBand::TransientError);
     /// ```
+    #[must_use]
     pub fn with_event(self, event: &'a str) -> Self {
         Self {
             event: Some(event),
@@ -91,6 +92,7 @@ impl<'a> Chunk<'a> {
     /// assert_eq!(chunk.message_type(), Some("exception"));
     /// assert_eq!(InBandErrors::default().classify(&chunk), InBand::TransientError);
     /// ```
+    #[must_use]
     pub fn with_message_type(self, message_type: &'a str) -> Self {
         Self {
             message_type: Some(message_type),
@@ -106,6 +108,7 @@ impl<'a> Chunk<'a> {
     /// let chunk = Chunk::new(b"{\"choices\":[").with_truncated(true);
     /// assert!(chunk.is_truncated());
     /// ```
+    #[must_use]
     pub fn with_truncated(self, truncated: bool) -> Self {
         Self { truncated, ..self }
     }

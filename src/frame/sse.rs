@@ -31,6 +31,7 @@ const EVENT: &[u8] = b"event";
 /// assert_eq!(d.first_chunk().unwrap().data(), b"{\"choices\":[]}");
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "settings do nothing until a layer uses them"]
 pub struct Sse {
     keep_alives: Arc<[Box<str>]>,
     line: Line,

@@ -14,6 +14,7 @@ use crate::ConfigError;
 /// assert!(BufferRequestBodyLayer::try_new(0).is_err());
 /// ```
 #[derive(Debug, Clone, Copy)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct BufferRequestBodyLayer {
     limit: usize,
 }

@@ -89,6 +89,7 @@ impl<S> BufferRequestBody<S> {
     /// let limited: StreamConcurrency<_> = service.into_inner();
     /// assert_eq!(limited.available_slots(), 100);
     /// ```
+    #[must_use]
     pub fn into_inner(self) -> S {
         self.inner
     }

@@ -18,7 +18,7 @@
 /// use tower_stream_backpressure::retry::RetryAttempt;
 /// use tower_stream_backpressure::{RetryBudget, RetryBudgetLayer};
 ///
-/// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0)?;
+/// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0);
 /// let upstream = service_fn(|_: http::Request<()>| async { Ok::<_, Infallible>(()) });
 /// let service = RetryBudgetLayer::new(budget.clone()).layer(upstream);
 ///

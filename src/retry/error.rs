@@ -97,7 +97,7 @@ impl FirstChunkError {
     ///         .body(Full::new(Bytes::from(": keep-alive\n\n")))
     /// });
     /// // A budget with nothing in it: no reserve, no share of the requests.
-    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.0)?;
+    /// let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.0);
     /// let client = RetryBudgetLayer::new(budget)
     ///     .layer(FirstChunkRetryLayer::new(RetryPolicy::default()).layer(upstream));
     /// # tokio::runtime::Builder::new_current_thread()

@@ -329,7 +329,7 @@ where
         let max_attempts = if request.extensions().get::<NotReplayable>().is_some() {
             1
         } else {
-            shared.policy.attempts_allowed()
+            shared.policy.get_max_attempts()
         };
         let retries = max_attempts > 1;
         let budgets = if retries {
@@ -347,7 +347,7 @@ where
         let future = service.call(first);
         Self {
             call: Some(future),
-            timer: Timer::new(deadline(started, shared.policy.attempt_timeout())),
+            timer: Timer::new(deadline(started, shared.policy.get_first_chunk_timeout())),
             phase: Phase::Calling(call),
             peek: None,
             last: None,
@@ -400,7 +400,7 @@ where
                     *this.last = None;
                     let (future, call) = this.attempts.start();
                     this.call.set(Some(future));
-                    let timeout = this.attempts.shared.policy.attempt_timeout();
+                    let timeout = this.attempts.shared.policy.get_first_chunk_timeout();
                     this.timer.as_mut().reset(deadline_after(timeout));
                     *this.phase = Phase::Calling(call);
                     continue;
@@ -442,7 +442,7 @@ where
                     let Some(peek) = this.peek.as_mut() else {
                         unreachable!("a response is read while peeking")
                     };
-                    let limit = this.attempts.shared.policy.buffer_limit();
+                    let limit = this.attempts.shared.policy.get_max_buffer();
                     let found = match peek.poll_first_chunk(cx, limit) {
                         Poll::Ready(found) => found,
                         Poll::Pending if this.timer.as_mut().poll_elapsed(cx).is_ready() => {
@@ -640,7 +640,7 @@ where
             .detector
             .first_chunk()
             .map_or(InBand::Content, |chunk| {
-                self.shared.policy.in_band().classify(&chunk)
+                self.shared.policy.get_in_band_errors().classify(&chunk)
             });
         if verdict == InBand::TransientError {
             drop(peek.call);
@@ -666,7 +666,7 @@ where
             Failure::Timeout => tracing::warn!(
                 %provider,
                 attempt = self.attempt,
-                timeout_ms = policy.attempt_timeout().as_millis() as u64,
+                timeout_ms = policy.get_first_chunk_timeout().as_millis() as u64,
                 "stalled: no first chunk within first_chunk_timeout"
             ),
             Failure::Malformed(error) => tracing::warn!(
@@ -678,12 +678,12 @@ where
             _ => {}
         }
         let reason = match &failure {
-            Failure::Status(_, Some(hint)) if *hint > policy.longest_hint() => None,
+            Failure::Status(_, Some(hint)) if *hint > policy.get_max_retry_after() => None,
             failure => failure.reason(),
         };
         let stop = match reason {
             None => StopReason::NotRetryable,
-            Some(reason) if !policy.retries_maybe_processed() && failure.maybe_processed() => {
+            Some(reason) if !policy.get_retry_maybe_processed() && failure.maybe_processed() => {
                 tracing::warn!(
                     %provider,
                     attempt = self.attempt,

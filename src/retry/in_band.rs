@@ -30,6 +30,7 @@ use crate::frame::Chunk;
 /// assert_eq!(rules.classify(&Chunk::new(br#"{"choices":[]}"#)), InBand::Content);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum InBand {
     /// Content: the response goes to the caller.
     Content,
@@ -99,6 +100,7 @@ type Custom = Arc<dyn Fn(&Chunk<'_>) -> Option<InBand> + Send + Sync>;
 /// assert_eq!(rules.classify(&Chunk::new(content)), InBand::Content);
 /// ```
 #[derive(Clone)]
+#[must_use = "settings do nothing until a layer uses them"]
 pub struct InBandErrors {
     transient: Vec<String>,
     terminal: Vec<String>,

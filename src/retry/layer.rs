@@ -13,6 +13,17 @@ use crate::ConfigError;
 /// Applies [`FirstChunkRetry`] to a service: retries before the first chunk, never
 /// after.
 ///
+/// Layers and policies are `#[must_use]`: a builder call whose result is dropped is a
+/// warning, not a silent no-op.
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// use tower_stream_backpressure::RetryPolicy;
+///
+/// let policy = RetryPolicy::default();
+/// policy.clone().max_attempts(5); // the policy with 5 attempts is dropped here
+/// ```
+///
 /// ```
 /// use std::time::Duration;
 /// use tower_stream_backpressure::{frame::Sse, FirstChunkRetryLayer, RetryPolicy};
@@ -26,6 +37,7 @@ use crate::ConfigError;
 /// # let _ = layer;
 /// ```
 #[derive(Debug)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct FirstChunkRetryLayer<D = Auto> {
     shared: Arc<Shared<D>>,
     telemetry: Telemetry<RetryMetrics>,
@@ -105,6 +117,20 @@ impl FirstChunkRetryLayer<Auto> {
             }),
             telemetry: Telemetry::default(),
         })
+    }
+}
+
+/// The default policy, with the [`Auto`] detector.
+///
+/// ```
+/// use tower_stream_backpressure::FirstChunkRetryLayer;
+///
+/// let layer = FirstChunkRetryLayer::default();
+/// assert_eq!(layer.policy().get_max_attempts(), 3);
+/// ```
+impl Default for FirstChunkRetryLayer<Auto> {
+    fn default() -> Self {
+        Self::new(RetryPolicy::default())
     }
 }
 

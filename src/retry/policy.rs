@@ -51,6 +51,7 @@ pub struct NotReplayable;
 /// assert!(policy.validate().is_ok());
 /// ```
 #[derive(Clone)]
+#[must_use = "settings do nothing until a layer uses them"]
 pub struct RetryPolicy {
     max_attempts: u32,
     initial_backoff: Duration,
@@ -418,7 +419,7 @@ impl RetryPolicy {
     ///     })
     /// };
     /// let policy = RetryPolicy::default().retry_maybe_processed(false);
-    /// assert!(!policy.retries_maybe_processed());
+    /// assert!(!policy.get_retry_maybe_processed());
     /// let client = FirstChunkRetryLayer::new(policy).layer(upstream);
     /// # tokio::runtime::Builder::new_current_thread()
     /// #     .enable_all()
@@ -433,7 +434,6 @@ impl RetryPolicy {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
-    #[must_use]
     pub fn retry_maybe_processed(self, retry: bool) -> Self {
         Self {
             retry_maybe_processed: retry,
@@ -447,10 +447,10 @@ impl RetryPolicy {
     /// ```
     /// use tower_stream_backpressure::RetryPolicy;
     ///
-    /// assert!(RetryPolicy::default().retries_maybe_processed());
-    /// assert!(!RetryPolicy::default().retry_maybe_processed(false).retries_maybe_processed());
+    /// assert!(RetryPolicy::default().get_retry_maybe_processed());
+    /// assert!(!RetryPolicy::default().retry_maybe_processed(false).get_retry_maybe_processed());
     /// ```
-    pub fn retries_maybe_processed(&self) -> bool {
+    pub fn get_retry_maybe_processed(&self) -> bool {
         self.retry_maybe_processed
     }
 
@@ -492,20 +492,94 @@ impl RetryPolicy {
         Ok(())
     }
 
-    pub(crate) fn attempts_allowed(&self) -> u32 {
+    /// The [`max_attempts`](Self::max_attempts) in force.
+    ///
+    /// Each setting has a getter named `get_` and the setting (as
+    /// `std::process::Command` has), since the setting's own name is its builder.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// assert_eq!(RetryPolicy::default().get_max_attempts(), 3);
+    /// ```
+    pub fn get_max_attempts(&self) -> u32 {
         self.max_attempts
     }
 
-    pub(crate) fn attempt_timeout(&self) -> Duration {
+    /// The [`backoff`](Self::backoff) in force: `(initial, max)`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// let (initial, max) = RetryPolicy::default().get_backoff();
+    /// assert_eq!((initial, max), (Duration::from_millis(250), Duration::from_secs(2)));
+    /// ```
+    pub fn get_backoff(&self) -> (Duration, Duration) {
+        (self.initial_backoff, self.max_backoff)
+    }
+
+    /// The [`first_chunk_timeout`](Self::first_chunk_timeout) in force.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// assert_eq!(RetryPolicy::default().get_first_chunk_timeout(), Duration::from_secs(30));
+    /// ```
+    pub fn get_first_chunk_timeout(&self) -> Duration {
         self.first_chunk_timeout
     }
 
-    pub(crate) fn longest_hint(&self) -> Duration {
+    /// The [`max_retry_after`](Self::max_retry_after) in force.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// assert_eq!(RetryPolicy::default().get_max_retry_after(), Duration::from_secs(30));
+    /// ```
+    pub fn get_max_retry_after(&self) -> Duration {
         self.max_retry_after
     }
 
-    pub(crate) fn buffer_limit(&self) -> usize {
+    /// The [`max_buffer`](Self::max_buffer) in force, in bytes.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// assert_eq!(RetryPolicy::default().get_max_buffer(), 1024 * 1024);
+    /// ```
+    pub fn get_max_buffer(&self) -> usize {
         self.max_buffer
+    }
+
+    /// The [`retry_statuses`](Self::retry_statuses) in force.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// let statuses = RetryPolicy::default().retry_statuses([http::StatusCode::SERVICE_UNAVAILABLE]);
+    /// assert_eq!(statuses.get_retry_statuses(), [http::StatusCode::SERVICE_UNAVAILABLE]);
+    /// ```
+    pub fn get_retry_statuses(&self) -> &[StatusCode] {
+        &self.statuses
+    }
+
+    /// The [`in_band_errors`](Self::in_band_errors) in force. (The error classifier,
+    /// [`classify_errors`](Self::classify_errors), is a function and has no getter.)
+    ///
+    /// ```
+    /// use tower_stream_backpressure::retry::{InBand, InBandErrors};
+    /// use tower_stream_backpressure::frame::Chunk;
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// let policy = RetryPolicy::default().in_band_errors(InBandErrors::none());
+    /// let chunk = Chunk::new(br#"{"error": {"type": "overloaded_error"}}"#);
+    /// assert_eq!(policy.get_in_band_errors().classify(&chunk), InBand::Content);
+    /// ```
+    pub fn get_in_band_errors(&self) -> &InBandErrors {
+        &self.in_band
     }
 
     pub(crate) fn retries_status(&self, status: StatusCode) -> bool {
@@ -514,10 +588,6 @@ impl RetryPolicy {
 
     pub(crate) fn is_transient(&self, error: &(dyn Error + 'static)) -> bool {
         (self.classify)(error)
-    }
-
-    pub(crate) fn in_band(&self) -> &InBandErrors {
-        &self.in_band
     }
 
     /// The wait before retry number `retry` (0 for the first retry).

@@ -165,6 +165,7 @@ impl<S, D> FirstChunkRetry<S, D> {
     /// # })?;
     /// # Ok::<(), tower::BoxError>(())
     /// ```
+    #[must_use]
     pub fn into_inner(self) -> S {
         self.inner
     }

@@ -385,7 +385,7 @@ async fn trailers_before_the_first_chunk_end_the_attempt() {
 
 #[tokio::test(start_paused = true)]
 async fn a_refusing_budget_returns_the_last_failure_at_once() {
-    let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.0).unwrap();
+    let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.0);
     let mock = Mock::new(vec![reset()]);
     let mut request = request();
     request.extensions_mut().insert(budget);
@@ -778,4 +778,16 @@ async fn without_retry_maybe_processed_only_unprocessed_failures_are_retried() {
         assert_eq!(run(layer, &mock, request()).await.unwrap().status(), 200);
         assert_eq!(mock.attempts(), 2);
     }
+}
+
+#[tokio::test(start_paused = true)]
+#[should_panic(expected = "ResponseFuture polled after completion")]
+async fn the_future_polled_after_it_returned_panics() {
+    use std::future::Future;
+    let mock = Mock::new(vec![ok(Scripted::data(&["data: 1\n\n"]))]);
+    let mut service = FirstChunkRetryLayer::new(policy()).layer(mock);
+    let future = service.ready().await.unwrap().call(request());
+    let mut future = std::pin::pin!(future);
+    let _ = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
+    let _ = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
 }
