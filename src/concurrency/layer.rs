@@ -198,21 +198,34 @@ impl StreamConcurrencyLayer {
     ///
     /// ```
     /// use std::convert::Infallible;
+    /// use std::pin::Pin;
+    /// use std::task::{Context, Poll};
     /// use std::time::Duration;
     /// use bytes::Bytes;
-    /// use http_body_util::{BodyExt, StreamBody};
-    /// use http_body::Frame;
+    /// use http_body::{Body, Frame};
+    /// use http_body_util::BodyExt;
     /// use tower::{service_fn, Layer, ServiceExt};
     /// use tower_stream_backpressure::concurrency::IdleTimeout;
     /// use tower_stream_backpressure::StreamConcurrencyLayer;
     ///
+    /// /// A stream with more to send than anyone reads.
+    /// struct Endless;
+    ///
+    /// impl Body for Endless {
+    ///     type Data = Bytes;
+    ///     type Error = Infallible;
+    ///
+    ///     fn poll_frame(
+    ///         self: Pin<&mut Self>,
+    ///         _: &mut Context<'_>,
+    ///     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ///         Poll::Ready(Some(Ok(Frame::data(Bytes::from("data: {}\n\n")))))
+    ///     }
+    /// }
+    ///
     /// let layer = StreamConcurrencyLayer::new(1).idle_timeout(Duration::from_secs(60));
     /// let service = layer.layer(service_fn(|_: http::Request<()>| async {
-    ///     // A stream with more to send than anyone reads.
-    ///     let events = futures_util::stream::repeat_with(|| {
-    ///         Ok::<_, Infallible>(Frame::data(Bytes::from("data: {}\n\n")))
-    ///     });
-    ///     Ok::<_, Infallible>(http::Response::new(StreamBody::new(events)))
+    ///     Ok::<_, Infallible>(http::Response::new(Endless))
     /// }));
     /// # tokio::runtime::Builder::new_current_thread()
     /// #     .enable_all()

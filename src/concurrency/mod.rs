@@ -28,6 +28,37 @@
 //!   `context_canceled`);
 //! - a [`MaxWait`] request extension overrides the layer's setting for one call.
 //!
+//! How many may queue is the layer's choice: unbounded by default, as in the Go
+//! runtime this crate comes from, where each caller's deadline decides;
+//! [`max_queued(n)`](StreamConcurrencyLayer::max_queued) fails the next caller at once
+//! ([`RejectReason::QueueFull`]) when `n` already wait, so that an outage cannot pile
+//! up more parked requests than the process can hold.
+//!
+//! A waiting call holds none of the inner service's readiness. A service below may
+//! reserve capacity in `poll_ready` (tower's `Buffer` takes a place in its channel);
+//! a call that kept such a reservation while it waited in our queue would make every
+//! other caller wait behind it in theirs, and start their own `max_wait` only when it
+//! gave up. So a waiting call parks a clone of the inner service that has not been
+//! made ready, and drives its `poll_ready` once it has its slot (tower's `Oneshot`
+//! pattern). A call that finds a slot free at once uses the service it was called on,
+//! made ready by [`StreamConcurrency`]'s own `poll_ready`.
+//!
+//! # Stalled readers
+//!
+//! The slot is released when the stream ends, so a body that its consumer neither
+//! reads nor drops (a downstream client that stopped reading) holds its slot, and its
+//! upstream stream, for ever. [`idle_timeout(d)`](StreamConcurrencyLayer::idle_timeout)
+//! ends such a stream: past `d` without a poll after the body handed out a frame, the
+//! upstream body is dropped (closing its stream), the slot is released, and the next
+//! poll returns [`IdleTimeout`]. A body waiting for the upstream is not idle: its
+//! consumer is waiting on it.
+//!
+//! Nothing inside `poll_frame` can notice a consumer that never polls, so the check runs
+//! outside it: one task per layer sweeps its open streams every `d / 4`, and each body
+//! only notes, with a plain store, how its last poll left it. A timer per body, reset on
+//! every frame, would cost hundreds of nanoseconds a frame; this costs a few, and only
+//! with `idle_timeout` set. The same body wrapper carries the slot with or without it.
+//!
 //! Errors are boxed ([`tower::BoxError`]); the inner service's errors pass through
 //! unchanged, so callers can downcast both ours and theirs.
 //!

@@ -25,6 +25,7 @@ use crate::frame::Chunk;
 ///     InBand::Content => "stream it to the caller",
 ///     InBand::TransientError => "retry",
 ///     InBand::TerminalError => "give the error to the caller",
+///     _ => "a verdict of a later version",
 /// };
 /// assert_eq!(action, "retry");
 /// assert_eq!(rules.classify(&Chunk::new(br#"{"choices":[]}"#)), InBand::Content);
