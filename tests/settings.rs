@@ -127,3 +127,17 @@ async fn huge_settings_work_in_a_call() {
     assert!(!read_to_end(response.into_body()).await.unwrap().is_empty());
     assert_eq!(upstream.hits(), 2);
 }
+
+#[test]
+fn docs_rs_builds_every_feature() {
+    // So that `config` (feature `serde`) shows on docs.rs, with its feature marked.
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .expect("the manifest");
+    let section = manifest
+        .split("[package.metadata.docs.rs]")
+        .nth(1)
+        .expect("a [package.metadata.docs.rs] section");
+    let section = section.split("\n[").next().unwrap_or_default();
+    assert!(section.contains("all-features = true"), "{section}");
+    assert!(section.contains(r#""--cfg", "docsrs""#), "{section}");
+}

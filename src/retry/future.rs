@@ -152,9 +152,8 @@ impl Timer {
 }
 
 struct Peek<B: Body, D> {
-    head: http::response::Parts,
-    body: B,
-    frames: Replay<B::Data>,
+    /// The response, and the frames read from its body so far.
+    response: Held<B>,
     buffered: usize,
     detector: D,
     call: CallGuard,
@@ -240,29 +239,31 @@ fn refuses_the_work(head: &http::response::Parts) -> bool {
 
 type Output<B> = Result<Response<ResponseBody<B>>, BoxError>;
 
-/// A failed attempt's response, kept for the caller in case there is no retry. The
-/// attempt is over (no longer counted in flight) until it is handed back.
+/// A response whose body may have been read from: its head, its body, and the frames
+/// read so far, which the caller gets first. Kept while it is read for the first chunk,
+/// and after a failed attempt, for the caller in case there is no retry (the attempt is
+/// then over: no longer counted in flight until it is handed back).
 struct Held<B: Body> {
     head: http::response::Parts,
     body: B,
     frames: Replay<B::Data>,
+    /// The body has returned its end.
     body_done: bool,
 }
 
 impl<B: Body> Held<B> {
-    fn new(response: Response<B>) -> Box<Self> {
+    fn new(response: Response<B>) -> Self {
         let (head, body) = response.into_parts();
-        Box::new(Self {
+        Self {
             head,
             body,
             frames: Replay::default(),
             body_done: false,
-        })
+        }
     }
 
-    /// The response for the caller, counted in flight again until its body ends.
-    fn into_response(self, metrics: &Arc<RetryMetrics>) -> Response<ResponseBody<B>> {
-        let call = CallGuard::new(metrics.clone());
+    /// The response for the caller, counted in flight by `call` until its body ends.
+    fn into_response(self, call: CallGuard) -> Response<ResponseBody<B>> {
         let body = ResponseBody::new(self.body, self.frames, self.body_done, call);
         Response::from_parts(self.head, body)
     }
@@ -587,7 +588,7 @@ where
         if retry_status {
             let hint = retry_after(response.headers(), SystemTime::now());
             drop(call);
-            return Judged::Failure(Failure::Status(Held::new(response), hint));
+            return Judged::Failure(Failure::Status(Box::new(Held::new(response)), hint));
         }
         // No body by definition: nothing to read, whatever the detector.
         let has_no_body = self.head_request
@@ -601,20 +602,18 @@ where
             } else {
                 RetryOutcome::Failed
             });
-            return Judged::Return(pass_through(response, call));
+            return Judged::Return(Held::new(response).into_response(call));
         }
-        let (head, body) = response.into_parts();
+        let response = Held::new(response);
         let mut detector = self.shared.detector.clone();
-        detector.start(&head);
+        detector.start(&response.head);
         let mut peek = Peek {
-            head,
-            body,
-            frames: Replay::default(),
+            response,
             buffered: 0,
             detector,
             call,
         };
-        if !peek.body.is_end_stream() {
+        if !peek.response.body.is_end_stream() {
             return Judged::Peek(peek);
         }
         // Empty by its head: the detector says whether that is an answer.
@@ -642,19 +641,16 @@ where
             .map_or(InBand::Content, |chunk| {
                 self.shared.policy.get_in_band_errors().classify(&chunk)
             });
+        let response = Held {
+            body_done,
+            ..peek.response
+        };
         if verdict == InBand::TransientError {
-            drop(peek.call);
-            return Err(Failure::InBand(Box::new(Held {
-                head: peek.head,
-                body: peek.body,
-                frames: peek.frames,
-                body_done,
-            })));
+            return Err(Failure::InBand(Box::new(response)));
         }
-        let body = ResponseBody::new(peek.body, peek.frames, body_done, peek.call);
         self.metrics.first_chunk(self.started.elapsed());
         self.retry_ended(RetryOutcome::Success);
-        Ok(Response::from_parts(peek.head, body))
+        Ok(response.into_response(peek.call))
     }
 
     /// After a failure: the delay before the next attempt, or the call's output.
@@ -744,7 +740,7 @@ where
     fn output<B: Body>(&self, failure: Failure<B>, stop: StopReason, attempts: u32) -> Output<B> {
         let (kind, source) = match failure {
             Failure::Status(held, _) | Failure::InBand(held) => {
-                return Ok(held.into_response(&self.metrics));
+                return Ok(held.into_response(CallGuard::new(self.metrics.clone())));
             }
             Failure::Upstream(error) => (FirstChunkErrorKind::Upstream, Some(error)),
             Failure::Body(error) => (FirstChunkErrorKind::Body, Some(error)),
@@ -755,10 +751,6 @@ where
         };
         Err(FirstChunkError::new(kind, stop, attempts, source).into())
     }
-}
-
-fn pass_through<B: Body>(response: Response<B>, call: CallGuard) -> Response<ResponseBody<B>> {
-    response.map(|body| ResponseBody::new(body, Replay::default(), false, call))
 }
 
 impl<B, D> Peek<B, D>
@@ -778,17 +770,17 @@ where
         for _ in 0..FRAMES_PER_POLL {
             // Already at its end (`Content-Length: 0`, or an exact length all read): the
             // detector judges the end without another poll, which may never come back.
-            if self.body.is_end_stream() {
+            if self.response.body.is_end_stream() {
                 return Poll::Ready(self.ended());
             }
-            let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            let frame = match ready!(Pin::new(&mut self.response.body).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
                 Some(Err(error)) => return Poll::Ready(Err(Failure::Body(error.into()))),
                 None => return Poll::Ready(self.ended()),
             };
             let Some(data) = frame.data_ref() else {
                 // Trailers end the stream.
-                self.frames.push_back(frame);
+                self.response.frames.push_back(frame);
                 return Poll::Ready(self.ended());
             };
             let bytes = data.as_ref();
@@ -802,7 +794,7 @@ where
             // that tiny frames cannot hold more memory than the cap.
             let held = bytes.len() + std::mem::size_of::<Frame<B::Data>>();
             self.buffered = self.buffered.saturating_add(held);
-            self.frames.push_back(frame);
+            self.response.frames.push_back(frame);
             let progress = match progress {
                 Progress::Pending if self.buffered > limit => match self.detector.buffer_full() {
                     Progress::Pending => return Poll::Ready(Err(Failure::BufferLimit)),

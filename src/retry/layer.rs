@@ -264,6 +264,19 @@ impl<D: Detector> FirstChunkRetryLayer<D> {
         }
     }
 
+    /// The detector in force (see [`frames`](Self::frames)).
+    ///
+    /// ```
+    /// use tower_stream_backpressure::frame::JsonArray;
+    /// use tower_stream_backpressure::FirstChunkRetryLayer;
+    ///
+    /// let layer = FirstChunkRetryLayer::default().frames(JsonArray::default());
+    /// let _strict: &JsonArray = layer.get_frames();
+    /// ```
+    pub fn get_frames(&self) -> &D {
+        &self.shared.detector
+    }
+
     /// The policy in force.
     ///
     /// ```
