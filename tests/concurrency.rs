@@ -6,6 +6,7 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use support::{
     client, full_stack, post, read_to_end, read_until_error, Fault, Metrics, Protocol, Reply,
@@ -474,6 +475,7 @@ async fn a_stalled_reader_loses_its_stream_after_the_idle_timeout() {
             "{protocol:?}: the upstream saw its stream closed"
         );
         assert_eq!(metrics.snapshot().count("streams_in_flight", &[TEST]), 0.0);
+        assert!(!body.is_end_stream(), "the error is still to come");
         let error = body.frame().await.unwrap().unwrap_err();
         let timeout = error
             .downcast_ref::<IdleTimeout>()
@@ -481,6 +483,7 @@ async fn a_stalled_reader_loses_its_stream_after_the_idle_timeout() {
         assert_eq!(timeout.timeout(), Duration::from_secs(10));
         assert!(error.to_string().contains("idle_timeout"), "{error}");
         assert!(body.frame().await.is_none(), "once, then the end");
+        assert!(body.is_end_stream());
         assert_eq!(upstream.hits(), 1);
     }
 }

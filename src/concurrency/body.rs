@@ -1,8 +1,6 @@
 use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -72,7 +70,6 @@ pin_project! {
         /// The inner body under the idle sweep, which may end it (see `idle`).
         Watched {
             watch: Arc<Watch<B>>,
-            timeout: Duration,
             // The timeout was reported: the body has ended.
             reported: bool,
         },
@@ -89,7 +86,6 @@ impl<B: Body> ResponseBody<B> {
         let stream = match sweep {
             Some(sweep) if !ended => Stream::Watched {
                 watch: sweep.watch(inner, slot),
-                timeout: sweep.timeout(),
                 reported: false,
             },
             _ => Stream::Direct { inner, slot },
@@ -117,11 +113,7 @@ where
                 let inner = inner.as_ref();
                 boxed(slot.pass(poll, || inner.is_end_stream()))
             }
-            StreamProj::Watched {
-                watch,
-                timeout,
-                reported,
-            } => poll_watched(watch, *timeout, reported, cx),
+            StreamProj::Watched { watch, reported } => poll_watched(watch, reported, cx),
         }
     }
 
@@ -129,9 +121,13 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.stream {
             Stream::Direct { inner, .. } => inner.is_end_stream(),
-            Stream::Watched { watch, .. } => match watch.open.try_lock() {
-                Some(open) => open.as_ref().map_or(true, |open| open.body.is_end_stream()),
-                // The sweep is ending it.
+            Stream::Watched { watch, reported } => match watch.open.try_lock() {
+                Some(open) => match open.as_ref() {
+                    Some(open) => open.body.is_end_stream(),
+                    // Timed out: the end once the error has been returned.
+                    None => *reported,
+                },
+                // The sweep is ending it: its error is still to come.
                 None => false,
             },
         }
@@ -173,7 +169,6 @@ fn box_error<E: Into<BoxError>>(error: E) -> BoxError {
 /// stream's state noted for the sweep.
 fn poll_watched<B>(
     watch: &Watch<B>,
-    timeout: Duration,
     reported: &mut bool,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>>
@@ -188,7 +183,7 @@ where
     let mut locked = watch.open.try_lock();
     let Some(open) = locked.as_deref_mut().and_then(Option::as_mut) else {
         *reported = true;
-        return Poll::Ready(Some(Err(Box::new(IdleTimeout::new(timeout)))));
+        return Poll::Ready(Some(Err(Box::new(IdleTimeout::new(watch.timeout)))));
     };
     let poll = open.body.as_mut().poll_frame(cx);
     let body = open.body.as_ref();

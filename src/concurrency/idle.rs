@@ -87,6 +87,8 @@ pub(crate) struct Open<B> {
 /// The part of a watched body the sweep shares.
 pub(crate) struct Watch<B> {
     pub(crate) open: TryLock<Option<Open<B>>>,
+    /// The sweep's timeout, for the error the body returns.
+    pub(crate) timeout: Duration,
     /// `OVER`, or a count of polls shifted left once, with `HANDED` set while the
     /// consumer holds the frame the last poll returned. Written only by the body.
     state: AtomicU64,
@@ -164,6 +166,7 @@ impl Sweep {
                 body: Box::pin(body),
                 slot,
             })),
+            timeout: self.timeout,
             state: AtomicU64::new(0),
         });
         let stream: Arc<dyn Idle> = watch.clone();
