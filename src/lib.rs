@@ -17,11 +17,26 @@
 //!
 //! - [`BufferRequestBodyLayer`] ([`replay`]): a proxy's request bodies, which can be
 //!   read once, made replayable up to a cap, so that they can be retried.
-//! - [`ConnectionGaugeLayer`] ([`connection`]): for hyper-util connectors, an exact
-//!   count of open connections and an optional cap per host.
+//! - `ConnectionGaugeLayer` (`connection`, feature `connection-gauge`): for hyper-util
+//!   connectors, an exact count of open connections and an optional cap per host.
 //! - `config` (feature `serde`): the whole stack from a configuration file.
 //!
 //! All of them record OpenTelemetry [`metrics`] and emit `tracing` events.
+//!
+//! # Features
+//!
+//! The three layers and their metrics need none of hyper, hyper-util, `h2` or tokio's
+//! networking: with default features off the crate builds from about twenty crates.
+//!
+//! | feature | default | what it adds | what it pulls |
+//! |---|---|---|---|
+//! | `hyper-errors` | on | [`retry::is_transient`] and [`retry::is_unprocessed`] read hyper's, h2's and hyper-util's error reasons: a refused stream, a GOAWAY, a connect failure, a cancelled request. Off, only `io::Error` kinds are read | hyper, h2, hyper-util |
+//! | `connection-gauge` | off | `ConnectionGaugeLayer`: a hyper-util connector's open connections, capped per host | hyper, hyper-util |
+//! | `serde` | off | `config`: the whole stack from a configuration file | serde, humantime, tower-http |
+//! | `tower-budget` | off | [`RetryBudget`] implements tower's `retry::budget::Budget`, for tower's own `Retry` | tower's `retry` (futures-util) |
+//!
+//! The in-band error check reads the few JSON fields it needs without a JSON library,
+//! so it needs no feature.
 //!
 //! # Quick start
 //!
@@ -73,6 +88,8 @@ pub mod concurrency;
 #[cfg(feature = "serde")]
 #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 pub mod config;
+#[cfg(feature = "connection-gauge")]
+#[cfg_attr(docsrs, doc(cfg(feature = "connection-gauge")))]
 pub mod connection;
 mod error;
 pub mod frame;
@@ -85,6 +102,7 @@ pub use budget::{RetryBudget, RetryBudgetLayer};
 pub use concurrency::{RejectReason, Rejected, StreamConcurrencyLayer};
 #[cfg(feature = "serde")]
 pub use config::Config;
+#[cfg(feature = "connection-gauge")]
 pub use connection::ConnectionGaugeLayer;
 pub use error::ConfigError;
 pub use replay::BufferRequestBodyLayer;

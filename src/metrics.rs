@@ -17,7 +17,7 @@
 //! | `stream_retry_budget_available` | gauge | the budget's [`available()`](crate::RetryBudget::available), read at collection: one series per budget and meter (the first layer's `provider`), none once the budget is dropped |
 //! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded`, `queue_full` or `context_canceled` |
 //! | `stream_concurrency_wait_seconds` | histogram | time waited for a slot, granted or not (0 when granted at once) |
-//! | `http_client_open_connections` | gauge | +1 when a connector wrapped by [`ConnectionGaugeLayer`](crate::ConnectionGaugeLayer) connects, -1 when that connection's IO is dropped |
+//! | `http_client_open_connections` | gauge | +1 when a connector wrapped by `ConnectionGaugeLayer` (feature `connection-gauge`) connects, -1 when that connection's IO is dropped |
 //!
 //! The constants below are the OpenTelemetry instrument names; the exporter adds the
 //! `_seconds` unit suffix (unit `s`) and the `_total` counter suffix.
@@ -414,12 +414,14 @@ impl RetryMetrics {
 }
 
 /// Instruments of [`ConnectionGaugeLayer`](crate::ConnectionGaugeLayer).
+#[cfg(feature = "connection-gauge")]
 #[derive(Debug)]
 pub(crate) struct ConnectionMetrics {
     open: UpDownCounter<i64>,
     provider: [KeyValue; 1],
 }
 
+#[cfg(feature = "connection-gauge")]
 impl ConnectionMetrics {
     pub(crate) fn new(meter: &Meter, provider: KeyValue) -> Self {
         Self {

@@ -2,6 +2,8 @@
 //! loopback: one connection per concurrent stream over HTTP/1.1, one for every stream
 //! over HTTP/2, the per-host cap, and failed connects.
 
+#![cfg(feature = "connection-gauge")]
+
 mod support;
 
 use std::future::Future;

@@ -17,8 +17,9 @@
 //! refuses, the call returns its last failure at once. Without a handle, retries are
 //! bounded only by `max_attempts`.
 //!
-//! `RetryBudget` also implements [`tower::retry::budget::Budget`], so it can serve
-//! tower's own retry policies.
+//! With the feature `tower-budget`, `RetryBudget` also implements tower's
+//! [`retry::budget::Budget`](https://docs.rs/tower/0.5/tower/retry/budget/trait.Budget.html),
+//! so it can serve tower's own retry policies.
 //!
 //! Unlike the other middleware, [`WithRetryBudget`] has no response future or body of
 //! its own: it acts only on the request, so the inner service's pass through.

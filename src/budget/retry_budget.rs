@@ -33,7 +33,7 @@ const SLICES: usize = 10;
 /// The `min_per_sec * ttl` reserve lets a quiet client still retry a little. Deposits
 /// and retries expire after `ttl` (in ten slices, so between 0.9 and 1.0 `ttl`).
 ///
-/// Unlike tower's [`TpsBudget`](tower::retry::budget::TpsBudget) the ratio is not
+/// Unlike tower's [`TpsBudget`](https://docs.rs/tower/0.5/tower/retry/budget/struct.TpsBudget.html) the ratio is not
 /// rounded to a whole `1 / ratio` (0.6 allows 60 %, not 100 %), and a withdrawal checks
 /// and takes in one step, so concurrent callers never overdraw.
 ///
@@ -378,6 +378,8 @@ impl fmt::Debug for RetryBudget {
     }
 }
 
+#[cfg(feature = "tower-budget")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower-budget")))]
 impl tower::retry::budget::Budget for RetryBudget {
     fn deposit(&self) {
         RetryBudget::deposit(self)
@@ -552,6 +554,7 @@ mod tests {
         assert_eq!(b.available(), u64::from(u32::MAX) * 60 + 1000);
     }
 
+    #[cfg(feature = "tower-budget")]
     #[test]
     fn serves_as_a_tower_budget() {
         use tower::retry::budget::Budget;

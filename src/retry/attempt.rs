@@ -7,7 +7,7 @@
 /// reads it: a retry is not a new call, so it deposits nothing (and the layer warns
 /// once that it sits below the retry layer, where it cannot bound retries).
 ///
-/// A retrying layer of your own (tower's [`Retry`](tower::retry::Retry) with your
+/// A retrying layer of your own (tower's [`Retry`](https://docs.rs/tower/0.5/tower/retry/struct.Retry.html) with your
 /// policy, say) should put it on the requests it sends again, so that a budget
 /// layer below does not count one call as several:
 ///

@@ -17,6 +17,9 @@ use std::io;
 /// - hyper errors for a connection that closed before the response completed
 ///   (`is_incomplete_message`, `is_canceled`, `is_closed`).
 ///
+/// The hyper, h2 and hyper-util errors are read with the feature `hyper-errors` (on by
+/// default); without it, only the [`io::Error`] kinds are.
+///
 /// Everything else (a malformed request, a body that could not be sent) is not
 /// retried. Compose it with your own rules through
 /// [`RetryPolicy::classify_errors`](super::RetryPolicy::classify_errors).
@@ -40,7 +43,7 @@ use std::io;
 /// assert!(!is_transient(&io::Error::from(io::ErrorKind::PermissionDenied)));
 /// ```
 pub fn is_transient(error: &(dyn Error + 'static)) -> bool {
-    if let Some(connect) = chain(error).find(|error| is_connect_error(*error)) {
+    if let Some(connect) = chain(error).find(|error| reasons::is_connect_error(*error)) {
         return !chain(connect).any(repeats_on_retry);
     }
     chain(error).any(is_transient_itself)
@@ -61,6 +64,8 @@ pub fn is_transient(error: &(dyn Error + 'static)) -> bool {
 /// - a request hyper cancelled before sending it (`hyper::Error::is_canceled`: its
 ///   connection closed while the request waited for it).
 ///
+/// (The hyper, h2 and hyper-util errors are read with the feature `hyper-errors`.)
+///
 /// Everything else may have been processed: a reset or an end of the connection after
 /// the request was written (`ConnectionReset`, `BrokenPipe`, `UnexpectedEof`, hyper's
 /// incomplete message), a stream the server reset with `INTERNAL_ERROR`, `CANCEL` or
@@ -78,20 +83,14 @@ pub fn is_transient(error: &(dyn Error + 'static)) -> bool {
 /// ```
 pub fn is_unprocessed(error: &(dyn Error + 'static)) -> bool {
     chain(error).any(|error| {
-        if is_connect_error(error) {
+        if reasons::is_connect_error(error) {
             return true;
         }
-        if let Some(error) = error.downcast_ref::<h2::Error>() {
-            return error.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (error.is_go_away() && error.is_remote());
+        if let Some(unprocessed) = reasons::unprocessed(error) {
+            return unprocessed;
         }
         if let Some(error) = error.downcast_ref::<io::Error>() {
             return error.kind() == io::ErrorKind::ConnectionRefused;
-        }
-        if let Some(error) = error.downcast_ref::<hyper::Error>() {
-            // hyper also cancels a request whose connection task was dropped with the
-            // runtime, sent or not; a runtime that is going away retries nothing.
-            return error.is_canceled();
         }
         false
     })
@@ -102,11 +101,73 @@ fn chain<'a>(error: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn 
     std::iter::successors(Some(error), |&error| error.source())
 }
 
-/// hyper-util's legacy client failed to connect: nothing of the request was sent.
-fn is_connect_error(error: &(dyn Error + 'static)) -> bool {
-    error
-        .downcast_ref::<hyper_util::client::legacy::Error>()
-        .is_some_and(hyper_util::client::legacy::Error::is_connect)
+/// What hyper's, h2's and hyper-util's errors say (feature `hyper-errors`). Without the
+/// feature they say nothing, and only `io::Error` kinds are read.
+#[cfg(feature = "hyper-errors")]
+mod reasons {
+    use std::error::Error;
+
+    /// hyper-util's legacy client failed to connect: nothing of the request was sent.
+    pub(super) fn is_connect_error(error: &(dyn Error + 'static)) -> bool {
+        error
+            .downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect)
+    }
+
+    /// Whether an h2 or hyper error proves the upstream did no processing; `None` for
+    /// another error.
+    pub(super) fn unprocessed(error: &(dyn Error + 'static)) -> Option<bool> {
+        if let Some(error) = error.downcast_ref::<h2::Error>() {
+            return Some(
+                error.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (error.is_go_away() && error.is_remote()),
+            );
+        }
+        // hyper also cancels a request whose connection task was dropped with the
+        // runtime, sent or not; a runtime that is going away retries nothing.
+        let error = error.downcast_ref::<hyper::Error>()?;
+        Some(error.is_canceled())
+    }
+
+    /// Whether an h2 or hyper error is transient; `None` for another error.
+    pub(super) fn transient(error: &(dyn Error + 'static)) -> Option<bool> {
+        if let Some(error) = error.downcast_ref::<h2::Error>() {
+            let reset_by_server = error.is_reset()
+                && error.is_remote()
+                && matches!(
+                    error.reason(),
+                    Some(
+                        h2::Reason::INTERNAL_ERROR
+                            | h2::Reason::CANCEL
+                            | h2::Reason::ENHANCE_YOUR_CALM
+                    )
+                );
+            return Some(
+                error.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (error.is_go_away() && error.is_remote())
+                    || reset_by_server,
+            );
+        }
+        let error = error.downcast_ref::<hyper::Error>()?;
+        Some(error.is_incomplete_message() || error.is_canceled() || error.is_closed())
+    }
+}
+
+#[cfg(not(feature = "hyper-errors"))]
+mod reasons {
+    use std::error::Error;
+
+    pub(super) fn is_connect_error(_: &(dyn Error + 'static)) -> bool {
+        false
+    }
+
+    pub(super) fn unprocessed(_: &(dyn Error + 'static)) -> Option<bool> {
+        None
+    }
+
+    pub(super) fn transient(_: &(dyn Error + 'static)) -> Option<bool> {
+        None
+    }
 }
 
 /// A cause of a connect failure that the next attempt would meet again: TLS, name
@@ -129,18 +190,8 @@ fn repeats_on_retry(error: &(dyn Error + 'static)) -> bool {
 }
 
 fn is_transient_itself(error: &(dyn Error + 'static)) -> bool {
-    if let Some(error) = error.downcast_ref::<h2::Error>() {
-        let reset_by_server = error.is_reset()
-            && error.is_remote()
-            && matches!(
-                error.reason(),
-                Some(
-                    h2::Reason::INTERNAL_ERROR | h2::Reason::CANCEL | h2::Reason::ENHANCE_YOUR_CALM
-                )
-            );
-        return error.reason() == Some(h2::Reason::REFUSED_STREAM)
-            || (error.is_go_away() && error.is_remote())
-            || reset_by_server;
+    if let Some(transient) = reasons::transient(error) {
+        return transient;
     }
     if let Some(error) = error.downcast_ref::<io::Error>() {
         return matches!(
@@ -151,9 +202,6 @@ fn is_transient_itself(error: &(dyn Error + 'static)) -> bool {
                 | io::ErrorKind::BrokenPipe
                 | io::ErrorKind::UnexpectedEof
         );
-    }
-    if let Some(error) = error.downcast_ref::<hyper::Error>() {
-        return error.is_incomplete_message() || error.is_canceled() || error.is_closed();
     }
     false
 }
@@ -225,6 +273,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "hyper-errors")]
     #[test]
     fn what_proves_the_upstream_did_no_processing() {
         assert!(is_unprocessed(&io::Error::from(
@@ -249,6 +298,7 @@ mod tests {
     }
 
     /// A request on a connection whose task is gone: hyper cancels it unsent.
+    #[cfg(feature = "hyper-errors")]
     #[tokio::test]
     async fn a_request_hyper_cancelled_before_sending_was_not_processed() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -269,6 +319,7 @@ mod tests {
         assert!(is_transient(&error));
     }
 
+    #[cfg(feature = "hyper-errors")]
     #[test]
     fn h2_refused_stream_is_transient_wherever_it_comes_from() {
         assert!(is_transient(&h2::Error::from(h2::Reason::REFUSED_STREAM)));

@@ -1,8 +1,8 @@
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use serde_json::Value;
-
+use super::error_json;
 use crate::frame::Chunk;
 
 /// What the first chunk of a `2xx` response turned out to be.
@@ -336,30 +336,12 @@ fn error_codes(chunk: &Chunk<'_>) -> Option<Vec<String>> {
         is_error = true;
         codes.extend(chunk.event().map(str::to_owned));
     }
-    // Only data that mentions `"error"` is parsed: content rarely does.
+    // Only data that mentions `"error"` is read: content rarely does.
     let data = chunk.data();
     if !chunk.is_truncated() && memchr::memmem::find(data, b"\"error\"").is_some() {
-        if let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(data) {
-            match object.get("error") {
-                None | Some(Value::Null) => {}
-                Some(error) => {
-                    is_error = true;
-                    match error {
-                        Value::String(text) => codes.push(text.clone()),
-                        Value::Object(fields) => codes.extend(
-                            ["type", "code", "status"]
-                                .iter()
-                                .filter_map(|key| fields.get(*key))
-                                .filter_map(|value| match value {
-                                    Value::String(text) => Some(text.clone()),
-                                    Value::Number(number) => Some(number.to_string()),
-                                    _ => None,
-                                }),
-                        ),
-                        _ => {}
-                    }
-                }
-            }
+        if let Some(found) = error_json::error_codes(data) {
+            is_error = true;
+            codes.extend(found.into_iter().map(Cow::into_owned));
         }
     }
     is_error.then_some(codes)

@@ -5,7 +5,7 @@
 //! A streaming call that fails before its first event can be retried safely: nothing
 //! has reached the caller, and for an LLM API the lost generation is simply started
 //! again. Once a chunk has reached the caller, a retry would duplicate or garble what
-//! it already has. tower's [`Retry`](tower::retry::Retry) decides at response headers,
+//! it already has. tower's [`Retry`](https://docs.rs/tower/0.5/tower/retry/struct.Retry.html) decides at response headers,
 //! which is neither point: an upstream often answers `200 OK` and then resets, stalls,
 //! or sends only keep-alives. So the decision must wait for the first *chunk*, and what
 //! a chunk is depends on the format (see [`frame`](crate::frame)).
@@ -89,6 +89,7 @@ mod attempt;
 mod body;
 mod classify;
 mod error;
+mod error_json;
 mod future;
 mod in_band;
 mod layer;
