@@ -91,6 +91,7 @@ pub mod config;
 #[cfg(feature = "connection-gauge")]
 #[cfg_attr(docsrs, doc(cfg(feature = "connection-gauge")))]
 pub mod connection;
+mod deadline;
 mod error;
 pub mod frame;
 pub mod metrics;
@@ -112,65 +113,3 @@ pub use retry::{FirstChunkError, FirstChunkRetryLayer, RetryPolicy};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
-
-/// `now + after`, saturating far in the future (at most 30 years on) instead of
-/// overflowing: a deadline too far to represent is as good as none, never "now".
-pub(crate) fn deadline(
-    now: tokio::time::Instant,
-    after: std::time::Duration,
-) -> tokio::time::Instant {
-    const FAR: std::time::Duration = std::time::Duration::from_secs(30 * 365 * 24 * 3600);
-    let mut after = after.min(FAR);
-    // An `Instant` this platform cannot hold so far on: the farthest it can, halving
-    // down (a day at the least, which every platform holds).
-    loop {
-        if let Some(at) = now.checked_add(after) {
-            return at;
-        }
-        after /= 2;
-        if after < std::time::Duration::from_secs(24 * 3600) {
-            return now + std::time::Duration::from_secs(24 * 3600);
-        }
-    }
-}
-
-/// [`deadline`] from now.
-pub(crate) fn deadline_after(after: std::time::Duration) -> tokio::time::Instant {
-    deadline(tokio::time::Instant::now(), after)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    #[test]
-    fn a_deadline_saturates_far_in_the_future_never_at_now() {
-        // The latest `Instant` this platform holds, found by bisection, less 10 years:
-        // 30 years from there overflow.
-        let now = tokio::time::Instant::now();
-        let (mut fits, mut overflows) = (0u64, u64::MAX);
-        while overflows - fits > 1 {
-            let mid = fits + (overflows - fits) / 2;
-            match now.checked_add(Duration::from_secs(mid)) {
-                Some(_) => fits = mid,
-                None => overflows = mid,
-            }
-        }
-        let late = now + Duration::from_secs(fits - 10 * 365 * 24 * 3600);
-        let at = super::deadline(late, Duration::from_secs(30 * 365 * 24 * 3600));
-        assert!(at > late + Duration::from_secs(365 * 24 * 3600), "not now");
-
-        let now = tokio::time::Instant::now();
-        for after in [Duration::MAX, Duration::from_secs(u64::MAX / 2)] {
-            let at = super::deadline(now, after);
-            assert!(
-                at >= now + Duration::from_secs(365 * 24 * 3600),
-                "{after:?}"
-            );
-        }
-        assert_eq!(
-            super::deadline(now, Duration::from_secs(5)),
-            now + Duration::from_secs(5)
-        );
-    }
-}

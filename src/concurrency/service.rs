@@ -225,7 +225,7 @@ where
         // Slow path: queue, with a clone of the inner service that is not ready (see
         // `park`). The ready one stays here, for this service's next call.
         let parked = self.inner.clone();
-        let deadline = max_wait.map(crate::deadline_after);
+        let deadline = max_wait.map(crate::deadline::from_now);
         ResponseFuture::waiting(wait, deadline, parked, request)
     }
 }

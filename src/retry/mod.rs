@@ -92,10 +92,13 @@ mod error;
 mod error_json;
 mod future;
 mod in_band;
+mod judge;
 mod layer;
+mod peek;
 mod policy;
 mod retry_after;
 mod service;
+mod timer;
 
 pub use self::attempt::RetryAttempt;
 pub use self::body::ResponseBody;

@@ -1,0 +1,318 @@
+//! What a response or an error means for the call: a failure to retry, a response for
+//! the caller, or a body to read for the first chunk; and after a failure, the wait
+//! before the next attempt or the call's output.
+
+use std::time::{Duration, SystemTime};
+
+use http::{Response, StatusCode};
+use http_body::Body;
+use tower::BoxError;
+
+use super::body::CallGuard;
+use super::classify::is_unprocessed;
+use super::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
+use super::future::Attempts;
+use super::in_band::InBand;
+use super::peek::{Held, Peek};
+use super::retry_after::retry_after;
+use super::ResponseBody;
+use crate::frame::{Detector, Malformed, Progress};
+use crate::metrics::{RetryOutcome, RetryReason};
+
+/// An attempt that failed before its first chunk.
+pub(super) enum Failure<B: Body> {
+    /// A retryable status, with the server's hint (the response goes back if there is
+    /// no retry).
+    Status(Box<Held<B>>, Option<Duration>),
+    Upstream(BoxError),
+    Body(BoxError),
+    EndOfStream,
+    Timeout,
+    BufferLimit,
+    /// The first chunk is a transient in-band error; the response goes back as it is
+    /// if there is no retry.
+    InBand(Box<Held<B>>),
+    Malformed(Malformed),
+}
+
+impl<B: Body> Failure<B> {
+    /// What calls for a retry, or `None` when a retry would only repeat the failure.
+    pub(super) fn reason(&self) -> Option<RetryReason> {
+        Some(match self {
+            Failure::Status(..) => RetryReason::Status,
+            Failure::Upstream(_) => RetryReason::Upstream,
+            Failure::Body(_) => RetryReason::Body,
+            Failure::EndOfStream => RetryReason::EndOfStream,
+            Failure::Timeout => RetryReason::Timeout,
+            Failure::InBand(_) => RetryReason::InBandError,
+            Failure::BufferLimit | Failure::Malformed(_) => return None,
+        })
+    }
+}
+
+impl<B: Body> Failure<B> {
+    /// Whether the upstream may have processed the request (see
+    /// [`RetryPolicy::retry_maybe_processed`](super::RetryPolicy::retry_maybe_processed)).
+    pub(super) fn maybe_processed(&self) -> bool {
+        match self {
+            Failure::Status(held, ..) => !refuses_the_work(&held.head),
+            Failure::Upstream(error) => !is_unprocessed(&**error),
+            // The upstream answered, or was sent the request and went quiet.
+            Failure::Body(_)
+            | Failure::EndOfStream
+            | Failure::Timeout
+            | Failure::InBand(_)
+            | Failure::BufferLimit
+            | Failure::Malformed(_) => true,
+        }
+    }
+}
+
+/// A response by which the server refuses the work, so that a retry cannot repeat it:
+/// `408` (it did not get the whole request), `425` (too early), `429` (rate limited),
+/// `503` (unavailable), `529` (overloaded), or any status with `x-should-retry: true`.
+fn refuses_the_work(head: &http::response::Parts) -> bool {
+    let said_so = head
+        .headers
+        .get(&X_SHOULD_RETRY)
+        .is_some_and(|value| value.as_bytes() == b"true");
+    said_so || matches!(head.status.as_u16(), 408 | 425 | 429 | 503 | 529)
+}
+
+pub(super) type Output<B> = Result<Response<ResponseBody<B>>, BoxError>;
+
+/// The OpenAI and Anthropic SDKs' per-response override of the retry decision.
+static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
+
+/// What follows a failed attempt. (Made once per failure and matched at once: the
+/// size of a response is no cost here.)
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Next<B: Body> {
+    Retry {
+        after: Duration,
+        failure: Failure<B>,
+    },
+    Done(Output<B>),
+}
+
+/// What a response means for the call.
+pub(super) enum Judged<B: Body, D> {
+    Failure(Failure<B>),
+    Return(Response<ResponseBody<B>>),
+    Peek(Peek<B, D>),
+}
+
+impl<S, ReqBody, D> Attempts<S, ReqBody, D>
+where
+    D: Detector,
+    ReqBody: Clone,
+{
+    /// The call ends with an error of the inner service that is not retried: in the
+    /// same shape as one that was, a [`FirstChunkError`] whose source is the error.
+    pub(super) fn give_up<T>(&self, error: BoxError) -> Result<T, BoxError> {
+        self.retry_ended(RetryOutcome::Failed);
+        let kind = FirstChunkErrorKind::Upstream;
+        Err(FirstChunkError::new(kind, StopReason::NotRetryable, self.attempt, Some(error)).into())
+    }
+
+    /// The service failed to become ready for the next attempt, which never started
+    /// (and is not counted): the call ends with the failure that called for it.
+    pub(super) fn not_ready<B: Body>(&self, last: Failure<B>, error: BoxError) -> Output<B> {
+        tracing::warn!(
+            provider = %self.metrics.provider(),
+            attempt = self.attempt,
+            %error,
+            "the service failed to become ready for a retry: the last failure goes back"
+        );
+        self.output(last, StopReason::NotReady, self.attempt - 1)
+    }
+
+    /// Decides what a response head means: a failure to retry, a response for the
+    /// caller, or a body to read for the first chunk.
+    pub(super) fn judge<B>(&self, response: Response<B>, call: CallGuard) -> Judged<B, D>
+    where
+        B: Body,
+    {
+        let status = response.status();
+        let policy = &self.shared.policy;
+        let should_retry = response
+            .headers()
+            .get(&X_SHOULD_RETRY)
+            .and_then(|v| v.to_str().ok());
+        let retry_status = match should_retry {
+            Some("true") => !status.is_success(),
+            Some("false") => false,
+            _ => policy.retries_status(status),
+        };
+        if retry_status {
+            let hint = retry_after(response.headers(), SystemTime::now());
+            drop(call);
+            return Judged::Failure(Failure::Status(Box::new(Held::new(response)), hint));
+        }
+        // No body by definition: nothing to read, whatever the detector.
+        let has_no_body = self.head_request
+            || matches!(
+                status,
+                StatusCode::NO_CONTENT | StatusCode::RESET_CONTENT | StatusCode::NOT_MODIFIED
+            );
+        if !status.is_success() || has_no_body {
+            self.retry_ended(if status.is_success() {
+                RetryOutcome::Success
+            } else {
+                RetryOutcome::Failed
+            });
+            return Judged::Return(Held::new(response).into_response(call));
+        }
+        let response = Held::new(response);
+        let mut detector = self.shared.detector.clone();
+        detector.start(&response.head);
+        let mut peek = Peek {
+            response,
+            buffered: 0,
+            detector,
+            call,
+        };
+        if !peek.response.body.is_end_stream() {
+            return Judged::Peek(peek);
+        }
+        // Empty by its head: the detector says whether that is an answer.
+        let failure = match peek.detector.empty() {
+            Progress::Found => match self.first_chunk(peek, true) {
+                Ok(response) => return Judged::Return(response),
+                Err(failure) => failure,
+            },
+            Progress::Pending => Failure::EndOfStream,
+            Progress::Malformed(error) => Failure::Malformed(error),
+        };
+        Judged::Failure(failure)
+    }
+
+    /// The first chunk arrived: the response goes to the caller, unless the chunk is a
+    /// transient in-band error.
+    pub(super) fn first_chunk<B: Body>(
+        &self,
+        peek: Peek<B, D>,
+        body_done: bool,
+    ) -> Result<Response<ResponseBody<B>>, Failure<B>> {
+        let verdict = peek
+            .detector
+            .first_chunk()
+            .map_or(InBand::Content, |chunk| {
+                self.shared.policy.get_in_band_errors().classify(&chunk)
+            });
+        let response = Held {
+            body_done,
+            ..peek.response
+        };
+        if verdict == InBand::TransientError {
+            return Err(Failure::InBand(Box::new(response)));
+        }
+        self.metrics.first_chunk(self.started.elapsed());
+        self.retry_ended(RetryOutcome::Success);
+        Ok(response.into_response(peek.call))
+    }
+
+    /// After a failure: the delay before the next attempt, or the call's output.
+    pub(super) fn after_failure<B: Body>(&mut self, failure: Failure<B>) -> Next<B> {
+        let policy = &self.shared.policy;
+        let provider = self.metrics.provider();
+        self.retry_ended(RetryOutcome::Failed);
+        match &failure {
+            Failure::Timeout => tracing::warn!(
+                %provider,
+                attempt = self.attempt,
+                timeout_ms = policy.get_first_chunk_timeout().as_millis() as u64,
+                "stalled: no first chunk within first_chunk_timeout"
+            ),
+            Failure::Malformed(error) => tracing::warn!(
+                %provider,
+                attempt = self.attempt,
+                %error,
+                "the stream's framing is broken before its first chunk: not retried"
+            ),
+            _ => {}
+        }
+        let reason = match &failure {
+            Failure::Status(_, Some(hint)) if *hint > policy.get_max_retry_after() => None,
+            failure => failure.reason(),
+        };
+        let stop = match reason {
+            None => StopReason::NotRetryable,
+            Some(reason) if !policy.get_retry_maybe_processed() && failure.maybe_processed() => {
+                tracing::warn!(
+                    %provider,
+                    attempt = self.attempt,
+                    reason = reason.label(),
+                    "the upstream may have processed the request: not retried"
+                );
+                StopReason::MaybeProcessed
+            }
+            Some(reason) if self.attempt >= self.max_attempts => {
+                if self.max_attempts > 1 {
+                    self.metrics.retry(RetryOutcome::Exhausted, reason);
+                    tracing::warn!(
+                        %provider,
+                        attempts = self.attempt,
+                        reason = reason.label(),
+                        "attempts exhausted before the first chunk"
+                    );
+                }
+                StopReason::AttemptsExhausted
+            }
+            Some(reason) if !self.budgets.is_empty() && !self.budgets.withdraw() => {
+                self.metrics.retry(RetryOutcome::BudgetExhausted, reason);
+                tracing::warn!(
+                    %provider,
+                    attempt = self.attempt,
+                    reason = reason.label(),
+                    "retry budget exhausted: the failure goes back without a retry"
+                );
+                StopReason::BudgetExhausted
+            }
+            Some(reason) => {
+                // A hint is never zero (see `retry_after`): `0 < hint <= max_retry_after`.
+                let delay = match &failure {
+                    Failure::Status(_, Some(hint)) => *hint,
+                    _ => policy.backoff_delay(self.attempt - 1),
+                };
+                tracing::info!(
+                    %provider,
+                    attempt = self.attempt + 1,
+                    reason = reason.label(),
+                    delay_ms = delay.as_millis() as u64,
+                    "retrying before the first chunk"
+                );
+                drop(provider);
+                self.attempt += 1;
+                self.retried_for = Some(reason);
+                return Next::Retry {
+                    after: delay,
+                    failure,
+                };
+            }
+        };
+        Next::Done(self.output(failure, stop, self.attempt))
+    }
+
+    /// What the caller gets for the failure that ended the call after `attempts`: the
+    /// response, if the failure has one, or a [`FirstChunkError`].
+    pub(super) fn output<B: Body>(
+        &self,
+        failure: Failure<B>,
+        stop: StopReason,
+        attempts: u32,
+    ) -> Output<B> {
+        let (kind, source) = match failure {
+            Failure::Status(held, _) | Failure::InBand(held) => {
+                return Ok(held.into_response(CallGuard::new(self.metrics.clone())));
+            }
+            Failure::Upstream(error) => (FirstChunkErrorKind::Upstream, Some(error)),
+            Failure::Body(error) => (FirstChunkErrorKind::Body, Some(error)),
+            Failure::EndOfStream => (FirstChunkErrorKind::EndOfStream, None),
+            Failure::Timeout => (FirstChunkErrorKind::Timeout, None),
+            Failure::BufferLimit => (FirstChunkErrorKind::BufferLimit, None),
+            Failure::Malformed(error) => (FirstChunkErrorKind::Malformed, Some(error.into())),
+        };
+        Err(FirstChunkError::new(kind, stop, attempts, source).into())
+    }
+}
