@@ -15,26 +15,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::{Request, Response};
 use http_body_util::Empty;
 use tokio::sync::Semaphore;
 use tower::limit::GlobalConcurrencyLimitLayer;
-use tower::{service_fn, Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_stream_backpressure::StreamConcurrencyLayer;
 
 const TASKS: usize = 64;
 const LIMIT: usize = 8;
 const CALLS_PER_TASK: usize = 200;
 
-fn noop() -> impl Service<
-    Request<()>,
-    Response = Response<Empty<Bytes>>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-       + Send
-       + 'static {
+fn noop()
+-> impl Service<Request<()>, Response = Response<Empty<Bytes>>, Error = Infallible, Future = impl Send>
++ Clone
++ Send
++ 'static {
     service_fn(|_: Request<()>| async {
         // Let other tasks run while the slot is held, as a real call would.
         tokio::task::yield_now().await;

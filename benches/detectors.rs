@@ -6,7 +6,7 @@
 //! cargo bench --bench detectors
 //! ```
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tower_stream_backpressure::frame::{Detector, EventStream, JsonArray, NdJson, Progress, Sse};
 
 const MIB: usize = 1 << 20;

@@ -51,16 +51,16 @@ use process::rss_bytes;
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry::metrics::MeterProvider;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
@@ -328,7 +328,7 @@ where
             return Outcome {
                 failure: Some((classify(&error), chain(&*error))),
                 first_chunk: None,
-            }
+            };
         }
     };
     let status = response.status();
@@ -627,7 +627,7 @@ async fn main() {
             // Failed calls by reason: a count and the first error.
             let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();
             while next.fetch_add(1, Relaxed) < calls
-                && deadline.map_or(true, |deadline| Instant::now() < deadline)
+                && deadline.is_none_or(|deadline| Instant::now() < deadline)
             {
                 counts.in_flight.fetch_add(1, Relaxed);
                 let outcome = call(service.clone(), &url).await;

@@ -128,7 +128,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -137,8 +137,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::task::JoinSet;
@@ -324,7 +324,7 @@ impl Args {
                         other => {
                             return Err(format!(
                                 "--phase: {other:?} is not one of memory, throughput, both"
-                            ))
+                            ));
                         }
                     }
                 }
@@ -334,7 +334,7 @@ impl Args {
                         "h2" => vec![Proto::Http2],
                         "both" => vec![Proto::Http1, Proto::Http2],
                         other => {
-                            return Err(format!("--proto: {other:?} is not one of h1, h2, both"))
+                            return Err(format!("--proto: {other:?} is not one of h1, h2, both"));
                         }
                     }
                 }
@@ -348,7 +348,7 @@ impl Args {
                         _ => {
                             return Err(format!(
                                 "--run: {name:?} is not one of bare, stack, limit, throughput"
-                            ))
+                            ));
                         }
                     };
                 }

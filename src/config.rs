@@ -116,15 +116,15 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use opentelemetry::metrics::Meter;
 use pin_project_lite::pin_project;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use tower::BoxError;
 use tower_http::timeout::TimeoutBody;
 use tower_layer::Layer;
@@ -135,8 +135,8 @@ use crate::concurrency::StreamConcurrency;
 use crate::frame::{self, AnyDetector, Chunk, Detector, Progress};
 use crate::retry::FirstChunkRetry;
 use crate::{
-    concurrency, retry, ConfigError, FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer,
-    RetryPolicy, StreamConcurrencyLayer,
+    ConfigError, FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy,
+    StreamConcurrencyLayer, concurrency, retry,
 };
 
 /// Back-pressure for the streaming calls to one provider, as read from a configuration
@@ -531,13 +531,13 @@ impl Budget {
                 return Err(ConfigError::new(
                     BURST,
                     "must be given with `rate_per_sec` (the token bucket takes both)",
-                ))
+                ));
             }
             (None, Some(_)) => {
                 return Err(ConfigError::new(
                     RATE,
                     "must be given with `burst` (the token bucket takes both)",
-                ))
+                ));
             }
             (Some(rate), Some(burst)) => Some((rate, burst)),
         };

@@ -9,7 +9,7 @@
 //! has not been made ready, and drives its `poll_ready` once the wait is over, as
 //! tower's `Oneshot` does.
 
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use tower_service::Service;
 

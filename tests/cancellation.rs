@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use support::{client, full_stack, post, Fault, Metrics, Protocol, Reply, Upstream, BOTH, TEST};
+use support::{BOTH, Fault, Metrics, Protocol, Reply, TEST, Upstream, client, full_stack, post};
 use tower::ServiceExt;
 use tower_stream_backpressure::{RetryBudget, RetryPolicy, StreamConcurrencyLayer};
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use support::{
-    client, full_stack, post, read_to_end, read_until_error, Fault, Metrics, Protocol, Reply,
-    Upstream, BOTH, TEST,
+    BOTH, Fault, Metrics, Protocol, Reply, TEST, Upstream, client, full_stack, post, read_to_end,
+    read_until_error,
 };
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
@@ -225,9 +225,11 @@ async fn dropping_the_call_releases_the_slot() {
         let limit = StreamConcurrencyLayer::new(1);
         let service = limit.layer(client(protocol));
         let pending = call(&service, &upstream, "/");
-        assert!(tokio::time::timeout(Duration::from_secs(5), pending)
-            .await
-            .is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), pending)
+                .await
+                .is_err()
+        );
         assert_eq!(limit.available_slots(), 1, "{protocol:?}");
         assert_eq!(upstream.hits(), 1);
         // The upstream saw the abandoned call go away too.
@@ -310,9 +312,11 @@ async fn a_waiting_caller_that_gives_up_is_counted_and_leaks_nothing() {
         let held = call(&service, &upstream, "/").await.unwrap();
 
         let waiting = call(&service, &upstream, "/");
-        assert!(tokio::time::timeout(Duration::from_secs(60), waiting)
-            .await
-            .is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(60), waiting)
+                .await
+                .is_err()
+        );
 
         let snapshot = metrics.snapshot();
         let reason = ("reason", "context_canceled");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use support::{
-    client, post, read_to_end, read_until_error, Fault, Metrics, Protocol, Reply, Upstream, TEST,
+    Fault, Metrics, Protocol, Reply, TEST, Upstream, client, post, read_to_end, read_until_error,
 };
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
@@ -168,29 +168,86 @@ fn the_fields_can_be_set_in_code() {
 fn deserialization_errors_name_the_field() {
     let cases = [
         // A typo: serde names the unknown field.
-        (r#"{"stream_max_concurent": 10}"#, "unknown field `stream_max_concurent`"),
-        (r#"{"stream_retry": {"max_attempt": 2}}"#, "unknown field `max_attempt`"),
-        (r#"{"stream_retry": {"budget": {"rate": 2}}}"#, "unknown field `rate`"),
+        (
+            r#"{"stream_max_concurent": 10}"#,
+            "unknown field `stream_max_concurent`",
+        ),
+        (
+            r#"{"stream_retry": {"max_attempt": 2}}"#,
+            "unknown field `max_attempt`",
+        ),
+        (
+            r#"{"stream_retry": {"budget": {"rate": 2}}}"#,
+            "unknown field `rate`",
+        ),
         // Values of the wrong kind: ours name the field in full.
-        (r#"{"stream_retry": {"initial_delay": "2 sekunds"}}"#, "invalid `stream_retry.initial_delay`: expected a duration"),
-        (r#"{"stream_retry": {"max_delay": 2}}"#, "invalid `stream_retry.max_delay`: expected a duration such as \"250ms\", \"2s\" or \"1m\", got 2: a number needs a unit"),
-        (r#"{"stream_idle_timeout": ""}"#, "invalid `stream_idle_timeout`"),
-        (r#"{"first_chunk_timeout": null}"#, "invalid `first_chunk_timeout`"),
+        (
+            r#"{"stream_retry": {"initial_delay": "2 sekunds"}}"#,
+            "invalid `stream_retry.initial_delay`: expected a duration",
+        ),
+        (
+            r#"{"stream_retry": {"max_delay": 2}}"#,
+            "invalid `stream_retry.max_delay`: expected a duration such as \"250ms\", \"2s\" or \"1m\", got 2: a number needs a unit",
+        ),
+        (
+            r#"{"stream_idle_timeout": ""}"#,
+            "invalid `stream_idle_timeout`",
+        ),
+        (
+            r#"{"first_chunk_timeout": null}"#,
+            "invalid `first_chunk_timeout`",
+        ),
         (r#"{"max_wait": "soon"}"#, "invalid `max_wait`"),
-        (r#"{"max_queued": -3}"#, "invalid `max_queued`: expected a whole number within 0 and"),
-        (r#"{"stream_retry": {"budget": {"ttl": [10]}}}"#, "invalid `stream_retry.budget.ttl`: expected a duration such as \"250ms\", \"2s\" or \"1m\", got a list"),
-        (r#"{"frames": "xml"}"#, "invalid `frames`: expected one of auto, sse, ndjson, json_array, eventstream, first_data, got \"xml\""),
+        (
+            r#"{"max_queued": -3}"#,
+            "invalid `max_queued`: expected a whole number within 0 and",
+        ),
+        (
+            r#"{"stream_retry": {"budget": {"ttl": [10]}}}"#,
+            "invalid `stream_retry.budget.ttl`: expected a duration such as \"250ms\", \"2s\" or \"1m\", got a list",
+        ),
+        (
+            r#"{"frames": "xml"}"#,
+            "invalid `frames`: expected one of auto, sse, ndjson, json_array, eventstream, first_data, got \"xml\"",
+        ),
         (r#"{"frames": "SSE"}"#, "invalid `frames`"),
-        (r#"{"stream_max_concurrent": -1}"#, "invalid `stream_max_concurrent`: expected a whole number within 0 and"),
-        (r#"{"stream_max_concurrent": 1.5}"#, "invalid `stream_max_concurrent`"),
-        (r#"{"stream_retry": {"max_attempts": 4294967296}}"#, "invalid `stream_retry.max_attempts`: expected a whole number within 0 and 4294967295, got 4294967296"),
-        (r#"{"stream_retry": {"enabled": "yes"}}"#, "invalid `stream_retry.enabled`: expected true or false, got \"yes\""),
-        (r#"{"stream_retry": {"retry_maybe_processed": 0}}"#, "invalid `stream_retry.retry_maybe_processed`: expected true or false, got 0"),
-        (r#"{"stream_retry": {"budget": {"retry_ratio": "lots"}}}"#, "invalid `stream_retry.budget.retry_ratio`: expected a number"),
-        (r#"{"stream_retry": {"budget": {"rate_per_sec": 0.5, "burst": 1}}}"#, "invalid `stream_retry.budget.rate_per_sec`: expected a whole number"),
-        (r#"{"stream_retry": {"budget": {"burst": {}}}}"#, "invalid `stream_retry.budget.burst`"),
+        (
+            r#"{"stream_max_concurrent": -1}"#,
+            "invalid `stream_max_concurrent`: expected a whole number within 0 and",
+        ),
+        (
+            r#"{"stream_max_concurrent": 1.5}"#,
+            "invalid `stream_max_concurrent`",
+        ),
+        (
+            r#"{"stream_retry": {"max_attempts": 4294967296}}"#,
+            "invalid `stream_retry.max_attempts`: expected a whole number within 0 and 4294967295, got 4294967296",
+        ),
+        (
+            r#"{"stream_retry": {"enabled": "yes"}}"#,
+            "invalid `stream_retry.enabled`: expected true or false, got \"yes\"",
+        ),
+        (
+            r#"{"stream_retry": {"retry_maybe_processed": 0}}"#,
+            "invalid `stream_retry.retry_maybe_processed`: expected true or false, got 0",
+        ),
+        (
+            r#"{"stream_retry": {"budget": {"retry_ratio": "lots"}}}"#,
+            "invalid `stream_retry.budget.retry_ratio`: expected a number",
+        ),
+        (
+            r#"{"stream_retry": {"budget": {"rate_per_sec": 0.5, "burst": 1}}}"#,
+            "invalid `stream_retry.budget.rate_per_sec`: expected a whole number",
+        ),
+        (
+            r#"{"stream_retry": {"budget": {"burst": {}}}}"#,
+            "invalid `stream_retry.budget.burst`",
+        ),
         (r#"{"stream_retry": 3}"#, "the `stream_retry` map"),
-        (r#"{"stream_retry": {"budget": false}}"#, "the `stream_retry.budget` map"),
+        (
+            r#"{"stream_retry": {"budget": false}}"#,
+            "the `stream_retry.budget` map",
+        ),
     ];
     for (json, expected) in cases {
         let message = parse_error(json);
@@ -505,11 +562,13 @@ async fn retry_maybe_processed_false_retries_only_what_the_upstream_did_not_proc
         r#"{"first_chunk_timeout": "1s",
             "stream_retry": {"initial_delay": "0s", "max_delay": "0s", "retry_maybe_processed": false}}"#,
     );
-    assert!(!config
-        .layer("test")
-        .unwrap()
-        .policy()
-        .get_retry_maybe_processed());
+    assert!(
+        !config
+            .layer("test")
+            .unwrap()
+            .policy()
+            .get_retry_maybe_processed()
+    );
     for protocol in support::BOTH {
         // A stall after the request was written: the upstream may be working on it.
         let upstream = Upstream::start(|hit| match hit.index {

@@ -7,25 +7,25 @@
 mod support;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use support::{
-    parse_prometheus, post, prometheus_value, read_to_end, Fault, Metrics, Protocol, Reply,
-    Upstream, TEST,
+    Fault, Metrics, Protocol, Reply, TEST, Upstream, parse_prometheus, post, prometheus_value,
+    read_to_end,
 };
 use tower::{Layer, Service};
+use tower_stream_backpressure::ConnectionGaugeLayer;
 use tower_stream_backpressure::connection::ConnectionGauge;
 use tower_stream_backpressure::metrics::HTTP_CLIENT_OPEN_CONNECTIONS;
-use tower_stream_backpressure::ConnectionGaugeLayer;
 
 /// hyper-util's `HttpConnector`, counting the connects that reach it.
 #[derive(Clone)]

@@ -20,8 +20,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use support::raw_h2::{H2Connection, H2Reply, RawH2};
 use support::upstream::token_events;
 use support::{
-    capture, client_with, full_stack, post, Fault, FlakyConnector, Hit, LoopbackResolver, Metrics,
-    Protocol, Reply, Upstream, BOTH, TEST,
+    BOTH, Fault, FlakyConnector, Hit, LoopbackResolver, Metrics, Protocol, Reply, TEST, Upstream,
+    capture, client_with, full_stack, post,
 };
 use tokio::time::Instant;
 use tower::{BoxError, ServiceExt};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use support::{
-    capture, client, full_stack_with, post, read_to_end, Metrics, Reply, Upstream, BOTH, TEST,
+    BOTH, Metrics, Reply, TEST, Upstream, capture, client, full_stack_with, post, read_to_end,
 };
 use tower::ServiceExt;
 use tower_stream_backpressure::frame::{Auto, Detector, EventStream, JsonArray, Malformed};

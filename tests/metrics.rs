@@ -5,8 +5,8 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    client, full_stack, parse_prometheus, post, prometheus_value, read_to_end, Fault, Metrics,
-    Protocol, Reply, Upstream, TEST,
+    Fault, Metrics, Protocol, Reply, TEST, Upstream, client, full_stack, parse_prometheus, post,
+    prometheus_value, read_to_end,
 };
 use tower::ServiceExt;
 use tower_stream_backpressure::metrics::{CONCURRENCY_WAIT_BUCKETS, FIRST_CHUNK_LATENCY_BUCKETS};
@@ -167,7 +167,9 @@ async fn every_metric_by_value_and_by_prometheus_name() {
         .collect();
     assert_eq!(
         latency_buckets,
-        ["0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30", "60", "120", "300", "+Inf"]
+        [
+            "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30", "60", "120", "300", "+Inf"
+        ]
     );
     for (name, kind) in [
         ("streams_in_flight", "gauge"),

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use serde_json::{json, Value};
-use support::{client, parse_prometheus, prometheus_value, Fault, Protocol, Reply, Upstream};
+use serde_json::{Value, json};
+use support::{Fault, Protocol, Reply, Upstream, client, parse_prometheus, prometheus_value};
 use tokio::task::JoinHandle;
 
 /// A proxy serving on 127.0.0.1; stops when dropped.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -20,21 +20,21 @@ use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{
-    metric::Data, number_data_point, AggregationTemporality, HistogramDataPoint, Metric,
-    NumberDataPoint,
+    AggregationTemporality, HistogramDataPoint, Metric, NumberDataPoint, metric::Data,
+    number_data_point,
 };
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use prost::Message;
-use support::{client, full_stack, post, read_to_end, Fault, Protocol as Http, Reply, Upstream};
+use support::{Fault, Protocol as Http, Reply, Upstream, client, full_stack, post, read_to_end};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 use tower_stream_backpressure::metrics::{
     CONCURRENCY_WAIT_BUCKETS, FIRST_CHUNK_LATENCY_BUCKETS, PROVIDER_CALLS_IN_FLIGHT,
-    STREAMS_IN_FLIGHT, STREAM_CONCURRENCY_REJECTIONS, STREAM_CONCURRENCY_WAIT,
-    STREAM_FIRST_CHUNK_LATENCY, STREAM_RETRIES, STREAM_RETRY_BUDGET_AVAILABLE,
+    STREAM_CONCURRENCY_REJECTIONS, STREAM_CONCURRENCY_WAIT, STREAM_FIRST_CHUNK_LATENCY,
+    STREAM_RETRIES, STREAM_RETRY_BUDGET_AVAILABLE, STREAMS_IN_FLIGHT,
 };
 use tower_stream_backpressure::{Rejected, RetryBudget, RetryPolicy, StreamConcurrencyLayer};
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use support::{
-    client, full_stack, post, read_to_end, read_until_error, Fault, Metrics, Reply, Upstream, BOTH,
-    TEST,
+    BOTH, Fault, Metrics, Reply, TEST, Upstream, client, full_stack, post, read_to_end,
+    read_until_error,
 };
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
@@ -49,7 +49,7 @@ async fn one_call(
     policy: RetryPolicy,
 ) -> Result<
     http::Response<
-        impl http_body::Body<Data = bytes::Bytes, Error = tower::BoxError> + std::fmt::Debug,
+        impl http_body::Body<Data = bytes::Bytes, Error = tower::BoxError> + std::fmt::Debug + use<>,
     >,
     tower::BoxError,
 > {

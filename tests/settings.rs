@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{client, full_stack, post, read_to_end, Metrics, Protocol, Reply, Upstream};
+use support::{Metrics, Protocol, Reply, Upstream, client, full_stack, post, read_to_end};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 use tower_stream_backpressure::retry::InBandErrors;

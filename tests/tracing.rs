@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{client, full_stack, post, Fault, Metrics, Protocol, Reply, Upstream};
+use support::{Fault, Metrics, Protocol, Reply, Upstream, client, full_stack, post};
 use tower::ServiceExt;
 use tower_stream_backpressure::{RetryBudget, RetryPolicy, StreamConcurrencyLayer};
 use tracing::field::{Field, Visit};

@@ -5,15 +5,15 @@
 
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
@@ -168,7 +168,7 @@ fn upstream_url(base: &str) -> Result<Uri, String> {
             return Err(format!(
                 "upstream {base:?}: this example's client speaks plain HTTP only (no TLS); \
                  give an http:// URL"
-            ))
+            ));
         }
         _ => return Err(format!("upstream {base:?}: expected http://host[:port]")),
     }
@@ -341,19 +341,19 @@ async fn not_found(uri: Uri) -> Response {
 pub mod mock {
     use std::net::SocketAddr;
     use std::pin::Pin;
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::task::{Context, Poll};
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+    use axum::Router;
     use axum::body::{Body, Bytes};
     use axum::extract::{DefaultBodyLimit, State};
-    use axum::http::{header, StatusCode};
+    use axum::http::{StatusCode, header};
     use axum::response::{IntoResponse, Response};
     use axum::routing::post;
-    use axum::Router;
     use http_body::Frame;
-    use serde_json::{json, Value};
+    use serde_json::{Value, json};
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
     use tokio::task::JoinHandle;

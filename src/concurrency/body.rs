@@ -6,9 +6,9 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower::BoxError;
 
+use super::IdleTimeout;
 use super::future::Slot;
 use super::idle::{Sweep, Watch};
-use super::IdleTimeout;
 use crate::body::ReleaseOnEnd;
 
 pin_project! {

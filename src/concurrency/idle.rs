@@ -237,9 +237,9 @@ async fn sweeping(sweep: Weak<Sweep>) {
         for (stream, seen) in expired {
             if stream.expire(seen) {
                 tracing::warn!(
-                        timeout_ms = sweep.timeout.as_millis() as u64,
-                        "idle timeout: a stream was not read within idle_timeout; its upstream is closed and its slot released"
-                    );
+                    timeout_ms = sweep.timeout.as_millis() as u64,
+                    "idle timeout: a stream was not read within idle_timeout; its upstream is closed and its slot released"
+                );
             }
         }
     }

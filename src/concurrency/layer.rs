@@ -6,11 +6,11 @@ use opentelemetry::metrics::Meter;
 use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
+use super::StreamConcurrency;
 use super::idle::Sweep;
 use super::service::Shared;
-use super::StreamConcurrency;
-use crate::metrics::{ConcurrencyMetrics, Telemetry};
 use crate::ConfigError;
+use crate::metrics::{ConcurrencyMetrics, Telemetry};
 
 /// Applies [`StreamConcurrency`] to a service: at most `limit` streams open at once,
 /// each holding its slot until its response body ends.

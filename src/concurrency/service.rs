@@ -1,5 +1,5 @@
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use tokio::sync::Semaphore;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::future::{reject, reject_queue_full, Wait};
+use super::future::{Wait, reject, reject_queue_full};
 use super::idle::Sweep;
 use super::{MaxWait, ResponseBody, ResponseFuture, Slot};
 use crate::metrics::ConcurrencyMetrics;
@@ -233,12 +233,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::concurrency::Rejected;
     use crate::StreamConcurrencyLayer;
+    use crate::concurrency::Rejected;
     use http_body_util::Empty;
     use std::fmt;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tower::{service_fn, Layer, ServiceExt};
+    use tower::{Layer, ServiceExt, service_fn};
 
     #[derive(Debug)]
     struct UpstreamDown;

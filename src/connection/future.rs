@@ -1,19 +1,19 @@
 use std::fmt;
-use std::future::{poll_fn, Future};
+use std::future::{Future, poll_fn};
 use std::io;
-use std::pin::{pin, Pin};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use http::Uri;
 use pin_project_lite::pin_project;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{Semaphore, watch};
 use tower::BoxError;
 use tower_service::Service;
 
+use super::CountedIo;
 use super::io::OpenConnection;
 use super::service::{HostPlace, Shared};
-use super::CountedIo;
 use crate::metrics::ConnectionMetrics;
 use crate::park::Parked;
 

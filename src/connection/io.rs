@@ -1,8 +1,8 @@
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use super::service::{HostPlace, Shared};

@@ -5,10 +5,10 @@ use opentelemetry::metrics::Meter;
 use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
-use super::service::Shared;
 use super::ConnectionGauge;
-use crate::metrics::{ConnectionMetrics, Telemetry};
+use super::service::Shared;
 use crate::ConfigError;
+use crate::metrics::{ConnectionMetrics, Telemetry};
 
 /// Applies [`ConnectionGauge`] to a connector: every connection it makes is counted in
 /// `http_client_open_connections` until its IO is dropped, and, with

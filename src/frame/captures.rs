@@ -2,7 +2,7 @@
 //! (`tests/data/`), fed whole, byte by byte, cut at every position and in random
 //! pieces, with the in-band error rules applied to the chunk found.
 
-use super::test_util::{assert_split_invariant, run, run_random_split, started, Outcome};
+use super::test_util::{Outcome, assert_split_invariant, run, run_random_split, started};
 use super::{Auto, Chunk, Detector, EventStream, JsonArray, Malformed, NdJson, Progress, Sse};
 use crate::retry::{InBand, InBandErrors};
 

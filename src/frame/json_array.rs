@@ -1,4 +1,4 @@
-use super::{is_json_whitespace, Capture, Chunk, Detector, Malformed, Progress};
+use super::{Capture, Chunk, Detector, Malformed, Progress, is_json_whitespace};
 
 const FORMAT: &str = "JSON array";
 
@@ -126,7 +126,7 @@ impl Detector for JsonArray {
                         _ => {
                             return self.not_a_stream(
                                 "an element starts with a byte no JSON value starts with",
-                            )
+                            );
                         }
                     }
                     if self.state != State::Open {

@@ -1,4 +1,4 @@
-use super::{is_json_whitespace, Capture, Chunk, Detector, Progress};
+use super::{Capture, Chunk, Detector, Progress, is_json_whitespace};
 
 /// The first chunk is the first line that is not blank, for newline-delimited JSON
 /// (`application/x-ndjson`, `application/jsonl`: Ollama and others).

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use tower::{service_fn, BoxError, Layer, ServiceExt};
+use tower::{BoxError, Layer, ServiceExt, service_fn};
 
 use super::{BufferRequestBodyLayer, ReplayBody};
 use crate::retry::NotReplayable;

@@ -15,13 +15,13 @@ use tokio::time::Instant;
 use tower::BoxError;
 use tower_service::Service;
 
+use super::NotReplayable;
+use super::RetryAttempt;
 use super::body::CallGuard;
 use super::judge::{Failure, Judged, Next, Output};
 use super::peek::Peek;
 use super::service::Shared;
 use super::timer::Timer;
-use super::NotReplayable;
-use super::RetryAttempt;
 use crate::budget::Budgets;
 use crate::deadline;
 use crate::frame::Detector;

@@ -8,6 +8,7 @@ use http::{Response, StatusCode};
 use http_body::Body;
 use tower::BoxError;
 
+use super::ResponseBody;
 use super::body::CallGuard;
 use super::classify::is_unprocessed;
 use super::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
@@ -15,7 +16,6 @@ use super::future::Attempts;
 use super::in_band::InBand;
 use super::peek::{Held, Peek};
 use super::retry_after::retry_after;
-use super::ResponseBody;
 use crate::frame::{Detector, Malformed, Progress};
 use crate::metrics::{RetryOutcome, RetryReason};
 

@@ -6,9 +6,9 @@ use tower_layer::Layer;
 
 use super::service::Shared;
 use super::{FirstChunkRetry, RetryPolicy};
+use crate::ConfigError;
 use crate::frame::{Auto, Detector};
 use crate::metrics::{RetryMetrics, Telemetry};
-use crate::ConfigError;
 
 /// Applies [`FirstChunkRetry`] to a service: retries before the first chunk, never
 /// after.

@@ -1,15 +1,15 @@
 //! Reading a response for its first chunk, and keeping it for the caller.
 
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use http::Response;
 use http_body::{Body, Frame};
 use tower::BoxError;
 
+use super::ResponseBody;
 use super::body::{CallGuard, Replay};
 use super::judge::Failure;
-use super::ResponseBody;
 use crate::frame::{Detector, Progress};
 
 /// A response whose body may have been read from: its head, its body, and the frames

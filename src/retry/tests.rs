@@ -16,8 +16,8 @@ use http_body_util::{BodyExt, Full};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 use super::{FirstChunkError, FirstChunkErrorKind, FirstChunkRetryLayer, RetryPolicy, StopReason};
-use crate::frame::{Detector, FirstData, Progress};
 use crate::RetryBudget;
+use crate::frame::{Detector, FirstData, Progress};
 
 /// A body that yields scripted frames, then ends; polled after its end, it panics.
 #[derive(Debug, Default)]

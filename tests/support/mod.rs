@@ -9,8 +9,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,12 +18,12 @@ use bytes::Bytes;
 use http::{Request, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 use tower::BoxError;
@@ -344,11 +344,12 @@ pub fn full_stack<C: Connect + Clone + Send + Sync + 'static>(
     policy: tower_stream_backpressure::RetryPolicy,
 ) -> impl tower::Service<
     Request<Full<Bytes>>,
-    Response = http::Response<impl Body<Data = Bytes, Error = BoxError> + std::fmt::Debug>,
+    Response = http::Response<impl Body<Data = Bytes, Error = BoxError> + std::fmt::Debug + use<C>>,
     Error = BoxError,
-    Future = impl Send,
+    Future = impl Send + use<C>,
 > + Clone
-       + Send {
++ Send
++ use<C> {
     let detector = tower_stream_backpressure::frame::Auto::default();
     full_stack_with(client, meter, limit, budget, policy, detector)
 }
@@ -363,11 +364,14 @@ pub fn full_stack_with<C, D>(
     detector: D,
 ) -> impl tower::Service<
     Request<Full<Bytes>>,
-    Response = http::Response<impl Body<Data = Bytes, Error = BoxError> + std::fmt::Debug>,
+    Response = http::Response<
+        impl Body<Data = Bytes, Error = BoxError> + std::fmt::Debug + use<C, D>,
+    >,
     Error = BoxError,
-    Future = impl Send,
+    Future = impl Send + use<C, D>,
 > + Clone
-       + Send
++ Send
++ use<C, D>
 where
     C: Connect + Clone + Send + Sync + 'static,
     D: tower_stream_backpressure::frame::Detector,

@@ -2,8 +2,8 @@
 //! cannot produce on purpose: a stream refused with `REFUSED_STREAM`, and a connection
 //! that goes away (GOAWAY) with a stream on it, or before any.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use h2::Reason;
