@@ -335,7 +335,7 @@ async fn retries_a_failure_before_the_first_chunk_if_the_body_was_held() {
 }
 
 #[tokio::test]
-async fn a_full_proxy_answers_503_in_openai_shape() {
+async fn a_full_proxy_answers_503_in_each_routes_shape() {
     let proxy = Proxy::with_mock(|settings| {
         settings.limit = 1;
         settings.max_wait = Duration::ZERO;
@@ -366,15 +366,29 @@ async fn a_full_proxy_answers_503_in_openai_shape() {
         assert!(Instant::now() < deadline, "the slot was never released");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Anthropic's route has its own slot, and answers in its own shape.
+    let body = r#"{"model":"m","max_tokens":8,"stream":true,"messages":[]}"#;
+    let open = proxy.messages(body).await;
+    assert_eq!(open.status(), StatusCode::OK);
+    let response = proxy.messages(body).await;
+    assert_eq!(header(&response, "retry-after"), "1");
+    let error = json_body(response, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "overloaded_error");
+    drop(open);
+
     let samples = proxy.metrics().await;
-    assert_eq!(
-        prometheus_value(
-            &samples,
-            "stream_concurrency_rejections_total",
-            &[("provider", app::OPENAI), ("reason", "deadline_exceeded")],
-        ),
-        Some(1.0)
-    );
+    for provider in [app::OPENAI, app::ANTHROPIC] {
+        assert_eq!(
+            prometheus_value(
+                &samples,
+                "stream_concurrency_rejections_total",
+                &[("provider", provider), ("reason", "deadline_exceeded")],
+            ),
+            Some(1.0),
+            "{provider}"
+        );
+    }
 }
 
 /// The JSON body of an answer, after checking its status.
