@@ -1,10 +1,11 @@
 //! The `openai_proxy` example, end to end on loopback: a Rust client (hyper-util, as
 //! a user would build one) calls the proxy, which forwards through the crate's layers
-//! to the example's OpenAI-compatible mock or to the tests' fault-injecting upstream.
+//! to the example's mock or to the tests' fault-injecting upstream, over plain HTTP or
+//! TLS, on OpenAI's route and on Anthropic's.
 
 mod support;
 
-#[path = "../examples/openai_proxy/app.rs"]
+#[path = "../examples/openai_proxy/app/mod.rs"]
 mod app;
 
 use std::net::SocketAddr;
@@ -61,11 +62,25 @@ impl Proxy {
 
     /// `POST /v1/chat/completions` with this JSON body.
     async fn chat(&self, body: impl Into<Bytes>) -> Response<Incoming> {
-        let request = Request::post(self.url("/v1/chat/completions"))
+        self.call("POST", "/v1/chat/completions", body.into()).await
+    }
+
+    /// `POST /v1/messages` with this JSON body.
+    async fn messages(&self, body: impl Into<Bytes>) -> Response<Incoming> {
+        self.call("POST", "/v1/messages", body.into()).await
+    }
+
+    /// A call with an SDK's headers, OpenAI's and Anthropic's.
+    async fn call(&self, method: &str, path: &str, body: Bytes) -> Response<Incoming> {
+        let request = Request::builder()
+            .method(method)
+            .uri(self.url(path))
             .header("content-type", "application/json")
             .header("authorization", "Bearer test")
+            .header("x-api-key", "test-key")
+            .header("anthropic-version", "2023-06-01")
             .header("accept-encoding", "gzip")
-            .body(Full::new(body.into()))
+            .body(Full::new(body))
             .expect("a request");
         client(Protocol::Http1)
             .request(request)
@@ -227,7 +242,7 @@ async fn streams_a_chat_completion_and_passes_plain_json() {
     let samples = proxy.metrics().await;
     let value = |name: &str, labels: &[(&str, &str)]| {
         let mut labels = labels.to_vec();
-        labels.push(("provider", app::PROVIDER));
+        labels.push(("provider", app::OPENAI));
         prometheus_value(&samples, name, &labels)
             .unwrap_or_else(|| panic!("no {name} {labels:?} in {samples:?}"))
     };
@@ -309,7 +324,7 @@ async fn retries_a_failure_before_the_first_chunk_if_the_body_was_held() {
             &samples,
             "stream_retries_total",
             &[
-                ("provider", app::PROVIDER),
+                ("provider", app::OPENAI),
                 ("outcome", outcome),
                 ("reason", "body_error"),
             ],
@@ -320,7 +335,7 @@ async fn retries_a_failure_before_the_first_chunk_if_the_body_was_held() {
 }
 
 #[tokio::test]
-async fn a_full_proxy_answers_503_in_openai_shape() {
+async fn a_full_proxy_answers_503_in_each_routes_shape() {
     let proxy = Proxy::with_mock(|settings| {
         settings.limit = 1;
         settings.max_wait = Duration::ZERO;
@@ -351,13 +366,290 @@ async fn a_full_proxy_answers_503_in_openai_shape() {
         assert!(Instant::now() < deadline, "the slot was never released");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Anthropic's route has its own slot, and answers in its own shape.
+    let body = r#"{"model":"m","max_tokens":8,"stream":true,"messages":[]}"#;
+    let open = proxy.messages(body).await;
+    assert_eq!(open.status(), StatusCode::OK);
+    let response = proxy.messages(body).await;
+    assert_eq!(header(&response, "retry-after"), "1");
+    let error = json_body(response, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "overloaded_error");
+    drop(open);
+
     let samples = proxy.metrics().await;
+    for provider in [app::OPENAI, app::ANTHROPIC] {
+        assert_eq!(
+            prometheus_value(
+                &samples,
+                "stream_concurrency_rejections_total",
+                &[("provider", provider), ("reason", "deadline_exceeded")],
+            ),
+            Some(1.0),
+            "{provider}"
+        );
+    }
+}
+
+/// The JSON body of an answer, after checking its status.
+async fn json_body(response: Response<Incoming>, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status);
+    let body = support::read_to_end(response.into_body())
+        .await
+        .expect("a body");
+    serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+/// The whole body of a `200 text/event-stream` answer.
+async fn sse_text(response: Response<Incoming>) -> String {
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(header(&response, "content-type").starts_with("text/event-stream"));
+    let body = support::read_to_end(response.into_body())
+        .await
+        .expect("the stream does not fail");
+    String::from_utf8(body.to_vec()).expect("utf-8")
+}
+
+fn concat(events: &[Bytes]) -> String {
+    events
+        .iter()
+        .map(|event| std::str::from_utf8(event).expect("utf-8"))
+        .collect()
+}
+
+/// A PEM file holding `pem`, removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(name: &str, pem: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}-{name}", std::process::id()));
+        std::fs::write(&path, pem).expect("write a temporary file");
+        Self(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn a_tls_upstream_streams_when_its_ca_is_trusted_and_fails_once_when_not() {
+    let ca = support::tls::TestCa::new();
+    let upstream = Upstream::start_tls(ca.server.clone(), |_| Reply::tokens(5)).await;
+    assert!(upstream.url("").starts_with("https://127.0.0.1:"));
+    let ca_file = TempFile::new("test-ca.pem", &ca.ca_pem);
+
+    // Trusted through --ca-file, on top of the compiled-in roots.
+    let trusted = Proxy::start(&upstream.url("/v1"), |settings| {
+        settings.ca_file = Some(ca_file.0.clone());
+    })
+    .await;
+    let streamed = read_stream(trusted.chat(chat_request(true, "hi")).await).await;
     assert_eq!(
-        prometheus_value(
-            &samples,
-            "stream_concurrency_rejections_total",
-            &[("provider", app::PROVIDER), ("reason", "deadline_exceeded")],
-        ),
-        Some(1.0)
+        streamed.events.len(),
+        6,
+        "5 tokens and [DONE]: {:?}",
+        streamed.events
     );
+    assert_eq!(streamed.events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!((upstream.connections(), upstream.hits()), (1, 1));
+
+    // Not trusted: one connection, no request, no retry, and the error says why.
+    let untrusted = Proxy::start(&upstream.url("/v1"), |_| {}).await;
+    let error = json_body(
+        untrusted.chat(chat_request(true, "hi")).await,
+        StatusCode::BAD_GATEWAY,
+    )
+    .await;
+    assert_eq!(
+        (upstream.connections(), upstream.hits()),
+        (2, 1),
+        "one attempt"
+    );
+    assert_eq!(error["error"]["type"], "server_error");
+    assert_eq!(error["error"]["code"], "upstream_certificate_error");
+    let message = error["error"]["message"].as_str().expect("a message");
+    assert!(
+        message.contains("invalid peer certificate") && message.contains("not retryable"),
+        "{message}"
+    );
+
+    // On Anthropic's route, the same failure in Anthropic's shape.
+    let error = json_body(
+        untrusted
+            .messages(r#"{"model":"m","max_tokens":8,"messages":[]}"#)
+            .await,
+        StatusCode::BAD_GATEWAY,
+    )
+    .await;
+    assert_eq!(
+        (upstream.connections(), upstream.hits()),
+        (3, 1),
+        "one attempt"
+    );
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "api_error");
+    let message = error["error"]["message"].as_str().expect("a message");
+    assert!(message.contains("invalid peer certificate"), "{message}");
+
+    let samples = untrusted.metrics().await;
+    assert!(
+        !samples.iter().any(|s| s.name == "stream_retries_total"),
+        "no retries"
+    );
+}
+
+#[tokio::test]
+async fn base_urls_are_taken_as_sdks_take_them() {
+    let paths = Arc::new(Mutex::new(Vec::new()));
+    let seen = paths.clone();
+    let upstream = Upstream::start(move |hit| {
+        seen.lock().expect("paths").push(hit.path.clone());
+        Reply::tokens(1)
+    })
+    .await;
+    for (base, anthropic, expected) in [
+        ("/v1", None, ["/v1/chat/completions", "/v1/messages"]),
+        ("/v1/", None, ["/v1/chat/completions", "/v1/messages"]),
+        ("", None, ["/v1/chat/completions", "/v1/messages"]),
+        (
+            "/openai/v1",
+            Some("/anthropic"),
+            ["/openai/v1/chat/completions", "/anthropic/v1/messages"],
+        ),
+    ] {
+        let anthropic = anthropic.map(|path| upstream.url(path));
+        let proxy = Proxy::start(&upstream.url(base), |settings| {
+            settings.anthropic_upstream = anthropic;
+        })
+        .await;
+        read_stream(proxy.chat(chat_request(true, "hi")).await).await;
+        sse_text(proxy.messages(r#"{"model":"m","stream":true}"#).await).await;
+        let seen = std::mem::take(&mut *paths.lock().expect("paths"));
+        assert_eq!(seen, expected, "base URL {base:?}");
+    }
+    // Not a base URL the client can reach.
+    for base in [
+        "ftp://127.0.0.1/v1",
+        "127.0.0.1:8080",
+        "http://127.0.0.1/v1?x=1",
+    ] {
+        let settings = app::Settings::new(base);
+        let metrics = app::Metrics::new().expect("metrics");
+        let Err(error) = app::router(&settings, &metrics) else {
+            panic!("{base} taken");
+        };
+        assert!(error.contains(base), "{error}");
+    }
+}
+
+#[tokio::test]
+async fn every_error_the_proxy_answers_is_in_its_routes_shape() {
+    let proxy = Proxy::with_mock(|_| {}).await;
+    for (method, path, status, code) in [
+        ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+        ("POST", "/metrics", 405, "method_not_allowed"),
+        ("GET", "/v1/models", 404, "not_found"),
+        ("POST", "/", 404, "not_found"),
+    ] {
+        let response = proxy.call(method, path, Bytes::new()).await;
+        if status == 405 {
+            assert!(!header(&response, "allow").is_empty(), "{method} {path}");
+        }
+        let status = StatusCode::from_u16(status).expect("a status");
+        let error = json_body(response, status).await;
+        assert_eq!(error["error"]["code"], code, "{method} {path}: {error}");
+        assert_eq!(error["error"]["type"], "invalid_request_error");
+        assert_eq!(error["error"]["param"], Value::Null);
+        assert!(error["error"]["message"].as_str().is_some());
+    }
+    for (method, path, status, kind) in [
+        ("GET", "/v1/messages", 405, "invalid_request_error"),
+        ("POST", "/v1/messages/batches", 404, "not_found_error"),
+    ] {
+        let response = proxy.call(method, path, Bytes::new()).await;
+        let status = StatusCode::from_u16(status).expect("a status");
+        let error = json_body(response, status).await;
+        assert_eq!(error["type"], "error", "{method} {path}: {error}");
+        assert_eq!(error["error"]["type"], kind, "{method} {path}: {error}");
+        assert!(error["error"]["message"].as_str().is_some());
+    }
+}
+
+#[tokio::test]
+async fn anthropic_messages_stream_through_with_their_event_names() {
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let seen = hits.clone();
+    let upstream = Upstream::start(move |hit| {
+        seen.lock().expect("hits").push(hit.clone());
+        Reply::chunks("text/event-stream", support::upstream::anthropic_events(5))
+            .gap(Duration::from_millis(5))
+    })
+    .await;
+    let proxy = Proxy::start(&upstream.url(""), |_| {}).await;
+    let text = sse_text(proxy.messages(r#"{"model":"m","stream":true}"#).await).await;
+    // Byte for byte what the upstream sent: event names, the ping, the end.
+    assert_eq!(text, concat(&support::upstream::anthropic_events(5)));
+    assert_eq!(upstream.hits(), 1);
+    let hits = hits.lock().expect("hits");
+    assert_eq!(hits[0].path, "/v1/messages");
+    assert_eq!(hits[0].headers["x-api-key"], "test-key");
+    assert_eq!(hits[0].headers["anthropic-version"], "2023-06-01");
+    assert!(!hits[0].headers.contains_key("accept-encoding"));
+}
+
+#[tokio::test]
+async fn an_overloaded_error_before_the_first_chunk_is_retried_and_after_it_is_not() {
+    use support::upstream::{anthropic_events, anthropic_overloaded};
+    let ping = Bytes::from_static(b"event: ping\ndata: {\"type\":\"ping\"}\n\n");
+    let upstream = Upstream::start(move |hit| {
+        let events = match hit.index {
+            // A ping is a keep-alive: the overload is still the first event.
+            0 => vec![ping.clone(), anthropic_overloaded()],
+            1 => anthropic_events(3),
+            // After the first event: the client's to see.
+            _ => {
+                let mut events = anthropic_events(3);
+                events.insert(1, anthropic_overloaded());
+                events.truncate(2);
+                events
+            }
+        };
+        Reply::chunks("text/event-stream", events)
+    })
+    .await;
+    let proxy = Proxy::start(&upstream.url(""), |_| {}).await;
+
+    let text = sse_text(proxy.messages(r#"{"model":"m","stream":true}"#).await).await;
+    assert_eq!(
+        text,
+        concat(&anthropic_events(3)),
+        "only the retried stream"
+    );
+    assert_eq!(upstream.hits(), 2, "one overloaded attempt, one retry");
+
+    let text = sse_text(proxy.messages(r#"{"model":"m","stream":true}"#).await).await;
+    assert!(text.starts_with("event: message_start\n"), "{text}");
+    assert!(text.contains("overloaded_error"), "{text}");
+    assert_eq!(upstream.hits(), 3, "not retried after the first event");
+
+    let samples = proxy.metrics().await;
+    let retries = |outcome: &str| {
+        let labels = [
+            ("provider", app::ANTHROPIC),
+            ("outcome", outcome),
+            ("reason", "in_band_error"),
+        ];
+        prometheus_value(&samples, "stream_retries_total", &labels)
+    };
+    assert_eq!(retries("success"), Some(1.0));
+    assert_eq!(retries("failed"), None);
+    let first_chunks = prometheus_value(
+        &samples,
+        "stream_first_chunk_latency_seconds_count",
+        &[("provider", app::ANTHROPIC)],
+    );
+    assert_eq!(first_chunks, Some(2.0));
 }

@@ -1,30 +1,33 @@
-//! An OpenAI-compatible streaming proxy: an axum server that forwards
-//! `POST /v1/chat/completions` (streaming or not) to an upstream through a hyper-util
-//! client stacked with the crate's layers, and serves its metrics on `/metrics`.
+//! A streaming LLM proxy: an axum server that forwards OpenAI's
+//! `POST /v1/chat/completions` and Anthropic's `POST /v1/messages` (streaming or not)
+//! to their upstreams through a hyper-util client stacked with the crate's layers, and
+//! serves its metrics on `/metrics`.
 //!
 //! # Why
 //!
 //! A gateway in front of an LLM API is where back-pressure belongs: it sees every
-//! client's streams at once. Here:
+//! client's streams at once. Each provider gets its own stack (`app/mod.rs`):
 //!
 //! - `BufferRequestBodyLayer` holds request bodies up to `--buffer` bytes, so that a
-//!   call can be retried although axum's body can be read only once; a larger body
-//!   streams through to the upstream and gets one attempt.
+//!   call can be retried although axum's body can be read only once.
 //! - `StreamConcurrencyLayer` caps the streams open upstream at `--limit`, counting a
-//!   stream until its last byte reached the client (or the client left), not until
-//!   its headers. A call that waits more than `--max-wait` for a slot gets a `503`
-//!   with `Retry-After: 1`, which OpenAI's SDKs retry.
-//! - `FirstChunkRetryLayer` retries what fails before the first event (a reset, a
-//!   stall past `--first-chunk-timeout`, a 429 or 503 from the upstream): the client
-//!   sees one clean stream. Nothing is retried after the first event. A call without
-//!   streaming (`"stream": false`) passes too: its JSON answer is its first chunk, so
-//!   give `--first-chunk-timeout` room for the longest answer you expect.
-//! - `RetryBudgetLayer` caps the retries of all calls together, so that an outage
-//!   upstream is not multiplied.
+//!   stream until its last byte reached the client (or the client left). A call that
+//!   waits more than `--max-wait` for a slot gets a `503` with `Retry-After: 1`.
+//! - `FirstChunkRetryLayer` retries what fails before the first event: a reset, a
+//!   stall past `--first-chunk-timeout`, a 429 or 503, an in-band error such as
+//!   Anthropic's `event: error` with `overloaded_error` after `200 OK` (its `ping`
+//!   events are keep-alives, not a first event). The client sees one clean stream.
+//!   Nothing is retried after the first event, nor what a retry would only repeat: an
+//!   untrusted certificate fails at once. A call without streaming passes too: its
+//!   JSON answer is its first chunk.
+//! - `RetryBudgetLayer` caps the retries of all calls together.
 //!
-//! Errors come back in OpenAI's shape, `{"error": {"message", "type", "param",
-//! "code"}}`: `503` when the limit rejects the call, `504` when the upstream stalled
-//! before its first chunk, `502` for other upstream failures.
+//! The errors the proxy answers itself are in the route's own shape, which its SDK
+//! parses: OpenAI's `{"error": {"message", "type", "param", "code"}}` (any path but
+//! `/v1/messages`, 404 and 405 included) or Anthropic's `{"type": "error", "error":
+//! {"type", "message"}}`: `503` when the limit rejects the call, `504` when the
+//! upstream stalled before its first chunk, `502` for other upstream failures (code
+//! `upstream_certificate_error` for a certificate the proxy does not trust).
 //!
 //! # Run it
 //!
@@ -32,33 +35,34 @@
 //! cargo run --example openai_proxy
 //! curl -N http://127.0.0.1:8080/v1/chat/completions \
 //!     -d '{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+//! curl -N http://127.0.0.1:8080/v1/messages \
+//!     -d '{"model":"m","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}'
 //! curl http://127.0.0.1:8080/metrics
-//! cargo run --example openai_proxy -- --help
 //! ```
 //!
-//! With no upstream given, the proxy starts a mock OpenAI-compatible upstream in the
-//! same process, so it runs with no network. To use a real one, give its base URL
-//! (the proxy adds `/v1/chat/completions`) with `--upstream` or the environment
-//! variable `OPENAI_PROXY_UPSTREAM`, e.g. a local vLLM, llama.cpp or Ollama server:
+//! With no upstream given, the proxy starts a mock upstream of both APIs in the same
+//! process (`app/mock.rs`), so it runs with no network. A real one is given by its base
+//! URL, as the SDKs take it (a final `/v1` is not doubled):
 //!
 //! ```text
-//! cargo run --example openai_proxy -- --upstream http://127.0.0.1:11434
+//! cargo run --example openai_proxy -- --upstream https://api.openai.com/v1 \
+//!     --anthropic-upstream https://api.anthropic.com
+//! cargo run --example openai_proxy -- --upstream http://127.0.0.1:11434/v1
 //! ```
 //!
-//! The client's headers go upstream as they are (its `Authorization` too), less the
-//! hop-by-hop ones and `Accept-Encoding`: the retry layer reads the answer for its
-//! first event, so it asks for it uncompressed. The example's client speaks plain
-//! HTTP: for an `https://` API, put a TLS connector (e.g. `hyper-rustls`) under the
-//! client in `app.rs`.
-//!
-//! Point any OpenAI client at it with the base URL `http://127.0.0.1:8080/v1`.
+//! `https://` goes through rustls (`app/tls.rs`), trusting Mozilla's roots or, with
+//! `--roots platform`, the system's, and with `--ca-file` the CAs of a PEM file too.
+//! The client's headers go upstream as they are (`Authorization`, `x-api-key`,
+//! `anthropic-version`), less the hop-by-hop ones and `Accept-Encoding`: the retry
+//! layer reads the answer for its first event, so it asks for it uncompressed.
+//! Point an OpenAI client at `http://127.0.0.1:8080/v1`, an Anthropic one at
+//! `http://127.0.0.1:8080`.
 //!
 //! # Metrics
 //!
-//! `/metrics` is the Prometheus text of the layers' OpenTelemetry metrics, all with
-//! `provider="openai"`: `streams_in_flight` (streams holding a slot),
-//! `provider_calls_in_flight` (upstream attempts open),
-//! `stream_first_chunk_latency_seconds` (time to the first event, retries included),
+//! `/metrics` is the Prometheus text of the layers' OpenTelemetry metrics, with
+//! `provider="openai"` or `provider="anthropic"`: `streams_in_flight`,
+//! `provider_calls_in_flight`, `stream_first_chunk_latency_seconds`,
 //! `stream_retries_total{outcome,reason}`, `stream_retry_budget_available`,
 //! `stream_concurrency_wait_seconds` and `stream_concurrency_rejections_total`.
 //! The crate's README describes each.
@@ -68,25 +72,32 @@ mod app;
 #[path = "../support/flags.rs"]
 mod flags;
 
-use flags::{next_flag, value};
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use app::{Metrics, Settings};
+use flags::{next_flag, value};
 
 const HELP: &str = "\
-An OpenAI-compatible streaming proxy: POST /v1/chat/completions goes to the upstream
-through BufferRequestBodyLayer, StreamConcurrencyLayer, RetryBudgetLayer and
-FirstChunkRetryLayer; GET /metrics shows their metrics.
+A streaming LLM proxy: POST /v1/chat/completions (OpenAI) and POST /v1/messages
+(Anthropic) go to their upstreams through BufferRequestBodyLayer,
+StreamConcurrencyLayer, RetryBudgetLayer and FirstChunkRetryLayer; GET /metrics shows
+their metrics.
 
 Usage: cargo run --example openai_proxy -- [FLAGS]
 
 Flags (default in brackets):
   --listen ADDR                 address to serve on, port 0 for any [127.0.0.1:8080]
-  --upstream URL                the upstream's base URL, http://host[:port][/prefix]
+  --upstream URL                the base URL of the OpenAI-compatible upstream,
+                                http(s)://host[:port][/prefix][/v1]
                                 [$OPENAI_PROXY_UPSTREAM, else a mock started in-process]
-  --limit N                     streams open upstream at once [64]
+  --anthropic-upstream URL      the base URL of the upstream of /v1/messages
+                                [--upstream]
+  --roots webpki|platform       the CAs that https:// upstreams may chain to: Mozilla's,
+                                compiled in, or the system's store [webpki]
+  --ca-file PATH                a PEM file of more CAs to trust
+  --limit N                     streams open upstream at once, per provider [64]
   --max-wait MS                 how long a call may wait for a slot, then 503 [2000]
   --buffer BYTES                request bodies held for retries; larger ones are sent
                                 once [1048576]
@@ -100,33 +111,28 @@ The first line on stdout is `listening on http://ADDR`.
 /// The flags, or `Ok(None)` for `--help`.
 fn parse_args() -> Result<Option<(SocketAddr, Option<String>, Settings)>, String> {
     let mut listen: SocketAddr = ([127, 0, 0, 1], 8080).into();
-    let mut upstream = std::env::var("OPENAI_PROXY_UPSTREAM")
-        .ok()
-        .filter(|url| !url.is_empty());
+    let env = std::env::var("OPENAI_PROXY_UPSTREAM").ok();
+    let mut upstream = env.filter(|url| !url.is_empty());
     // The upstream is filled in once known.
     let mut settings = Settings::new("");
     let mut parser = lexopt::Parser::from_env();
     while let Some(flag) = next_flag(&mut parser)? {
         let p = &mut parser;
+        let mut text = || -> Result<String, String> {
+            let value = p.value().map_err(|e| e.to_string())?;
+            Ok(value.to_string_lossy().into_owned())
+        };
         match flag.as_str() {
             "--listen" => {
-                let text = p
-                    .value()
-                    .map_err(|e| e.to_string())?
-                    .to_string_lossy()
-                    .into_owned();
-                listen = text
-                    .parse()
-                    .map_err(|e| format!("--listen: {text:?} is not an address ({e})"))?;
+                let text = text()?;
+                let parsed = text.parse();
+                listen =
+                    parsed.map_err(|e| format!("--listen: {text:?} is not an address ({e})"))?;
             }
-            "--upstream" => {
-                upstream = Some(
-                    p.value()
-                        .map_err(|e| e.to_string())?
-                        .to_string_lossy()
-                        .into_owned(),
-                )
-            }
+            "--upstream" => upstream = Some(text()?),
+            "--anthropic-upstream" => settings.anthropic_upstream = Some(text()?),
+            "--roots" => settings.roots = text()?.parse().map_err(|e| format!("--roots: {e}"))?,
+            "--ca-file" => settings.ca_file = Some(text()?.into()),
             "--limit" => settings.limit = value(p, &flag, 1, 1_000_000)?,
             "--max-wait" => {
                 settings.max_wait = Duration::from_millis(value(p, &flag, 0, 3_600_000)?)
@@ -151,10 +157,7 @@ fn fail(message: impl Display, code: i32) -> ! {
 async fn main() {
     let (listen, upstream, mut settings) = match parse_args() {
         Ok(Some(args)) => args,
-        Ok(None) => {
-            print!("{HELP}");
-            return;
-        }
+        Ok(None) => return print!("{HELP}"),
         Err(message) => fail(format!("{message}\nRun with --help to see the flags."), 2),
     };
 
@@ -179,12 +182,14 @@ async fn main() {
     let addr = listener.local_addr().unwrap_or_else(|error| fail(error, 1));
     // The first line on stdout, for scripts that start the proxy on port 0.
     println!("listening on http://{addr}");
+    let anthropic = settings
+        .anthropic_upstream
+        .as_ref()
+        .unwrap_or(&settings.upstream);
     eprintln!(
-        "forwarding POST http://{addr}/v1/chat/completions to {}/v1/chat/completions \
-         (limit {}, max wait {:?}); metrics on http://{addr}/metrics",
-        settings.upstream.trim_end_matches('/'),
-        settings.limit,
-        settings.max_wait,
+        "forwarding /v1/chat/completions to {}, /v1/messages to {anthropic} (limit {}, max \
+         wait {:?}); metrics on http://{addr}/metrics",
+        settings.upstream, settings.limit, settings.max_wait,
     );
 
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -199,10 +204,8 @@ async fn main() {
             std::process::exit(130);
         });
     };
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await;
-    if let Err(error) = served {
+    let served = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+    if let Err(error) = served.await {
         fail(format!("serving: {error}"), 1);
     }
 }

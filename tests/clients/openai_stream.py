@@ -5,7 +5,9 @@ Streams a chat completion through the proxy, then makes the same call without
 streaming, and checks what came back: every chunk parsed as a `chat.completion.chunk`,
 content arrived in more than one chunk, the stream ended with `finish_reason: stop`
 and then `[DONE]` (the package ends its iterator there, and raises if the connection
-breaks first), and the non-streaming answer is a `chat.completion` with content.
+breaks first), the non-streaming answer is a `chat.completion` with content, and an
+error the proxy answers itself (`GET /v1/chat/completions`, a 405) parses as OpenAI's
+error shape.
 
 Usage: python3 tests/clients/openai_stream.py http://127.0.0.1:PORT/v1
 (or with OPENAI_BASE_URL set). Exits 1 on any failure.
@@ -86,6 +88,16 @@ def main():
         f"non-streaming: {completion.object} {completion.id}, "
         f"{completion.usage.total_tokens} tokens: {message.content!r}"
     )
+
+    # An error the proxy answers itself parses as OpenAI's error shape.
+    try:
+        client.get("/chat/completions", cast_to=object)
+        fail("GET /v1/chat/completions succeeded")
+    except openai.APIStatusError as error:
+        check(error.status_code == 405, f"status {error.status_code}")
+        check(error.type == "invalid_request_error", f"type {error.type!r}")
+        check(error.code == "method_not_allowed", f"code {error.code!r}")
+        print(f"405 in OpenAI's shape: {error.body}")
     print("ok")
 
 

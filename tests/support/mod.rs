@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod raw_h2;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;

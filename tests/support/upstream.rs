@@ -1,6 +1,7 @@
 //! A mock LLM upstream on 127.0.0.1: HTTP/1.1 and HTTP/2 (prior knowledge) on one
-//! port, streaming SSE, with faults injected per request by a script, and its own
-//! count of what it saw (hits, open streams, peak open streams).
+//! port, or over TLS (HTTP/2 or HTTP/1.1 by ALPN), streaming SSE, with faults injected
+//! per request by a script, and its own count of what it saw (connections, hits, open
+//! streams, peak open streams).
 //!
 //! Shared by the integration tests and the `demo` example.
 #![allow(dead_code)]
@@ -22,6 +23,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -150,6 +152,38 @@ impl Reply {
     }
 }
 
+/// An Anthropic-style stream of `tokens` text deltas: `message_start`,
+/// `content_block_start`, a `ping`, the deltas, `content_block_stop`, `message_delta`
+/// and `message_stop`, each with its `event:` name.
+pub fn anthropic_events(tokens: usize) -> Vec<Bytes> {
+    let event = |name: &str, data: String| Bytes::from(format!("event: {name}\ndata: {data}\n\n"));
+    let mut events = vec![
+        event("message_start", r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":1,"output_tokens":1}}}"#.into()),
+        event("content_block_start", r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#.into()),
+        event("ping", r#"{"type":"ping"}"#.into()),
+    ];
+    for i in 0..tokens {
+        let delta = format!(
+            r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":"tok{i} "}}}}"#
+        );
+        events.push(event("content_block_delta", delta));
+    }
+    events.push(event(
+        "content_block_stop",
+        r#"{"type":"content_block_stop","index":0}"#.into(),
+    ));
+    events.push(event("message_delta", format!(r#"{{"type":"message_delta","delta":{{"stop_reason":"end_turn","stop_sequence":null}},"usage":{{"output_tokens":{tokens}}}}}"#)));
+    events.push(event("message_stop", r#"{"type":"message_stop"}"#.into()));
+    events
+}
+
+/// Anthropic's overload error, sent as an event after `200 OK`.
+pub fn anthropic_overloaded() -> Bytes {
+    Bytes::from_static(
+        b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+    )
+}
+
 /// `tokens` OpenAI-style chunk events, then `data: [DONE]`.
 pub fn token_events(tokens: usize) -> Vec<Bytes> {
     (0..tokens)
@@ -167,6 +201,7 @@ type Script = dyn Fn(&Hit) -> Reply + Send + Sync;
 /// The upstream's own counts.
 #[derive(Debug, Default)]
 pub struct Stats {
+    connections: AtomicU64,
     hits: AtomicU64,
     open: AtomicU64,
     peak: AtomicU64,
@@ -176,6 +211,8 @@ pub struct Stats {
 /// A running mock upstream; stops when dropped.
 pub struct Upstream {
     addr: SocketAddr,
+    /// `http` or `https`.
+    scheme: &'static str,
     stats: Arc<Stats>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -184,15 +221,33 @@ impl Upstream {
     /// Starts serving on 127.0.0.1 (port chosen by the OS), answering each request as
     /// `script` says.
     pub async fn start(script: impl Fn(&Hit) -> Reply + Send + Sync + 'static) -> Self {
+        Self::serve(None, script).await
+    }
+
+    /// [`start`](Self::start), over TLS with this configuration (its certificate, and
+    /// the protocols it offers by ALPN).
+    pub async fn start_tls(
+        tls: Arc<rustls::ServerConfig>,
+        script: impl Fn(&Hit) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        Self::serve(Some(tokio_rustls::TlsAcceptor::from(tls)), script).await
+    }
+
+    async fn serve(
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        script: impl Fn(&Hit) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1");
         let addr = listener.local_addr().expect("local addr");
         let stats = Arc::new(Stats::default());
         let script: Arc<Script> = Arc::new(script);
-        let server = tokio::spawn(serve(listener, stats.clone(), script));
+        let server = tokio::spawn(serve(listener, tls, stats.clone(), script));
         Self {
             addr,
+            scheme,
             stats,
             server,
         }
@@ -202,9 +257,14 @@ impl Upstream {
         self.addr
     }
 
-    /// `http://127.0.0.1:port{path}`.
+    /// `http://127.0.0.1:port{path}` (`https://` over TLS).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
+    }
+
+    /// TCP connections accepted, whether or not a TLS handshake followed.
+    pub fn connections(&self) -> u64 {
+        self.stats.connections.load(Ordering::SeqCst)
     }
 
     /// Requests received.
@@ -235,7 +295,12 @@ impl Drop for Upstream {
     }
 }
 
-async fn serve(listener: TcpListener, stats: Arc<Stats>, script: Arc<Script>) {
+async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stats: Arc<Stats>,
+    script: Arc<Script>,
+) {
     // Connection tasks live in the set: aborting `serve` drops them all.
     let mut connections = JoinSet::new();
     loop {
@@ -247,6 +312,7 @@ async fn serve(listener: TcpListener, stats: Arc<Stats>, script: Arc<Script>) {
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let _ = tcp.set_nodelay(true);
+        stats.connections.fetch_add(1, Ordering::SeqCst);
         let connection = Arc::new(Connection::new(stats.clone()));
         let service = {
             let (script, connection) = (script.clone(), connection.clone());
@@ -254,17 +320,38 @@ async fn serve(listener: TcpListener, stats: Arc<Stats>, script: Arc<Script>) {
                 answer(request, script.clone(), connection.clone())
             })
         };
+        let tls = tls.clone();
         connections.spawn(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            // No cap on streams per connection: the client's limit is what is tested.
-            builder.http2().max_concurrent_streams(None);
-            let serving = builder.serve_connection(TokioIo::new(tcp), service);
-            tokio::select! {
-                _ = serving => {}
-                // Dropping the connection closes the socket under every stream on it.
-                _ = connection.killed() => {}
+            match tls {
+                None => serve_connection(tcp, service, &connection).await,
+                // A failed handshake (the client did not trust the certificate) ends
+                // the connection before any request.
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(tcp).await {
+                        serve_connection(stream, service, &connection).await;
+                    }
+                }
             }
         });
+    }
+}
+
+async fn serve_connection<I, S>(io: I, service: S, connection: &Connection)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<MockBody>, Error = io::Error>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No cap on streams per connection: the client's limit is what is tested.
+    builder.http2().max_concurrent_streams(None);
+    let serving = builder.serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        _ = serving => {}
+        // Dropping the connection closes the socket under every stream on it.
+        _ = connection.killed() => {}
     }
 }
 
