@@ -132,7 +132,7 @@ use tower_service::Service;
 
 use crate::budget::WithRetryBudget;
 use crate::concurrency::StreamConcurrency;
-use crate::frame::{self, AnyDetector, Chunk, Detector, Progress};
+use crate::frame::{self, AnyDetector};
 use crate::retry::FirstChunkRetry;
 use crate::{
     concurrency, retry, ConfigError, FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer,
@@ -390,14 +390,14 @@ impl Frames {
             .map_or("auto", |(name, _)| name)
     }
 
-    fn detector(self) -> Detect {
+    fn detector(self) -> AnyDetector {
         match self {
-            Frames::Auto => Detect::Auto(frame::Auto::default()),
-            Frames::Sse => Detect::Fixed(AnyDetector::Sse(frame::Sse::default())),
-            Frames::NdJson => Detect::Fixed(AnyDetector::NdJson(frame::NdJson::default())),
-            Frames::JsonArray => Detect::Fixed(AnyDetector::JsonArray(frame::JsonArray::default())),
-            Frames::EventStream => Detect::Fixed(AnyDetector::EventStream(Box::default())),
-            Frames::FirstData => Detect::Fixed(AnyDetector::FirstData),
+            Frames::Auto => AnyDetector::Auto(frame::Sse::default()),
+            Frames::Sse => AnyDetector::Sse(frame::Sse::default()),
+            Frames::NdJson => AnyDetector::NdJson(frame::NdJson::default()),
+            Frames::JsonArray => AnyDetector::JsonArray(frame::JsonArray::default()),
+            Frames::EventStream => AnyDetector::EventStream(Box::default()),
+            Frames::FirstData => AnyDetector::FirstData,
         }
     }
 }
@@ -634,7 +634,7 @@ fn rename(error: ConfigError, field: &'static str) -> ConfigError {
 pub struct StreamLayers {
     concurrency: Option<StreamConcurrencyLayer>,
     budget: Option<RetryBudgetLayer>,
-    retry: FirstChunkRetryLayer<Detect>,
+    retry: FirstChunkRetryLayer<AnyDetector>,
     stream_idle_timeout: Duration,
 }
 
@@ -820,7 +820,7 @@ enum Stack<S> {
     Unlimited(Inner<S>),
 }
 
-type Inner<S> = Budgeted<FirstChunkRetry<S, Detect>>;
+type Inner<S> = Budgeted<FirstChunkRetry<S, AnyDetector>>;
 
 /// The budget layer, or nothing.
 #[derive(Debug, Clone)]
@@ -948,7 +948,7 @@ pin_project! {
         },
         Unlimited {
             #[pin]
-            future: retry::ResponseFuture<S, ReqBody, ResBody, Detect>,
+            future: retry::ResponseFuture<S, ReqBody, ResBody, AnyDetector>,
         },
     }
 }
@@ -1179,57 +1179,6 @@ where
 impl<B: Body> fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseBody").finish_non_exhaustive()
-    }
-}
-
-/// The detector [`Frames`] names: `Auto`, or one fixed whatever the `Content-Type`.
-#[derive(Debug, Clone)]
-enum Detect {
-    Auto(frame::Auto),
-    Fixed(AnyDetector),
-}
-
-impl Detector for Detect {
-    fn start(&mut self, response: &http::response::Parts) {
-        match self {
-            Detect::Auto(d) => d.start(response),
-            Detect::Fixed(d) => d.start(response),
-        }
-    }
-
-    fn feed(&mut self, bytes: &[u8]) -> Progress {
-        match self {
-            Detect::Auto(d) => d.feed(bytes),
-            Detect::Fixed(d) => d.feed(bytes),
-        }
-    }
-
-    fn finish(&mut self) -> Progress {
-        match self {
-            Detect::Auto(d) => d.finish(),
-            Detect::Fixed(d) => d.finish(),
-        }
-    }
-
-    fn empty(&mut self) -> Progress {
-        match self {
-            Detect::Auto(d) => d.empty(),
-            Detect::Fixed(d) => d.empty(),
-        }
-    }
-
-    fn buffer_full(&mut self) -> Progress {
-        match self {
-            Detect::Auto(d) => d.buffer_full(),
-            Detect::Fixed(d) => d.buffer_full(),
-        }
-    }
-
-    fn first_chunk(&self) -> Option<Chunk<'_>> {
-        match self {
-            Detect::Auto(d) => d.first_chunk(),
-            Detect::Fixed(d) => d.first_chunk(),
-        }
     }
 }
 
@@ -1476,6 +1425,7 @@ fields! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::{Detector, Progress};
 
     fn parse(json: &str) -> Config {
         serde_json::from_str(json).unwrap_or_else(|e| panic!("{json}: {e}"))
@@ -1525,11 +1475,7 @@ mod tests {
             let config = parse(&format!(r#"{{"frames": "{name}"}}"#));
             assert_eq!(config.frames.name(), name);
             let detector = format!("{:?}", config.frames.detector());
-            let fixed = format!("Fixed({variant}");
-            assert!(
-                detector.starts_with(variant) || detector.starts_with(&fixed),
-                "{name}: {detector}"
-            );
+            assert!(detector.starts_with(variant), "{name}: {detector}");
         }
         // Explicit JSON arrays are strict: `[]` is malformed, unlike under `auto`.
         let mut strict = Frames::JsonArray.detector();
