@@ -1,249 +1,255 @@
 //! How each field's value is read.
+//!
+//! Leniently, as configuration comes: a number or a boolean may be a string (as
+//! environment variables give them), a duration is a string such as `"2s"`. A value of
+//! the wrong kind says what the field expects and what it got; which field it is, the
+//! path in [`path`](super::path) adds.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::Frames;
 
-// Deserialization. Each field reads a plain value and converts it itself, so that an
-// error names the field in full (`stream_retry.initial_delay`), which serde's own
-// messages for a value of the wrong kind do not.
-
-/// A value as a configuration format gives it.
-enum Value {
-    Null,
-    Bool(bool),
-    Int(i128),
-    Float(f64),
-    Str(String),
-    /// A list or a map: never a valid leaf.
-    Other(&'static str),
+/// Reads a field's value as `T`.
+pub(super) fn read<'de, D: Deserializer<'de>, T: Leaf>(deserializer: D) -> Result<T, D::Error> {
+    deserializer.deserialize_any(LeafVisitor(PhantomData))
 }
 
-impl fmt::Display for Value {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Value::Null => f.write_str("null"),
-            Value::Bool(b) => write!(f, "{b}"),
-            Value::Int(n) => write!(f, "{n}"),
-            Value::Float(x) => write!(f, "{x}"),
-            Value::Str(s) => write!(f, "{s:?}"),
-            Value::Other(what) => f.write_str(what),
-        }
+/// Reads a field that is `None` when absent; when present, it must be a `T` (not null).
+pub(super) fn some<'de, D: Deserializer<'de>, T: Leaf>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    read(deserializer).map(Some)
+}
+
+/// A field's value: what it takes of each kind a format may give. Each kind it does not
+/// take fails with "expected ..., got ...".
+pub(super) trait Leaf: Sized {
+    /// What the field expects, as a message says it: "a number".
+    fn expected() -> Cow<'static, str>;
+
+    /// The message for a value it does not take.
+    fn wrong(got: impl fmt::Display) -> String {
+        format!("expected {}, got {got}", Self::expected())
     }
-}
 
-impl<'de> Deserialize<'de> for Value {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ValueVisitor;
+    fn from_bool(value: bool) -> Result<Self, String> {
+        Err(Self::wrong(value))
+    }
 
-        impl<'de> Visitor<'de> for ValueVisitor {
-            type Value = Value;
+    fn from_int(value: i128) -> Result<Self, String> {
+        Err(Self::wrong(value))
+    }
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a number, a string, a boolean or null")
-            }
+    fn from_float(value: f64) -> Result<Self, String> {
+        Err(Self::wrong(value))
+    }
 
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
-                Ok(Value::Bool(v))
-            }
+    fn from_str(value: &str) -> Result<Self, String> {
+        Err(Self::wrong(format_args!("{value:?}")))
+    }
 
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
-                Ok(Value::Int(v.into()))
-            }
-
-            fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value, E> {
-                Ok(Value::Int(v))
-            }
-
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
-                Ok(Value::Int(v.into()))
-            }
-
-            fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
-                Ok(i128::try_from(v).map_or(Value::Float(v as f64), Value::Int))
-            }
-
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-                Ok(Value::Float(v))
-            }
-
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-                Ok(Value::Str(v.to_owned()))
-            }
-
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
-                Ok(Value::Str(v))
-            }
-
-            fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<Value, E> {
-                Ok(Value::Other("bytes"))
-            }
-
-            fn visit_none<E: de::Error>(self) -> Result<Value, E> {
-                Ok(Value::Null)
-            }
-
-            fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
-                Ok(Value::Null)
-            }
-
-            fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
-                Value::deserialize(deserializer)
-            }
-
-            fn visit_newtype_struct<D: Deserializer<'de>>(
-                self,
-                deserializer: D,
-            ) -> Result<Value, D::Error> {
-                Value::deserialize(deserializer)
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Value::Other("a list"))
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Value::Other("a map"))
-            }
-        }
-
-        deserializer.deserialize_any(ValueVisitor)
+    fn from_null() -> Result<Self, String> {
+        Err(Self::wrong("null"))
     }
 }
 
 const DURATION: &str = "a duration such as \"250ms\", \"2s\" or \"1m\"";
 
-fn duration(value: Value) -> Result<Duration, String> {
-    match value {
-        Value::Str(s) => humantime_serde::re::humantime::parse_duration(s.trim())
-            .map_err(|e| format!("expected {DURATION}, got {s:?} ({e})")),
-        Value::Int(_) | Value::Float(_) => Err(format!(
-            "expected {DURATION}, got {value}: a number needs a unit"
-        )),
-        other => Err(format!("expected {DURATION}, got {other}")),
+impl Leaf for Duration {
+    fn expected() -> Cow<'static, str> {
+        DURATION.into()
+    }
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        humantime::parse_duration(value.trim())
+            .map_err(|e| Self::wrong(format_args!("{value:?} ({e})")))
+    }
+
+    fn from_int(value: i128) -> Result<Self, String> {
+        Err(Self::wrong(format_args!("{value}: a number needs a unit")))
+    }
+
+    fn from_float(value: f64) -> Result<Self, String> {
+        Err(Self::wrong(format_args!("{value}: a number needs a unit")))
     }
 }
 
-fn optional_duration(value: Value) -> Result<Option<Duration>, String> {
-    match value {
-        Value::Null => Ok(None),
-        value => duration(value).map(Some),
-    }
-}
+macro_rules! whole_numbers {
+    ($($ty:ty),*) => {$(
+        impl Leaf for $ty {
+            fn expected() -> Cow<'static, str> {
+                format!("a whole number within 0 and {}", <$ty>::MAX).into()
+            }
 
-fn whole<T: TryFrom<i128> + Bounded>(value: Value) -> Result<T, String> {
-    let expected = || format!("expected a whole number within 0 and {}", T::MAX);
-    let n = match value {
-        Value::Int(n) => n,
-        Value::Str(ref s) => s
-            .trim()
-            .parse::<i128>()
-            .map_err(|_| format!("{}, got {value}", expected()))?,
-        other => return Err(format!("{}, got {other}", expected())),
-    };
-    T::try_from(n).map_err(|_| format!("{}, got {n}", expected()))
-}
+            fn from_int(value: i128) -> Result<Self, String> {
+                Self::try_from(value).map_err(|_| Self::wrong(value))
+            }
 
-/// The largest value of an unsigned integer type, for messages.
-trait Bounded {
-    const MAX: u128;
-}
-
-impl Bounded for u32 {
-    const MAX: u128 = u32::MAX as u128;
-}
-
-impl Bounded for usize {
-    const MAX: u128 = usize::MAX as u128;
-}
-
-fn number(value: Value) -> Result<f64, String> {
-    match value {
-        Value::Int(n) => Ok(n as f64),
-        Value::Float(x) => Ok(x),
-        Value::Str(ref s) => s
-            .trim()
-            .parse()
-            .map_err(|_| format!("expected a number, got {value}")),
-        other => Err(format!("expected a number, got {other}")),
-    }
-}
-
-fn boolean(value: Value) -> Result<bool, String> {
-    match value {
-        Value::Bool(b) => Ok(b),
-        Value::Str(s) if s == "true" => Ok(true),
-        Value::Str(s) if s == "false" => Ok(false),
-        other => Err(format!("expected true or false, got {other}")),
-    }
-}
-
-fn frames(value: Value) -> Result<Frames, String> {
-    let names = || {
-        Frames::NAMES
-            .iter()
-            .map(|(name, _)| *name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match value {
-        Value::Str(s) => Frames::NAMES
-            .iter()
-            .find(|(name, _)| *name == s)
-            .map(|(_, frames)| *frames)
-            .ok_or_else(|| format!("expected one of {}, got {s:?}", names())),
-        other => Err(format!("expected one of {}, got {other}", names())),
-    }
-}
-
-/// Reads the value of `field` with `convert`; an error names the field.
-fn field<'de, D, T>(
-    deserializer: D,
-    field: &str,
-    convert: fn(Value) -> Result<T, String>,
-) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-{
-    let value = Value::deserialize(deserializer)
-        .map_err(|e| de::Error::custom(format_args!("invalid `{field}`: {e}")))?;
-    convert(value)
-        .map_err(|problem| de::Error::custom(format_args!("invalid `{field}`: {problem}")))
-}
-
-macro_rules! fields {
-    ($($name:ident: $ty:ty = $convert:expr, $path:literal;)*) => {$(
-        pub(super) fn $name<'de, D: Deserializer<'de>>(deserializer: D) -> Result<$ty, D::Error> {
-            field(deserializer, $path, $convert)
+            fn from_str(value: &str) -> Result<Self, String> {
+                match value.trim().parse::<i128>() {
+                    Ok(n) => Self::from_int(n),
+                    Err(_) => Err(Self::wrong(format_args!("{value:?}"))),
+                }
+            }
         }
     )*};
 }
 
-fields! {
-    de_stream_max_concurrent: usize = whole, "stream_max_concurrent";
-    de_max_wait: Option<Duration> = optional_duration, "max_wait";
-    de_max_queued: Option<usize> = |v| match v {
-        Value::Null => Ok(None),
-        v => whole(v).map(Some),
-    }, "max_queued";
-    de_first_chunk_timeout: Duration = duration, "first_chunk_timeout";
-    de_stream_idle_timeout: Duration = duration, "stream_idle_timeout";
-    de_frames: Frames = frames, "frames";
-    de_retry_enabled: bool = boolean, "stream_retry.enabled";
-    de_max_attempts: u32 = whole, "stream_retry.max_attempts";
-    de_initial_delay: Duration = duration, "stream_retry.initial_delay";
-    de_max_delay: Duration = duration, "stream_retry.max_delay";
-    de_retry_maybe_processed: bool = boolean, "stream_retry.retry_maybe_processed";
-    de_budget_enabled: Option<bool> = |v| boolean(v).map(Some), "stream_retry.budget.enabled";
-    de_ttl: Option<Duration> = |v| duration(v).map(Some), "stream_retry.budget.ttl";
-    de_min_per_sec: Option<u32> = |v| whole(v).map(Some), "stream_retry.budget.min_per_sec";
-    de_retry_ratio: Option<f64> = |v| number(v).map(Some), "stream_retry.budget.retry_ratio";
-    de_rate_per_sec: Option<u32> = |v| whole(v).map(Some), "stream_retry.budget.rate_per_sec";
-    de_burst: Option<u32> = |v| whole(v).map(Some), "stream_retry.budget.burst";
+whole_numbers!(u32, usize);
+
+impl Leaf for f64 {
+    fn expected() -> Cow<'static, str> {
+        "a number".into()
+    }
+
+    fn from_int(value: i128) -> Result<Self, String> {
+        Ok(value as f64)
+    }
+
+    fn from_float(value: f64) -> Result<Self, String> {
+        Ok(value)
+    }
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        value
+            .trim()
+            .parse()
+            .map_err(|_| Self::wrong(format_args!("{value:?}")))
+    }
+}
+
+impl Leaf for bool {
+    fn expected() -> Cow<'static, str> {
+        "true or false".into()
+    }
+
+    fn from_bool(value: bool) -> Result<Self, String> {
+        Ok(value)
+    }
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(Self::wrong(format_args!("{value:?}"))),
+        }
+    }
+}
+
+impl Leaf for Frames {
+    fn expected() -> Cow<'static, str> {
+        let names: Vec<_> = Frames::NAMES.iter().map(|(name, _)| *name).collect();
+        format!("one of {}", names.join(", ")).into()
+    }
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        Frames::NAMES
+            .iter()
+            .find(|(name, _)| *name == value)
+            .map(|(_, frames)| *frames)
+            .ok_or_else(|| Self::wrong(format_args!("{value:?}")))
+    }
+}
+
+/// Null is `None`; anything else is read as `T`.
+impl<T: Leaf> Leaf for Option<T> {
+    fn expected() -> Cow<'static, str> {
+        T::expected()
+    }
+
+    fn from_bool(value: bool) -> Result<Self, String> {
+        T::from_bool(value).map(Some)
+    }
+
+    fn from_int(value: i128) -> Result<Self, String> {
+        T::from_int(value).map(Some)
+    }
+
+    fn from_float(value: f64) -> Result<Self, String> {
+        T::from_float(value).map(Some)
+    }
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        T::from_str(value).map(Some)
+    }
+
+    fn from_null() -> Result<Self, String> {
+        Ok(None)
+    }
+}
+
+/// Hands each kind of value to `T`; a list or a map is never a field's value.
+struct LeafVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Leaf> Visitor<'de> for LeafVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&T::expected())
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<T, E> {
+        T::from_bool(v).map_err(E::custom)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        T::from_int(v.into()).map_err(E::custom)
+    }
+
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<T, E> {
+        T::from_int(v).map_err(E::custom)
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+        T::from_int(v.into()).map_err(E::custom)
+    }
+
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<T, E> {
+        match i128::try_from(v) {
+            Ok(v) => T::from_int(v),
+            Err(_) => Err(T::wrong(v)),
+        }
+        .map_err(E::custom)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+        T::from_float(v).map_err(E::custom)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        T::from_str(v).map_err(E::custom)
+    }
+
+    fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<T, E> {
+        Err(E::custom(T::wrong("bytes")))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        T::from_null().map_err(E::custom)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<T, E> {
+        T::from_null().map_err(E::custom)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<T, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, deserializer: D) -> Result<T, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+        Err(de::Error::custom(T::wrong("a list")))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+        Err(de::Error::custom(T::wrong("a map")))
+    }
 }

@@ -104,13 +104,35 @@
 //!
 //! # Errors
 //!
-//! A field that does not exist, or a value of the wrong kind, fails deserialization with
-//! a message naming the field, e.g. ``unknown field `stream_max_concurent` `` or
-//! ``invalid `stream_retry.initial_delay`: ...``. A value out of range is a
-//! [`ConfigError`] from [`Config::layer`] (or [`Config::validate`]) whose
-//! [`setting`](crate::ConfigError::setting) is the field's full name, e.g.
-//! `"stream_retry.max_attempts"`. Every value is checked, also in a section that is
-//! switched off.
+//! A field that does not exist, a value of the wrong kind, or broken syntax fails
+//! deserialization with a message that starts with the path to it, in full:
+//!
+//! ```
+//! use tower_stream_backpressure::config::Config;
+//!
+//! let json = r#"{"stream_retry": {"initial_delay": 2}}"#;
+//! let error = serde_json::from_str::<Config>(json).unwrap_err();
+//! assert_eq!(
+//!     error.to_string(),
+//!     "invalid `stream_retry.initial_delay`: expected a duration such as \"250ms\", \"2s\" \
+//!      or \"1m\", got 2: a number needs a unit at line 1 column 36",
+//! );
+//!
+//! let json = r#"{"stream_retry": {"budget": {"rate": 5}}}"#;
+//! let error = serde_json::from_str::<Config>(json).unwrap_err();
+//! assert!(error.to_string().starts_with(
+//!     "invalid `stream_retry.budget.rate`: unknown field `rate`, expected one of `enabled`, "
+//! ));
+//! ```
+//!
+//! The path comes from [`serde_path_to_error`], inside `Config`'s `Deserialize`: any
+//! serde format gives it, also for a `Config` within the caller's own settings, and the
+//! format's position stays at the end (serde_json's is that of the value).
+//!
+//! A value out of range is a [`ConfigError`] from [`Config::layer`] (or
+//! [`Config::validate`]) whose [`setting`](crate::ConfigError::setting) is the field's
+//! full name, e.g. `"stream_retry.max_attempts"`, with the same form of message. Every
+//! value is checked, also in a section that is switched off.
 //!
 //! [`TimeoutBody`]: tower_http::timeout::TimeoutBody
 //! [`StreamConcurrencyLayer`]: crate::StreamConcurrencyLayer
@@ -121,6 +143,7 @@
 //! [`ConfigError`]: crate::ConfigError
 
 mod fields;
+mod path;
 mod schema;
 mod stack;
 

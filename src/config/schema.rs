@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::fields::*;
+use super::fields::{read, some};
 use super::StreamLayers;
 use crate::frame::{self, AnyDetector};
 use crate::{
@@ -34,40 +34,29 @@ use crate::{
 /// assert!(typo.to_string().contains("unknown field `stream_max_concurent`"), "{typo}");
 /// # Ok::<(), serde_json::Error>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(
-    default,
-    deny_unknown_fields,
-    expecting = "a map of stream settings (`stream_max_concurrent`, `stream_retry`, ...)"
-)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Config {
     /// Streams open at once (default 0: no limit, and no concurrency layer). A slot is
     /// held until the stream ends, across every retry.
-    #[serde(deserialize_with = "de_stream_max_concurrent")]
     pub stream_max_concurrent: usize,
     /// How long a call may wait for a slot before it fails with
     /// [`Rejected`](crate::Rejected) (default `None`: until the caller drops it; `0s`
     /// fails at once when every slot is held). Unused without `stream_max_concurrent`.
-    #[serde(deserialize_with = "de_max_wait")]
     pub max_wait: Option<Duration>,
     /// How many calls may wait for a slot at once; the next fails at once with
     /// [`Rejected`](crate::Rejected) (`queue_full`) (default `None`: no bound, each
     /// call's `max_wait` decides). Unused without `stream_max_concurrent`.
-    #[serde(deserialize_with = "de_max_queued")]
     pub max_queued: Option<usize>,
     /// Retry before the first chunk.
     pub stream_retry: StreamRetry,
     /// How long one attempt may take from its start to its first chunk, before it
     /// counts as stalled and is retried (default 30 s). Above zero.
-    #[serde(deserialize_with = "de_first_chunk_timeout")]
     pub first_chunk_timeout: Duration,
     /// How long the caller may wait for the next frame of a body, once the first chunk
     /// has arrived (default 30 s). Above zero. Keep-alives count as frames.
-    #[serde(deserialize_with = "de_stream_idle_timeout")]
     pub stream_idle_timeout: Duration,
     /// What the first chunk is (default [`Frames::Auto`]).
-    #[serde(deserialize_with = "de_frames")]
     pub frames: Frames,
 }
 
@@ -83,6 +72,31 @@ impl Default for Config {
             frames: Frames::Auto,
         }
     }
+}
+
+/// [`Config`] as serde reads it: its [`Deserialize`](serde::Deserialize) runs this
+/// through [`path`](super::path), which names the field of an error in full.
+#[derive(Deserialize)]
+#[serde(
+    remote = "Config",
+    default = "Config::default",
+    deny_unknown_fields,
+    expecting = "a map of stream settings (`stream_max_concurrent`, `stream_retry`, ...)"
+)]
+pub(super) struct ConfigFields {
+    #[serde(deserialize_with = "read")]
+    stream_max_concurrent: usize,
+    #[serde(deserialize_with = "read")]
+    max_wait: Option<Duration>,
+    #[serde(deserialize_with = "read")]
+    max_queued: Option<usize>,
+    stream_retry: StreamRetry,
+    #[serde(deserialize_with = "read")]
+    first_chunk_timeout: Duration,
+    #[serde(deserialize_with = "read")]
+    stream_idle_timeout: Duration,
+    #[serde(deserialize_with = "read")]
+    frames: Frames,
 }
 
 /// The `stream_retry` section: retry before the first chunk, never after.
@@ -109,18 +123,18 @@ pub struct StreamRetry {
     /// Whether calls are retried (default `true`). `false` makes one attempt per call,
     /// as `max_attempts: 1` does, with no budget; `first_chunk_timeout` still fails a
     /// call that stalls before its first chunk.
-    #[serde(deserialize_with = "de_retry_enabled")]
+    #[serde(deserialize_with = "read")]
     pub enabled: bool,
     /// Attempts in all, the first included (default 3; the Go runtime's was 2). At
     /// least 1.
-    #[serde(deserialize_with = "de_max_attempts")]
+    #[serde(deserialize_with = "read")]
     pub max_attempts: u32,
     /// The backoff before the first retry is random within 0 and this (default 250 ms);
     /// the ceiling doubles with each retry. At most `max_delay`.
-    #[serde(deserialize_with = "de_initial_delay")]
+    #[serde(deserialize_with = "read")]
     pub initial_delay: Duration,
     /// The highest backoff ceiling (default 2 s).
-    #[serde(deserialize_with = "de_max_delay")]
+    #[serde(deserialize_with = "read")]
     pub max_delay: Duration,
     /// Whether failures after which the upstream may have processed the request (a
     /// reset after the request was written, a stall, a body cut off before its first
@@ -138,7 +152,7 @@ pub struct StreamRetry {
     /// assert!(!layers.policy().get_retry_maybe_processed());
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    #[serde(deserialize_with = "de_retry_maybe_processed")]
+    #[serde(deserialize_with = "read")]
     pub retry_maybe_processed: bool,
     /// The retry budget shared by every call of the stack.
     pub budget: Budget,
@@ -189,25 +203,25 @@ impl Default for StreamRetry {
 pub struct Budget {
     /// `Some(false)` takes the budget out: retries are bounded by `max_attempts` only.
     /// Unset or `Some(true)`: a budget.
-    #[serde(deserialize_with = "de_budget_enabled")]
+    #[serde(deserialize_with = "some")]
     pub enabled: Option<bool>,
     /// The window over which requests and retries count (default 10 s), within 1 s and
     /// 60 s.
-    #[serde(deserialize_with = "de_ttl")]
+    #[serde(deserialize_with = "some")]
     pub ttl: Option<Duration>,
     /// Retries a second always allowed (default 10).
-    #[serde(deserialize_with = "de_min_per_sec")]
+    #[serde(deserialize_with = "some")]
     pub min_per_sec: Option<u32>,
     /// Retries allowed per request, beyond the `min_per_sec` reserve (default 0.2),
     /// within 0 and 1000.
-    #[serde(deserialize_with = "de_retry_ratio")]
+    #[serde(deserialize_with = "some")]
     pub retry_ratio: Option<f64>,
     /// The token bucket's refill rate, in retries a second: a whole number, at least 1.
-    #[serde(deserialize_with = "de_rate_per_sec")]
+    #[serde(deserialize_with = "some")]
     pub rate_per_sec: Option<u32>,
     /// The token bucket's size: the retries available at once. Within `rate_per_sec`
     /// and `60 * rate_per_sec`.
-    #[serde(deserialize_with = "de_burst")]
+    #[serde(deserialize_with = "some")]
     pub burst: Option<u32>,
 }
 
