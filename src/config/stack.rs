@@ -6,11 +6,14 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use futures_util::future;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use opentelemetry::metrics::Meter;
 use pin_project_lite::pin_project;
-use tower::BoxError;
+use tower::util::future::EitherResponseFuture;
+use tower::util::Either;
+use tower::{BoxError, ServiceBuilder};
 use tower_http::timeout::TimeoutBody;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -185,15 +188,11 @@ impl<S> Layer<S> for StreamLayers {
     type Service = StreamStack<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let retry = self.retry.layer(inner);
-        let budgeted = match &self.budget {
-            Some(layer) => Budgeted::With(layer.layer(retry)),
-            None => Budgeted::Without(retry),
-        };
-        let stack = match &self.concurrency {
-            Some(layer) => Stack::Limited(layer.layer(budgeted)),
-            None => Stack::Unlimited(budgeted),
-        };
+        let stack = ServiceBuilder::new()
+            .option_layer(self.concurrency.clone())
+            .option_layer(self.budget.clone())
+            .layer(self.retry.clone())
+            .service(inner);
         StreamStack {
             stack,
             stream_idle_timeout: self.stream_idle_timeout,
@@ -237,44 +236,22 @@ pub struct StreamStack<S> {
     pub(super) stream_idle_timeout: Duration,
 }
 
-/// The configured layers below the idle timeout.
-#[derive(Debug, Clone)]
-enum Stack<S> {
-    Limited(StreamConcurrency<Inner<S>>),
-    Unlimited(Inner<S>),
-}
+/// The retry layer, next to the client.
+type Retry<S> = FirstChunkRetry<S, AnyDetector>;
 
-type Inner<S> = Budgeted<FirstChunkRetry<S, AnyDetector>>;
+/// The budget around it, if enabled.
+type Budgeted<S> = Either<WithRetryBudget<Retry<S>>, Retry<S>>;
 
-/// The budget layer, or nothing.
-#[derive(Debug, Clone)]
-enum Budgeted<S> {
-    With(WithRetryBudget<S>),
-    Without(S),
-}
+/// The concurrency limit around that, if any: the configured layers below the idle
+/// timeout.
+type Stack<S> = Either<StreamConcurrency<Budgeted<S>>, Budgeted<S>>;
 
-impl<S, B> Service<Request<B>> for Budgeted<S>
-where
-    S: Service<Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        match self {
-            Budgeted::With(service) => service.poll_ready(cx),
-            Budgeted::Without(service) => service.poll_ready(cx),
-        }
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        match self {
-            Budgeted::With(service) => service.call(request),
-            Budgeted::Without(service) => service.call(request),
-        }
-    }
-}
+/// The body the configured layers answer with: the concurrency limit's, if any, around
+/// the retry layer's.
+type Chunks<B> = http_body_util::Either<
+    concurrency::ResponseBody<retry::ResponseBody<B>>,
+    retry::ResponseBody<B>,
+>;
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for StreamStack<S>
 where
@@ -290,20 +267,18 @@ where
     type Future = ResponseFuture<S, ReqBody, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The two sides answer different bodies, so that `Either`'s own `Service` does
+        // not apply: the future makes them one.
         match &mut self.stack {
-            Stack::Limited(service) => service.poll_ready(cx),
-            Stack::Unlimited(service) => service.poll_ready(cx),
+            Either::Left(limited) => limited.poll_ready(cx),
+            Either::Right(unlimited) => unlimited.poll_ready(cx),
         }
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let call = match &mut self.stack {
-            Stack::Limited(service) => Call::Limited {
-                future: service.call(request),
-            },
-            Stack::Unlimited(service) => Call::Unlimited {
-                future: service.call(request),
-            },
+            Either::Left(limited) => future::Either::Left(limited.call(request)),
+            Either::Right(unlimited) => future::Either::Right(unlimited.call(request)),
         };
         ResponseFuture {
             call,
@@ -353,29 +328,13 @@ pin_project! {
     }
 }
 
-pin_project! {
-    #[project = CallProj]
-    enum Call<S, ReqBody, ResBody>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        S: Clone,
-        S::Error: Into<BoxError>,
-        ReqBody: Clone,
-        ResBody: Body,
-        ResBody: Unpin,
-        ResBody::Data: AsRef<[u8]>,
-        ResBody::Error: Into<BoxError>,
-    {
-        Limited {
-            #[pin]
-            future: concurrency::ResponseFuture<Inner<S>, Request<ReqBody>>,
-        },
-        Unlimited {
-            #[pin]
-            future: retry::ResponseFuture<S, ReqBody, ResBody, AnyDetector>,
-        },
-    }
-}
+/// The future of either side of the [`Stack`].
+type Call<S, ReqBody, ResBody> = future::Either<
+    concurrency::ResponseFuture<Budgeted<S>, Request<ReqBody>>,
+    EitherResponseFuture<RetryFuture<S, ReqBody, ResBody>, RetryFuture<S, ReqBody, ResBody>>,
+>;
+
+type RetryFuture<S, ReqBody, ResBody> = retry::ResponseFuture<S, ReqBody, ResBody, AnyDetector>;
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
 where
@@ -391,12 +350,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let timeout = *this.stream_idle_timeout;
-        let response = match this.call.project() {
-            CallProj::Limited { future } => {
-                ready!(future.poll(cx))?.map(|body| Chunks::Limited { body })
+        let response = match this.call.as_pin_mut() {
+            future::Either::Left(limited) => {
+                ready!(limited.poll(cx))?.map(http_body_util::Either::Left)
             }
-            CallProj::Unlimited { future } => {
-                ready!(future.poll(cx))?.map(|body| Chunks::Unlimited { body })
+            future::Either::Right(unlimited) => {
+                ready!(unlimited.poll(cx))?.map(http_body_util::Either::Right)
             }
         };
         Poll::Ready(Ok(response.map(|chunks| ResponseBody::new(timeout, chunks))))
@@ -523,53 +482,6 @@ where
         }
         if self.ended {
             self.size = SizeHint::with_exact(0);
-        }
-    }
-}
-
-pin_project! {
-    #[project = ChunksProj]
-    enum Chunks<B: Body> {
-        Limited {
-            #[pin]
-            body: concurrency::ResponseBody<retry::ResponseBody<B>>,
-        },
-        Unlimited {
-            #[pin]
-            body: retry::ResponseBody<B>,
-        },
-    }
-}
-
-impl<B> Body for Chunks<B>
-where
-    B: Body,
-    B::Error: Into<BoxError>,
-{
-    type Data = B::Data;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        match self.project() {
-            ChunksProj::Limited { body } => body.poll_frame(cx),
-            ChunksProj::Unlimited { body } => body.poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Chunks::Limited { body } => body.is_end_stream(),
-            Chunks::Unlimited { body } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Chunks::Limited { body } => body.size_hint(),
-            Chunks::Unlimited { body } => body.size_hint(),
         }
     }
 }
