@@ -253,3 +253,52 @@ impl<'de, T: Leaf> Visitor<'de> for LeafVisitor<T> {
         Err(de::Error::custom(T::wrong("a map")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde::de::value::{
+        BoolDeserializer, Error, F64Deserializer, StrDeserializer, U128Deserializer,
+        UnitDeserializer,
+    };
+
+    use super::*;
+
+    fn message<T: Leaf + fmt::Debug>(result: Result<T, Error>) -> String {
+        result.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn each_kind_goes_to_the_field_or_says_what_came() {
+        let unit = || UnitDeserializer::<Error>::new();
+        assert_eq!(read::<_, Option<Duration>>(unit()).unwrap(), None);
+        assert_eq!(
+            message(read::<_, Duration>(unit())),
+            "expected a duration such as \"250ms\", \"2s\" or \"1m\", got null"
+        );
+        let text = StrDeserializer::<Error>::new(" 1m 30s ");
+        assert_eq!(read::<_, Duration>(text).unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            message(read::<_, u32>(U128Deserializer::<Error>::new(u128::MAX))),
+            format!(
+                "expected a whole number within 0 and 4294967295, got {}",
+                u128::MAX
+            )
+        );
+        assert_eq!(
+            message(read::<_, bool>(F64Deserializer::<Error>::new(1.0))),
+            "expected true or false, got 1"
+        );
+        assert_eq!(
+            message(read::<_, f64>(BoolDeserializer::<Error>::new(true))),
+            "expected a number, got true"
+        );
+        assert_eq!(
+            read::<_, Frames>(StrDeserializer::<Error>::new("json_array")).unwrap(),
+            Frames::JsonArray
+        );
+        assert_eq!(
+            some::<_, bool>(StrDeserializer::<Error>::new("false")).unwrap(),
+            Some(false)
+        );
+    }
+}
