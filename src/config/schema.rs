@@ -76,6 +76,9 @@ impl Default for Config {
 
 /// [`Config`] as serde reads it: its [`Deserialize`](serde::Deserialize) runs this
 /// through [`path`](super::path), which names the field of an error in full.
+///
+/// Its fields are `Config`'s, one for one: serde's `remote` derive builds a `Config`
+/// from them, so that one missing here does not compile.
 #[derive(Deserialize)]
 #[serde(
     remote = "Config",
