@@ -167,20 +167,20 @@ fn the_fields_can_be_set_in_code() {
 #[test]
 fn deserialization_errors_name_the_field() {
     let cases = [
-        // A typo: serde names the unknown field.
+        // A typo: serde names the unknown field, the path the section it is in.
         (
             r#"{"stream_max_concurent": 10}"#,
-            "unknown field `stream_max_concurent`",
+            "unknown field `stream_max_concurent`, expected one of `stream_max_concurrent`, `max_wait`",
         ),
         (
             r#"{"stream_retry": {"max_attempt": 2}}"#,
-            "unknown field `max_attempt`",
+            "invalid `stream_retry.max_attempt`: unknown field `max_attempt`, expected one of `enabled`, `max_attempts`",
         ),
         (
             r#"{"stream_retry": {"budget": {"rate": 2}}}"#,
-            "unknown field `rate`",
+            "invalid `stream_retry.budget.rate`: unknown field `rate`, expected one of `enabled`, `ttl`",
         ),
-        // Values of the wrong kind: ours name the field in full.
+        // Values of the wrong kind: the field in full.
         (
             r#"{"stream_retry": {"initial_delay": "2 sekunds"}}"#,
             "invalid `stream_retry.initial_delay`: expected a duration",
@@ -243,20 +243,49 @@ fn deserialization_errors_name_the_field() {
             r#"{"stream_retry": {"budget": {"burst": {}}}}"#,
             "invalid `stream_retry.budget.burst`",
         ),
-        (r#"{"stream_retry": 3}"#, "the `stream_retry` map"),
+        (
+            r#"{"stream_retry": 3}"#,
+            "invalid `stream_retry`: invalid type: integer `3`, expected the `stream_retry` map",
+        ),
         (
             r#"{"stream_retry": {"budget": false}}"#,
-            "the `stream_retry.budget` map",
+            "invalid `stream_retry.budget`: invalid type: boolean `false`, expected the `stream_retry.budget` map",
+        ),
+        // Broken syntax: the section it is in.
+        (
+            r#"{"stream_retry": {"max_attempts": 2,}}"#,
+            "invalid `stream_retry`: trailing comma",
         ),
     ];
     for (json, expected) in cases {
         let message = parse_error(json);
         assert!(message.contains(expected), "{json}: {message}");
     }
-    // The parser's position comes along (that of the end of the enclosing map).
-    let message =
-        parse_error("{\n  \"stream_retry\": {\n    \"initial_delay\": \"2 sekunds\"\n  }\n}");
-    assert!(message.ends_with("at line 4 column 3"), "{message}");
+    // The parser's position comes along, that of the value, once, and stays the error's.
+    let json = "{\n  \"stream_retry\": {\n    \"initial_delay\": \"2 sekunds\"\n  }\n}";
+    let error = serde_json::from_str::<Config>(json).unwrap_err();
+    let message = error.to_string();
+    assert!(message.ends_with("\" (unknown time unit \"sekunds\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)) at line 3 column 32"), "{message}");
+    assert_eq!((error.line(), error.column()), (3, 32));
+
+    // A Config inside the caller's own settings: the same message, the same position.
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Settings {
+        openai: Config,
+    }
+    let nested = format!("{{\"openai\": {json}}}");
+    let error = serde_json::from_str::<Settings>(&nested).unwrap_err();
+    assert_eq!(error.to_string(), message);
+    // And through serde_path_to_error, the caller's path before it.
+    let error = serde_path_to_error::deserialize::<_, Settings>(
+        &mut serde_json::Deserializer::from_str(&nested),
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.path().to_string(),
+        "openai.stream_retry.initial_delay"
+    );
 }
 
 #[test]

@@ -58,26 +58,7 @@ impl Auto {
 
 impl Detector for Auto {
     fn start(&mut self, response: &http::response::Parts) {
-        let media_type = response
-            .headers
-            .get(CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.split(';').next())
-            .map(str::trim)
-            .unwrap_or_default();
-        let is = |name: &str| media_type.eq_ignore_ascii_case(name);
-        self.picked = if is("text/event-stream") {
-            AnyDetector::Sse(self.sse.clone())
-        } else if is("application/x-ndjson") || is("application/ndjson") || is("application/jsonl")
-        {
-            AnyDetector::NdJson(NdJson::default())
-        } else if is("application/vnd.amazon.eventstream") {
-            AnyDetector::EventStream(Box::default())
-        } else if is("application/json") {
-            AnyDetector::JsonArray(JsonArray::lenient())
-        } else {
-            AnyDetector::FirstData
-        };
+        self.picked = pick(&self.sse, response);
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Progress {
@@ -101,6 +82,29 @@ impl Detector for Auto {
     }
 }
 
+/// The detector for `response`'s `Content-Type`, with `sse` for `text/event-stream`.
+pub(super) fn pick(sse: &Sse, response: &http::response::Parts) -> AnyDetector {
+    let media_type = response
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .map(str::trim)
+        .unwrap_or_default();
+    let is = |name: &str| media_type.eq_ignore_ascii_case(name);
+    if is("text/event-stream") {
+        AnyDetector::Sse(sse.clone())
+    } else if is("application/x-ndjson") || is("application/ndjson") || is("application/jsonl") {
+        AnyDetector::NdJson(NdJson::default())
+    } else if is("application/vnd.amazon.eventstream") {
+        AnyDetector::EventStream(Box::default())
+    } else if is("application/json") {
+        AnyDetector::JsonArray(JsonArray::lenient())
+    } else {
+        AnyDetector::FirstData
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +117,7 @@ mod tests {
             AnyDetector::JsonArray(_) => "json array",
             AnyDetector::EventStream(_) => "eventstream",
             AnyDetector::FirstData => "first data",
+            AnyDetector::Auto(_) => unreachable!("never picked"),
         }
     }
 
@@ -131,6 +136,23 @@ mod tests {
         assert_eq!(picks(Some("text/plain")), "first data");
         assert_eq!(picks(Some("application/jsonx")), "first data");
         assert_eq!(picks(None), "first data");
+    }
+
+    #[test]
+    fn any_detector_auto_becomes_the_picked_one_at_start() {
+        let any = AnyDetector::Auto(Sse::new().keep_alive_events(["beat"]));
+        let sse = started(any.clone(), Some("text/event-stream"));
+        assert!(matches!(sse, AnyDetector::Sse(_)), "{sse:?}");
+        assert_eq!(
+            run(&sse, &[b"event: beat\ndata: {}\n\n"]).progress,
+            Progress::Pending,
+            "with its SSE settings"
+        );
+        let ndjson = started(any.clone(), Some("application/x-ndjson"));
+        assert!(matches!(ndjson, AnyDetector::NdJson(_)), "{ndjson:?}");
+        let plain = started(any, None);
+        assert!(matches!(plain, AnyDetector::FirstData), "{plain:?}");
+        assert_eq!(run(&plain, &[b"x"]).progress, Progress::Found);
     }
 
     #[test]
