@@ -32,7 +32,7 @@
 //! |---|---|---|---|
 //! | `hyper-errors` | on | [`retry::is_transient`] and [`retry::is_unprocessed`] read hyper's, h2's and hyper-util's error reasons: a refused stream, a GOAWAY, a connect failure, a cancelled request. Off, only `io::Error` kinds are read | hyper, h2, hyper-util |
 //! | `connection-gauge` | off | `ConnectionGaugeLayer`: a hyper-util connector's open connections, capped per host | hyper, hyper-util |
-//! | `serde` | off | `config`: the whole stack from a configuration file | serde, humantime, tower-http |
+//! | `serde` | off | `config`: the whole stack from a configuration file | serde, serde_path_to_error, humantime, tower-http, tower's `util` |
 //! | `tower-budget` | off | [`RetryBudget`] implements tower's `retry::budget::Budget`, for tower's own `Retry` | tower's `retry` (futures-util) |
 //!
 //! The in-band error check reads the few JSON fields it needs without a JSON library,

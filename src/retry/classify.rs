@@ -96,9 +96,20 @@ pub fn is_unprocessed(error: &(dyn Error + 'static)) -> bool {
     })
 }
 
-/// The error and its sources, outermost first.
+/// The error and its sources, outermost first. An `io::Error` that wraps another error
+/// is followed into it: its `source()` skips what it wraps (it answers the wrapped
+/// error's own source), and hyper-rustls wraps tokio-rustls' `InvalidData` error in a
+/// second `io::Error`.
 fn chain<'a>(error: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
-    std::iter::successors(Some(error), |&error| error.source())
+    std::iter::successors(Some(error), |&error| {
+        match error
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::get_ref)
+        {
+            Some(wrapped) => Some(wrapped as &(dyn Error + 'static)),
+            None => error.source(),
+        }
+    })
 }
 
 /// What hyper's, h2's and hyper-util's errors say (feature `hyper-errors`). Without the
@@ -262,6 +273,10 @@ mod tests {
         assert!(repeats(&io::Error::other("TLS Handshake failed")));
         assert!(repeats(&Wrapped(Box::from("dns error"))));
         assert!(repeats(&Wrapped(Box::from("invalid URL, host is missing"))));
+        // As hyper-rustls reports a failed handshake: tokio-rustls' `InvalidData` inside
+        // another `io::Error`, whose `source()` alone would skip it.
+        let alert = io::Error::new(io::ErrorKind::InvalidData, "received fatal alert");
+        assert!(repeats(&Wrapped(Box::new(io::Error::other(alert)))));
         for error in [
             io::Error::from(io::ErrorKind::ConnectionRefused),
             io::Error::from(io::ErrorKind::TimedOut),
