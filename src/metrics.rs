@@ -21,6 +21,52 @@
 //!
 //! The constants below are the OpenTelemetry instrument names; the exporter adds the
 //! `_seconds` unit suffix (unit `s`) and the `_total` counter suffix.
+//!
+//! Every layer's `.provider(name)` and `.meter(meter)` work alike; here, read back in a
+//! test through the SDK's in-memory exporter:
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use opentelemetry::metrics::MeterProvider as _;
+//! use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+//! use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+//! use tower::{service_fn, Layer, ServiceExt};
+//! use tower_stream_backpressure::StreamConcurrencyLayer;
+//!
+//! let exporter = InMemoryMetricExporter::default();
+//! let meters = SdkMeterProvider::builder()
+//!     .with_reader(PeriodicReader::builder(exporter.clone()).build())
+//!     .build();
+//! let layer = StreamConcurrencyLayer::new(10)
+//!     .provider("openai")
+//!     .meter(meters.meter("my-client"));
+//! let service = layer.layer(service_fn(|_: http::Request<()>| async {
+//!     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+//! }));
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+//! let _open = service.oneshot(http::Request::new(())).await?;
+//!
+//! meters.force_flush()?;
+//! let exported = exporter.get_finished_metrics()?;
+//! let in_flight = exported
+//!     .iter()
+//!     .flat_map(|m| m.scope_metrics())
+//!     .flat_map(|s| s.metrics())
+//!     .find(|metric| metric.name() == "streams_in_flight")
+//!     .map(|metric| metric.data());
+//! let Some(AggregatedMetrics::I64(MetricData::Sum(in_flight))) = in_flight else {
+//!     panic!("no streams_in_flight");
+//! };
+//! let point = in_flight.data_points().next().unwrap();
+//! assert_eq!(point.value(), 1, "the stream is open");
+//! let attribute = point.attributes().find(|kv| kv.key.as_str() == "provider");
+//! assert_eq!(attribute.unwrap().value.as_str(), "openai");
+//! # Ok::<(), tower::BoxError>(())
+//! # })?;
+//! # Ok::<(), tower::BoxError>(())
+//! ```
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
