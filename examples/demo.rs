@@ -38,22 +38,14 @@
 //! 127.0.0.1, HTTP/1.1 and HTTP/2 (prior knowledge) on one port; the script below picks
 //! each request's reply and fault at random, at the rates given by the flags.
 
-#[path = "../tests/support/upstream.rs"]
-mod upstream;
-
-#[path = "support/flags.rs"]
-mod flags;
-#[path = "support/process.rs"]
-mod process;
-
-use flags::{next_flag, value};
-use process::rss_bytes;
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
+use tower_stream_backpressure_testkit::flags::{next_flag, value};
+use tower_stream_backpressure_testkit::process::rss_bytes;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -71,7 +63,7 @@ use tower_stream_backpressure::{
     FirstChunkError, FirstChunkRetryLayer, Rejected, RetryBudget, RetryBudgetLayer, RetryPolicy,
     StreamConcurrencyLayer,
 };
-use upstream::{Fault, Reply, Upstream};
+use tower_stream_backpressure_testkit::{Fault, Reply, Upstream};
 
 /// Content events per stream (a `data: [DONE]` event follows them).
 const TOKENS: usize = 20;

@@ -110,16 +110,6 @@
 //! The exit status is non-zero if a run failed, a stream failed, or the limit check
 //! did not hold.
 
-#[path = "../tests/support/upstream.rs"]
-mod upstream;
-
-#[path = "support/flags.rs"]
-mod flags;
-#[path = "support/process.rs"]
-mod process;
-
-use flags::{next_flag, value};
-use process::rss_bytes;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -130,6 +120,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
+use tower_stream_backpressure_testkit::flags::{next_flag, value};
+use tower_stream_backpressure_testkit::process::rss_bytes;
+use tower_stream_backpressure_testkit::upstream;
 
 use bytes::Bytes;
 use http::{Request, Response, Uri};

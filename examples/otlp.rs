@@ -58,15 +58,9 @@
 //! `reqwest-blocking-client`): the `PeriodicReader` exports from a thread of its own,
 //! with no Tokio runtime there, which rules out the async clients.
 
-#[path = "../tests/support/upstream.rs"]
-mod upstream;
-
-#[path = "support/flags.rs"]
-mod flags;
-
-use flags::{next_flag, value};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use tower_stream_backpressure_testkit::flags::{next_flag, value};
 
 use bytes::Bytes;
 use http::Request;
@@ -83,7 +77,7 @@ use tower_stream_backpressure::{
     FirstChunkRetryLayer, Rejected, RetryBudget, RetryBudgetLayer, RetryPolicy,
     StreamConcurrencyLayer,
 };
-use upstream::{Reply, Upstream};
+use tower_stream_backpressure_testkit::{Reply, Upstream};
 
 const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4318/v1/metrics";
 /// Streams open at once through the limit.

@@ -116,17 +116,11 @@
 //! of the outage, overload the upstream, and keep calls failing for a few more seconds,
 //! while the budgeted contenders recover at once.
 
-#[path = "../tests/support/upstream.rs"]
-mod upstream;
-
-#[path = "support/flags.rs"]
-mod flags;
-
-use flags::{next_flag, value};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tower_stream_backpressure_testkit::flags::{next_flag, value};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -140,7 +134,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::{Policy, Retry};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_stream_backpressure::{FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy};
-use upstream::{Reply, Upstream};
+use tower_stream_backpressure_testkit::{Reply, Upstream};
 
 /// Content events in a healthy stream (a `data: [DONE]` event follows them).
 const TOKENS: usize = 3;
