@@ -193,6 +193,12 @@ pub struct Metrics {
     registry: prometheus::Registry,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let exporter = InMemoryMetricExporter::default();

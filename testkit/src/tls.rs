@@ -15,6 +15,12 @@ pub struct TestCa {
     pub server: Arc<rustls::ServerConfig>,
 }
 
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl TestCa {
     pub fn new() -> Self {
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
