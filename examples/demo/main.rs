@@ -22,13 +22,12 @@
 //! - Everything is recorded as OpenTelemetry metrics, exported as Prometheus text to a
 //!   file the demo names (or to stdout with `--metrics`).
 //!
-//! The summary comes last. It says which failures are by design (rejections at the
-//! limit, retries running out, streams reset after their first event) and checks what
-//! would be a fault (a panic, a slot not returned, a call that neither succeeded nor
-//! failed, a stream retried after its first event); the exit status is 1 if it finds
-//! one. The mock upstream is the testkit's, shared with the tests and benchmarks.
-//! `args.rs` holds its script of faults, `calls.rs` the callers, `progress.rs` the
-//! progress line, `summary.rs` the summary and `verdict.rs` the checks.
+//! The summary comes last: which failures are by design (rejections at the limit,
+//! retries running out, streams reset after their first event), and which would be a
+//! fault (a panic, a slot not returned, a call that neither succeeded nor failed, a
+//! stream retried after its first event), with exit status 1. Beside this file:
+//! `args.rs` (flags, the upstream's faults), `calls.rs`, `progress.rs`, `summary.rs`
+//! and `verdict.rs` (the checks).
 
 mod args;
 mod calls;
@@ -55,7 +54,7 @@ use tower_stream_backpressure::{
 };
 use tower_stream_backpressure_testkit::Upstream;
 
-use args::{Args, HELP, Injected, MetricsOut};
+use args::{Args, HELP, Injected};
 use calls::{Counts, Failures, Latencies};
 
 #[tokio::main]
@@ -172,25 +171,7 @@ async fn main() -> ExitCode {
 
     // The metrics first, to a file or stdout; the summary last.
     let families = registry.gather();
-    let mut text = Vec::new();
-    prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut text)
-        .expect("the metrics encode");
-    match &args.metrics {
-        MetricsOut::Stdout => println!(
-            "== Prometheus metrics ==\n{}",
-            String::from_utf8_lossy(&text)
-        ),
-        MetricsOut::File(path) => match std::fs::write(path, &text) {
-            Ok(()) => println!(
-                "Prometheus metrics written to {} (--metrics prints them)",
-                path.display()
-            ),
-            Err(error) => eprintln!(
-                "demo: cannot write the metrics to {}: {error}",
-                path.display()
-            ),
-        },
-    }
+    summary::write_metrics(&args.metrics, &families);
     let faults = summary::print(&summary::Summary {
         args: &args,
         started: counts.started.load(Relaxed).min(args.calls),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use prometheus::proto::{MetricFamily, MetricType};
 
-use crate::args::{Args, Injected};
+use crate::args::{Args, Injected, MetricsOut};
 use crate::calls::{Failures, Kind, Latencies};
 
 /// Everything the summary is made of, counted during and after the run.
@@ -141,4 +141,28 @@ pub fn print(s: &Summary<'_>) -> Vec<String> {
     }
 
     crate::verdict::print(s)
+}
+
+/// Writes the Prometheus text of `families` where `--metrics` or `--metrics-file` say,
+/// and names the file.
+pub fn write_metrics(out: &MetricsOut, families: &[MetricFamily]) {
+    let mut text = Vec::new();
+    let encoder = prometheus::TextEncoder::new();
+    prometheus::Encoder::encode(&encoder, families, &mut text).expect("the metrics encode");
+    match out {
+        MetricsOut::Stdout => println!(
+            "== Prometheus metrics ==\n{}",
+            String::from_utf8_lossy(&text)
+        ),
+        MetricsOut::File(path) => match std::fs::write(path, &text) {
+            Ok(()) => println!(
+                "Prometheus metrics written to {} (--metrics prints them)",
+                path.display()
+            ),
+            Err(error) => eprintln!(
+                "demo: cannot write the metrics to {}: {error}",
+                path.display()
+            ),
+        },
+    }
 }
