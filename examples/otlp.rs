@@ -5,74 +5,34 @@
 //! cargo run --example otlp
 //! cargo run --example otlp -- --endpoint http://127.0.0.1:4318/v1/metrics
 //! OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 cargo run --example otlp
-//! cargo run --example otlp -- --help
 //! ```
 //!
-//! What it does:
-//!
-//! 1. Builds an `SdkMeterProvider` whose `PeriodicReader` exports through
-//!    `opentelemetry-otlp`'s HTTP metric exporter, and installs it as the global meter
-//!    provider, before any layer builds a service: that is where the layers take their
-//!    meter unless given one with `.meter(...)`.
-//! 2. Makes a few streaming calls at once through `StreamConcurrencyLayer`,
-//!    `RetryBudgetLayer` and `FirstChunkRetryLayer`, against an in-process mock SSE
-//!    upstream (`tests/support/upstream.rs`, shared with the tests) that answers some
-//!    requests 503. With more callers than slots and a short `max_wait`, every metric
-//!    gets recorded: streams and attempts in flight, first-chunk latency, retries that
-//!    succeed, the budget, rejections and the wait for a slot.
-//! 3. Shuts the provider down, which exports what is left: a short-lived program must
+//! 1. An `SdkMeterProvider` whose `PeriodicReader` exports through `opentelemetry-otlp`,
+//!    installed as the global meter provider before any layer builds a service: that is
+//!    where the layers take their meter unless given one with `.meter(...)`.
+//! 2. A few streaming calls at once through the three layers, against the testkit's
+//!    mock SSE upstream, which answers every third request 503. With more callers than
+//!    slots and a short `max_wait`, every metric gets recorded.
+//! 3. The provider shut down, which exports what is left: a short-lived program must
 //!    do so before it exits, or the last interval's metrics are lost.
 //!
-//! The endpoint is the `--endpoint` flag, else `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` as
-//! it is, else `OTEL_EXPORTER_OTLP_ENDPOINT` with `/v1/metrics` appended, else
-//! `http://127.0.0.1:4318/v1/metrics`. The exporter reads the other standard variables
-//! itself (`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT`, ...), and
-//! `OTEL_SERVICE_NAME` names the resource.
+//! The endpoint is `--endpoint`, else `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`, else
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` + `/v1/metrics`, else the collector's default on
+//! 127.0.0.1:4318. The exporter reads the other standard variables itself. To see the
+//! metrics, run a collector with an `otlp` receiver on HTTP and the `debug` exporter.
+//! OTLP carries the OpenTelemetry names (`stream_retries`, ...): a Prometheus backend
+//! behind the collector adds the `_seconds` and `_total` suffixes the README lists.
+//! With nothing listening, the export fails (exit status 1).
 //!
-//! To see the metrics, run an OpenTelemetry Collector with an OTLP receiver on HTTP
-//! (port 4318) and the `debug` exporter, for example with this configuration:
-//!
-//! ```yaml
-//! receivers:
-//!   otlp:
-//!     protocols:
-//!       http:
-//!         endpoint: 127.0.0.1:4318
-//! exporters:
-//!   debug:
-//!     verbosity: detailed
-//! service:
-//!   pipelines:
-//!     metrics:
-//!       receivers: [otlp]
-//!       exporters: [debug]
-//! ```
-//!
-//! The collector then prints every instrument (`streams_in_flight`,
-//! `stream_retries`, ...) with its `provider="otlp-example"` attribute. OTLP carries the
-//! OpenTelemetry names and units: a Prometheus backend behind the collector adds the
-//! `_seconds` and `_total` suffixes the README lists. With nothing listening, the calls
-//! run all the same and the export fails with an error (exit status 1).
-//!
-//! The exporter's HTTP client here is the blocking one (feature
-//! `reqwest-blocking-client`): the `PeriodicReader` exports from a thread of its own,
-//! with no Tokio runtime there, which rules out the async clients.
+//! The exporter's HTTP client is the blocking one (`reqwest-blocking-client`): the
+//! `PeriodicReader` exports from a thread of its own, with no Tokio runtime there.
 
-#[path = "../tests/support/upstream.rs"]
-mod upstream;
-
-#[path = "support/flags.rs"]
-mod flags;
-
-use flags::{next_flag, value};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
@@ -83,70 +43,48 @@ use tower_stream_backpressure::{
     FirstChunkRetryLayer, Rejected, RetryBudget, RetryBudgetLayer, RetryPolicy,
     StreamConcurrencyLayer,
 };
-use upstream::{Reply, Upstream};
+use tower_stream_backpressure_testkit::flags::{next_flag, value};
+use tower_stream_backpressure_testkit::{Reply, Upstream};
 
-const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4318/v1/metrics";
-/// Streams open at once through the limit.
+/// Streams open at once through the limit, and how long a call may wait for a slot.
 const LIMIT: usize = 4;
-/// How long a call may wait for a slot before it is rejected.
 const MAX_WAIT: Duration = Duration::from_millis(150);
-/// Content events per stream, and the upstream's pause before each.
-const TOKENS: usize = 5;
-const GAP: Duration = Duration::from_millis(20);
 
 const HELP: &str = "\
 Streaming calls through the three layers against a mock SSE upstream, their
 metrics exported over OTLP/HTTP (protobuf).
 
-Usage: cargo run --example otlp -- [FLAGS]
-
-Flags (default in brackets):
-  --endpoint URL  where to POST the metrics [OTEL_EXPORTER_OTLP_METRICS_ENDPOINT,
-                  else OTEL_EXPORTER_OTLP_ENDPOINT + /v1/metrics,
-                  else http://127.0.0.1:4318/v1/metrics]
-  --calls N       calls to make, all at once [12]
-  -h, --help      print this help
+Usage: cargo run --example otlp -- [--endpoint URL] [--calls N (12)]
 ";
 
-struct Args {
-    endpoint: String,
-    calls: usize,
-}
-
-impl Args {
-    /// The flags, `Ok(None)` for `--help`, or an error naming the flag at fault.
-    fn parse() -> Result<Option<Self>, String> {
-        let mut endpoint = None;
-        let mut calls = 12;
-        let mut parser = lexopt::Parser::from_env();
-        while let Some(flag) = next_flag(&mut parser)? {
-            match flag.as_str() {
-                "--endpoint" => {
-                    let value = parser.value().map_err(|e| e.to_string())?;
-                    endpoint = Some(lexopt::ValueExt::string(value).map_err(|e| e.to_string())?);
-                }
-                "--calls" => calls = value(&mut parser, &flag, 1, 1000)?,
-                "--help" => return Ok(None),
-                _ => return Err(format!("invalid option '{flag}'")),
-            }
+/// The flags: the endpoint and the number of calls; `Ok(None)` for `--help`.
+fn parse_args() -> Result<Option<(String, usize)>, String> {
+    let (mut endpoint, mut calls) = (None, 12);
+    let mut parser = lexopt::Parser::from_env();
+    while let Some(flag) = next_flag(&mut parser)? {
+        match flag.as_str() {
+            "--endpoint" => endpoint = Some(parser.value().map_err(|e| e.to_string())?),
+            "--calls" => calls = value(&mut parser, &flag, 1, 1000)?,
+            "--help" => return Ok(None),
+            _ => return Err(format!("invalid option '{flag}'")),
         }
-        Ok(Some(Args {
-            endpoint: endpoint.unwrap_or_else(endpoint_from_env),
-            calls,
-        }))
     }
-}
-
-/// The endpoint from the standard variables (empty ones count as unset), or the default.
-fn endpoint_from_env() -> String {
-    let var = |name| std::env::var(name).ok().filter(|value| !value.is_empty());
-    if let Some(endpoint) = var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
-        endpoint
-    } else if let Some(base) = var("OTEL_EXPORTER_OTLP_ENDPOINT") {
-        format!("{}/v1/metrics", base.trim_end_matches('/'))
-    } else {
-        DEFAULT_ENDPOINT.to_owned()
-    }
+    // The standard variables, where empty counts as unset.
+    let var = |name| {
+        std::env::var(name)
+            .ok()
+            .filter(|value: &String| !value.is_empty())
+    };
+    let endpoint = match endpoint {
+        Some(endpoint) => endpoint.to_string_lossy().into_owned(),
+        None => var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+            .or_else(|| {
+                var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .map(|base| format!("{}/v1/metrics", base.trim_end_matches('/')))
+            })
+            .unwrap_or_else(|| "http://127.0.0.1:4318/v1/metrics".to_owned()),
+    };
+    Ok(Some((endpoint, calls)))
 }
 
 /// A meter provider that exports to `endpoint` every 10 s, and at shutdown.
@@ -169,17 +107,9 @@ fn meter_provider(endpoint: &str) -> Result<SdkMeterProvider, BoxError> {
         .build())
 }
 
-/// How the calls ended.
-#[derive(Debug, Default)]
-struct Tally {
-    ok: usize,
-    rejected: usize,
-    failed: usize,
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match Args::parse() {
+    let (endpoint, calls) = match parse_args() {
         Ok(Some(args)) => args,
         Ok(None) => {
             print!("{HELP}");
@@ -190,10 +120,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let provider = match meter_provider(&args.endpoint) {
+    let provider = match meter_provider(&endpoint) {
         Ok(provider) => provider,
         Err(error) => {
-            eprintln!("error: no OTLP exporter for {}: {error}", args.endpoint);
+            eprintln!("error: no OTLP exporter for {endpoint}: {error}");
             return ExitCode::FAILURE;
         }
     };
@@ -202,17 +132,16 @@ async fn main() -> ExitCode {
     opentelemetry::global::set_meter_provider(provider.clone());
 
     // Every third request is answered 503 first, and retried.
-    let upstream = Upstream::start(|hit| {
-        if hit.index % 3 == 0 {
-            Reply::status(503)
-        } else {
-            Reply::tokens(TOKENS).gap(GAP)
-        }
+    let upstream = Upstream::start(|hit| match hit.index % 3 {
+        0 => Reply::status(503),
+        _ => Reply::tokens(5).gap(Duration::from_millis(20)),
     })
     .await;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(connector);
+    let policy =
+        RetryPolicy::default().backoff(Duration::from_millis(10), Duration::from_millis(50));
     let service = ServiceBuilder::new()
         .layer(
             StreamConcurrencyLayer::new(LIMIT)
@@ -220,76 +149,62 @@ async fn main() -> ExitCode {
                 .provider("otlp-example"),
         )
         .layer(RetryBudgetLayer::new(RetryBudget::default()).provider("otlp-example"))
-        .layer(
-            FirstChunkRetryLayer::new(
-                RetryPolicy::default()
-                    .backoff(Duration::from_millis(10), Duration::from_millis(50)),
-            )
-            .provider("otlp-example"),
-        )
+        .layer(FirstChunkRetryLayer::new(policy).provider("otlp-example"))
         .service(client);
 
     println!(
-        "{} calls at once, limit {LIMIT}, max wait {} ms",
-        args.calls,
+        "{calls} calls at once, limit {LIMIT}, max wait {} ms",
         MAX_WAIT.as_millis()
     );
     let started = Instant::now();
-    let mut calls = JoinSet::new();
-    for _ in 0..args.calls {
-        let request = Request::post(upstream.url("/v1/chat/completions"))
+    let mut tasks = JoinSet::new();
+    for _ in 0..calls {
+        let request = http::Request::post(upstream.url("/v1/chat/completions"))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from_static(br#"{"stream":true}"#)))
             .expect("a valid request");
         let service = service.clone();
-        calls.spawn(async move {
+        tasks.spawn(async move {
             let response = service.oneshot(request).await?;
             let status = response.status();
             let body = response.into_body().collect().await?.to_bytes();
-            if status.is_success() && body.ends_with(b"data: [DONE]\n\n") {
-                Ok(())
-            } else {
-                Err(BoxError::from(format!("status {status}")))
+            match status.is_success() && body.ends_with(b"data: [DONE]\n\n") {
+                true => Ok(()),
+                false => Err(BoxError::from(format!("status {status}"))),
             }
         });
     }
-    let mut tally = Tally::default();
-    while let Some(result) = calls.join_next().await {
+    let (mut ok, mut rejected, mut failed) = (0, 0, 0);
+    while let Some(result) = tasks.join_next().await {
         match result.expect("a call task") {
-            Ok(()) => tally.ok += 1,
-            Err(error) if error.is::<Rejected>() => tally.rejected += 1,
+            Ok(()) => ok += 1,
+            Err(error) if error.is::<Rejected>() => rejected += 1,
             Err(error) => {
                 eprintln!("call failed: {error}");
-                tally.failed += 1;
+                failed += 1;
             }
         }
     }
+    let ms = started.elapsed().as_millis();
     println!(
-        "done in {} ms: {} streamed to the end, {} rejected for want of a slot, {} failed; \
-         the upstream saw {} requests",
-        started.elapsed().as_millis(),
-        tally.ok,
-        tally.rejected,
-        tally.failed,
-        upstream.hits(),
+        "done in {ms} ms: {ok} streamed to the end, {rejected} rejected for want of a slot, {failed} failed"
     );
+    println!("the upstream saw {} requests", upstream.hits());
 
     // Shutdown exports what is left. It blocks until the reader's thread has sent it,
     // so it runs off the runtime's threads.
-    println!("exporting the metrics to {}", args.endpoint);
-    let exported = tokio::task::spawn_blocking(move || provider.shutdown())
+    println!("exporting the metrics to {endpoint}");
+    match tokio::task::spawn_blocking(move || provider.shutdown())
         .await
-        .expect("the shutdown task");
-    match exported {
+        .expect("the shutdown task")
+    {
         Ok(()) => {
             println!("exported");
             ExitCode::SUCCESS
         }
         Err(error) => {
             eprintln!(
-                "error: the metrics could not be exported to {} ({error}): is an OTLP/HTTP \
-                 receiver, such as an OpenTelemetry Collector, listening there?",
-                args.endpoint
+                "error: the metrics could not be exported to {endpoint} ({error}): is an OTLP/HTTP receiver, such as an OpenTelemetry Collector, listening there?"
             );
             ExitCode::FAILURE
         }

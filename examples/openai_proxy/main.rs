@@ -69,15 +69,12 @@
 
 mod app;
 
-#[path = "../support/flags.rs"]
-mod flags;
-
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use app::{Metrics, Settings};
-use flags::{next_flag, value};
+use tower_stream_backpressure_testkit::flags::{next_flag, value};
 
 const HELP: &str = "\
 A streaming LLM proxy: POST /v1/chat/completions (OpenAI) and POST /v1/messages

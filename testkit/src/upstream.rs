@@ -3,7 +3,7 @@
 //! per request by a script, and its own count of what it saw (connections, hits, open
 //! streams, peak open streams).
 //!
-//! Shared by the integration tests and the `demo` example.
+//! Shared by the integration tests, the examples and the benchmarks.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;

@@ -10,9 +10,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 pub struct TestCa {
     /// The CA's certificate, PEM: what a client must trust.
     pub ca_pem: String,
-    /// For [`Upstream::start_tls`](super::Upstream::start_tls): offers HTTP/2 and
+    /// For [`Upstream::start_tls`](crate::Upstream::start_tls): offers HTTP/2 and
     /// HTTP/1.1 by ALPN.
     pub server: Arc<rustls::ServerConfig>,
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl TestCa {

@@ -3,10 +3,10 @@
 //! own `Retry` and `TpsBudget`?
 //!
 //! ```text
-//! cargo run --release --example retry_storm
-//! cargo run --release --example retry_storm -- --rate 500 --outage-start 5 --outage-end 50
-//! cargo run --release --example retry_storm -- --capacity 210
-//! cargo run --release --example retry_storm -- --help
+//! cargo bench --bench retry_storm
+//! cargo bench --bench retry_storm -- --rate 500 --outage-start 5 --outage-end 50
+//! cargo bench --bench retry_storm -- --capacity 210
+//! cargo bench --bench retry_storm -- --help
 //! ```
 //!
 //! # Why
@@ -116,17 +116,11 @@
 //! of the outage, overload the upstream, and keep calls failing for a few more seconds,
 //! while the budgeted contenders recover at once.
 
-#[path = "../tests/support/upstream.rs"]
-mod upstream;
-
-#[path = "support/flags.rs"]
-mod flags;
-
-use flags::{next_flag, value};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tower_stream_backpressure_testkit::flags::{next_flag, value};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -140,7 +134,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::{Policy, Retry};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_stream_backpressure::{FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy};
-use upstream::{Reply, Upstream};
+use tower_stream_backpressure_testkit::{Reply, Upstream};
 
 /// Content events in a healthy stream (a `data: [DONE]` event follows them).
 const TOKENS: usize = 3;
@@ -161,7 +155,7 @@ A retry storm on tokio's paused clock: calls at a steady rate against a mock
 upstream that answers 503 to everything during an outage, through three retry
 stacks (no budget, RetryBudgetLayer, tower's Retry with TpsBudget).
 
-Usage: cargo run --release --example retry_storm -- [FLAGS]
+Usage: cargo bench --bench retry_storm -- [FLAGS]
 
 Flags (default in brackets):
   --rate N            calls started per second [200]
@@ -209,6 +203,8 @@ impl Args {
                     args.out_dir = p.value().map_err(|e| e.to_string())?.into();
                 }
                 "--help" => return Ok(None),
+                // What `cargo bench` passes to every benchmark.
+                "--bench" => {}
                 _ => return Err(format!("invalid option '{flag}'")),
             }
         }

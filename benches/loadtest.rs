@@ -4,9 +4,9 @@
 //! concurrency limit holds at the server.
 //!
 //! ```text
-//! cargo run --release --example loadtest                     # the defaults, about 2 minutes
-//! cargo run --release --example loadtest -- --streams 1000   # a quick run
-//! cargo run --release --example loadtest -- --help
+//! cargo bench --bench loadtest                     # the defaults, about 2 minutes
+//! cargo bench --bench loadtest -- --streams 1000   # a quick run
+//! cargo bench --bench loadtest -- --help
 //! ```
 //!
 //! # Why
@@ -43,7 +43,7 @@
 //! memory figures clean (no allocator memory kept from an earlier run, no server in the
 //! client's RSS) and give each side its own file-descriptor limit.
 //!
-//! The server is this example's own small hyper server, not the shared mock upstream,
+//! The server is this benchmark's own small hyper server, not the shared mock upstream,
 //! for one reason: the mock's listener has the usual accept queue of 128, and ten
 //! thousand HTTP/1.1 connections opened at once overflow it: the kernel drops the
 //! SYNs, the client sends them again one, three, seven seconds later, and the streams
@@ -80,7 +80,7 @@
 //!
 //! Over HTTP/1.1 every open stream is a connection: N sockets in the client process and
 //! N in the server process. Each process needs `ulimit -n` of at least N + 200;
-//! `ulimit -n 20000` covers the default of 10,000. The example checks the limit at the
+//! `ulimit -n 20000` covers the default of 10,000. The benchmark checks the limit at the
 //! start and says what to do when it is too low; it does not raise it itself.
 //!
 //! # Reading the output
@@ -110,16 +110,6 @@
 //! The exit status is non-zero if a run failed, a stream failed, or the limit check
 //! did not hold.
 
-#[path = "../tests/support/upstream.rs"]
-mod upstream;
-
-#[path = "support/flags.rs"]
-mod flags;
-#[path = "support/process.rs"]
-mod process;
-
-use flags::{next_flag, value};
-use process::rss_bytes;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -130,6 +120,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
+use tower_stream_backpressure_testkit::flags::{next_flag, value};
+use tower_stream_backpressure_testkit::process::rss_bytes;
+use tower_stream_backpressure_testkit::upstream;
 
 use bytes::Bytes;
 use http::{Request, Response, Uri};
@@ -168,7 +161,7 @@ events/s, the client's peak RSS and RSS per open stream, and the server's peak
 concurrent streams, in two phases: memory (a gap between events, all N streams
 open at once) and throughput (no gap, the configurations taking turns).
 
-Usage: cargo run --release --example loadtest -- [FLAGS]
+Usage: cargo bench --bench loadtest -- [FLAGS]
 
 Flags (default in brackets):
   --streams N        streams per run (memory: all open at once) [10000]
@@ -188,7 +181,7 @@ Flags (default in brackets):
 Each process needs `ulimit -n` of at least N + 200 (HTTP/1.1 opens one
 connection per open stream): `ulimit -n 20000` covers the default.
 
-Used by the example itself, in the processes it starts:
+Used by the benchmark itself, in the processes it starts:
   --serve            serve SSE streams on 127.0.0.1, print `port=<port>`,
                      answer `stats` on stdin, exit when stdin closes
   --run RUN          the client: bare, stack or limit (one memory run) or
@@ -353,6 +346,8 @@ impl Args {
                     };
                 }
                 "--help" => return Ok(None),
+                // What `cargo bench` passes to every benchmark.
+                "--bench" => {}
                 _ => return Err(format!("invalid option '{flag}'")),
             }
         }
