@@ -120,8 +120,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
-use tower_stream_backpressure_testkit::flags::{next_flag, value};
-use tower_stream_backpressure_testkit::process::rss_bytes;
+use tower_stream_backpressure_testkit::flags::{self, next_flag, value};
+use tower_stream_backpressure_testkit::process::{error_chain, rss_bytes};
 use tower_stream_backpressure_testkit::upstream;
 
 use bytes::Bytes;
@@ -365,17 +365,7 @@ fn word(parser: &mut lexopt::Parser) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::parse() {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            print!("{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(message) => {
-            eprintln!("loadtest: {message}\nRun with --help to see the flags.");
-            return ExitCode::from(2);
-        }
-    };
+    let args = flags::parse_or_exit("loadtest", HELP, Args::parse);
     if args.serve {
         serve(args.gap)
     } else if let Some(run) = args.run {
@@ -1004,8 +994,11 @@ where
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from_static(br#"{"stream":true}"#)))
         .map_err(|e| e.to_string())?;
-    let ready = service.ready().await.map_err(|e| chain(&*e.into()))?;
-    let response = ready.call(request).await.map_err(|e| chain(&*e.into()))?;
+    let ready = service.ready().await.map_err(|e| error_chain(&*e.into()))?;
+    let response = ready
+        .call(request)
+        .await
+        .map_err(|e| error_chain(&*e.into()))?;
     if !response.status().is_success() {
         return Err(format!("status {}", response.status()));
     }
@@ -1014,7 +1007,7 @@ where
     // An SSE event ends with a blank line; these events have no other "\n\n".
     let (mut events, mut last) = (0, 0u8);
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| chain(&*e.into()))?;
+        let frame = frame.map_err(|e| error_chain(&*e.into()))?;
         if let Ok(data) = frame.into_data() {
             for &byte in data.iter() {
                 if byte == b'\n' && last == b'\n' {
@@ -1030,17 +1023,6 @@ where
         return Err(format!("the body ended after {events} of {EVENTS} events"));
     }
     Ok(events)
-}
-
-/// An error and its sources, `: `-separated.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(source) = next {
-        text = format!("{text}: {source}");
-        next = source.source();
-    }
-    text
 }
 
 /// The machine's count of connections dropped because a listener's accept queue was

@@ -120,7 +120,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tower_stream_backpressure_testkit::flags::{next_flag, value};
+use tower_stream_backpressure_testkit::flags::{self, next_flag, value};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -791,17 +791,7 @@ fn svg(args: &Args, runs: &[Run]) -> String {
 
 #[tokio::main(flavor = "current_thread", start_paused = true)]
 async fn main() {
-    let args = match Args::parse() {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            print!("{HELP}");
-            return;
-        }
-        Err(message) => {
-            eprintln!("retry_storm: {message}\nRun with --help to see the flags.");
-            std::process::exit(2);
-        }
-    };
+    let args = flags::parse_or_exit("retry_storm", HELP, Args::parse);
     let wall = std::time::Instant::now();
     let mut runs = Vec::new();
     for contender in Contender::ALL {

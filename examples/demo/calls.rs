@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use tower::{BoxError, Service, ServiceExt};
 use tower_stream_backpressure::retry::StopReason;
 use tower_stream_backpressure::{FirstChunkError, Rejected};
+use tower_stream_backpressure_testkit::process::error_chain;
 
 /// How a failed call failed, in the order the summary lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -125,7 +126,7 @@ where
     // Resolves once the first event has arrived, after any retries.
     let response = service.oneshot(request).await.map_err(|error| {
         let (kind, reason) = classify(&error);
-        (kind, reason, chain(&*error))
+        (kind, reason, error_chain(&*error))
     })?;
     let status = response.status();
     if status == 503 {
@@ -148,7 +149,7 @@ where
         Err(error) => Err((
             Kind::MidStream,
             "body error mid-stream".into(),
-            chain(&*error.into()),
+            error_chain(&*error.into()),
         )),
         Ok(body) if !body.ends_with(b"data: [DONE]\n\n") => Err((
             Kind::Unexpected,
@@ -178,15 +179,4 @@ fn classify(error: &BoxError) -> (Kind, String) {
     } else {
         (Kind::Unexpected, "an error from below the stack".into())
     }
-}
-
-/// An error and its sources, `: `-separated.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(source) = next {
-        text = format!("{text}: {source}");
-        next = source.source();
-    }
-    text
 }

@@ -52,24 +52,14 @@ use tower_stream_backpressure::frame::Sse;
 use tower_stream_backpressure::{
     FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy, StreamConcurrencyLayer,
 };
-use tower_stream_backpressure_testkit::Upstream;
+use tower_stream_backpressure_testkit::{Upstream, flags};
 
 use args::{Args, HELP, Injected};
 use calls::{Counts, Failures, Latencies};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match Args::parse() {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            print!("{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(message) => {
-            eprintln!("demo: {message}\nRun with --help to see the flags.");
-            return ExitCode::from(2);
-        }
-    };
+    let args = flags::parse_or_exit("demo", HELP, Args::parse);
     let Ok(budget) = RetryBudget::try_new(Duration::from_secs(10), 10, args.budget_ratio) else {
         eprintln!("demo: --budget-ratio: not a valid retry ratio");
         return ExitCode::from(2);

@@ -32,3 +32,23 @@ pub fn next_flag(parser: &mut lexopt::Parser) -> Result<Option<String>, String> 
         _ => Err(arg.unexpected().to_string()),
     }
 }
+
+/// The flags `parse` reads; or, after printing `help` for `--help` (exit status 0) or
+/// what was wrong with the flags (status 2), the end of the program.
+pub fn parse_or_exit<A>(
+    program: &str,
+    help: &str,
+    parse: impl FnOnce() -> Result<Option<A>, String>,
+) -> A {
+    match parse() {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            print!("{help}");
+            std::process::exit(0);
+        }
+        Err(message) => {
+            eprintln!("{program}: {message}\nRun with --help to see the flags.");
+            std::process::exit(2);
+        }
+    }
+}
