@@ -29,7 +29,6 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use prost::Message;
 use support::{Fault, Protocol as Http, Reply, Upstream, client, full_stack, post, read_to_end};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tower::ServiceExt;
 use tower_stream_backpressure::metrics::{
     CONCURRENCY_WAIT_BUCKETS, FIRST_CHUNK_LATENCY_BUCKETS, PROVIDER_CALLS_IN_FLIGHT,
@@ -99,24 +98,16 @@ impl Drop for Receiver {
 }
 
 async fn serve(listener: TcpListener, received: Arc<Mutex<Received>>) {
-    // Connection tasks live in the set: aborting `serve` drops them all.
-    let mut connections = JoinSet::new();
-    loop {
-        let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(_) => continue,
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
+    support::accept_each(listener, move |tcp| {
         let received = received.clone();
         let service = service_fn(move |request| receive(request, received.clone()));
-        connections.spawn(async move {
+        async move {
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn receive(

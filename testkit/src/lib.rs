@@ -37,6 +37,28 @@ use tower::BoxError;
 
 pub use upstream::{Fault, Hit, Reply, Upstream};
 
+/// Accepts connections on `listener` until this future is dropped (its task aborted),
+/// running `connection` for each on a task of its own; the connection tasks end with
+/// it. The one accept loop of the mock servers.
+pub async fn accept_each<F, Fut>(listener: tokio::net::TcpListener, mut connection: F)
+where
+    F: FnMut(tokio::net::TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    // Connection tasks live in the set: dropping it drops them all.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => continue,
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        connections.spawn(connection(tcp));
+    }
+}
+
 /// The HTTP version a client speaks to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {

@@ -98,16 +98,12 @@ async fn serve(
     hits: Arc<AtomicU64>,
     connections: Arc<AtomicU64>,
 ) {
-    let mut tasks = JoinSet::new();
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+    crate::accept_each(listener, move |tcp| {
         let _ = tcp.set_nodelay(true);
         let index = connections.fetch_add(1, Ordering::SeqCst);
         let mode = on_connection(index);
         let (script, hits) = (script.clone(), hits.clone());
-        tasks.spawn(async move {
+        async move {
             if mode == H2Connection::GoAwayFirst {
                 let _ = go_away_below_first_stream(tcp).await;
                 return;
@@ -140,8 +136,9 @@ async fn serve(
                     }
                 }
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// Frame types and flags of RFC 9113 §6.

@@ -26,7 +26,6 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
 use tokio::time::Sleep;
 
 /// What the upstream saw of one request, for the script to decide on.
@@ -301,16 +300,7 @@ async fn serve(
     stats: Arc<Stats>,
     script: Arc<Script>,
 ) {
-    // Connection tasks live in the set: aborting `serve` drops them all.
-    let mut connections = JoinSet::new();
-    loop {
-        let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(_) => continue,
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
+    crate::accept_each(listener, move |tcp| {
         let _ = tcp.set_nodelay(true);
         stats.connections.fetch_add(1, Ordering::SeqCst);
         let connection = Arc::new(Connection::new(stats.clone()));
@@ -321,7 +311,7 @@ async fn serve(
             })
         };
         let tls = tls.clone();
-        connections.spawn(async move {
+        async move {
             match tls {
                 None => serve_connection(tcp, service, &connection).await,
                 // A failed handshake (the client did not trust the certificate) ends
@@ -332,8 +322,9 @@ async fn serve(
                     }
                 }
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn serve_connection<I, S>(io: I, service: S, connection: &Connection)
