@@ -27,15 +27,7 @@ import uuid
 
 import anthropic
 
-
-def fail(message):
-    print(f"FAIL: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def check(condition, message):
-    if not condition:
-        fail(message)
+from checks import check, fail
 
 
 def in_band_retries(base_url):

@@ -19,15 +19,7 @@ import time
 
 import openai
 
-
-def fail(message):
-    print(f"FAIL: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def check(condition, message):
-    if not condition:
-        fail(message)
+from checks import check, fail
 
 
 def main():
