@@ -2,10 +2,13 @@
 //! which needs the crate itself: a fault-injecting mock LLM upstream ([`upstream`]), an
 //! HTTP/2 server on `h2` directly ([`raw_h2`]), a test certificate authority ([`tls`]),
 //! hyper-util clients for both protocols, request builders, metrics read back through
-//! the SDK and through Prometheus, and the examples' flag parsing ([`flags`]).
+//! the SDK and through Prometheus, the examples' flag parsing ([`flags`]), and the
+//! stacks from tower and tower-http the benchmarks measure ours against
+//! ([`contenders`]).
 //!
 //! Dev-only: never published.
 
+pub mod contenders;
 pub mod flags;
 pub mod process;
 pub mod raw_h2;
