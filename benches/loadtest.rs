@@ -1,11 +1,13 @@
 //! An end-to-end load test: 10,000 concurrent SSE streams over real sockets, through a
-//! bare hyper-util client and through the three layers, to measure what the layers
-//! cost in throughput and in memory per open stream, and to check that the
+//! bare hyper-util client, through the three layers, and through what a user would
+//! stack instead (tower's limit and retry, tower-http's body timeout), to measure what
+//! the layers cost in throughput and in memory per open stream, and to check that the
 //! concurrency limit holds at the server.
 //!
 //! ```text
 //! cargo bench --bench loadtest                     # the defaults, about 2 minutes
 //! cargo bench --bench loadtest -- --streams 1000   # a quick run
+//! cargo bench --bench loadtest -- --phase throughput --configs bare,concurrency,budget,retry
 //! cargo bench --bench loadtest -- --help
 //! ```
 //!
@@ -22,15 +24,31 @@
 //! Each stream is `200 text/event-stream`: 20 content events and `data: [DONE]` (21
 //! SSE events, the bytes of the shared mock upstream's `token_events`), each sent after
 //! a pause (the gap). The client is a hyper-util client (TCP_NODELAY; `http2_only(true)`
-//! for HTTP/2 with prior knowledge, h2c), in three configurations:
+//! for HTTP/2 with prior knowledge, h2c), in these configurations (the name in
+//! `--configs` and `--run` first, where it differs from the tables'):
 //!
 //! - **bare**: the hyper-util client alone;
 //! - **stack**: the three layers in the README's order, default settings:
 //!   `StreamConcurrencyLayer::new(N)` (a limit no run reaches), `RetryBudgetLayer` with
 //!   `RetryBudget::default()`, `FirstChunkRetryLayer` with `RetryPolicy::default()` and
 //!   the `Auto` detector;
-//! - **stack+limit**: the same with `StreamConcurrencyLayer::new(--limit)`, no
-//!   `max_wait`.
+//! - `limit`, **stack+limit**: the same with `StreamConcurrencyLayer::new(--limit)`, no
+//!   `max_wait`;
+//! - **tower**: what tower offers for the same job, the testkit's
+//!   `contenders::tower_stack`: `ConcurrencyLimit::new(N)` (never reached; released at
+//!   the response headers, not the end of the body) over `Retry` with a `TpsBudget` and
+//!   a one-line policy (errors and 5xx retried while the budget allows; every request
+//!   cloned before it is sent);
+//! - **tower-http**: tower-http's `ResponseBodyTimeout` (30 s, never reached), the
+//!   usual body wrapper on a streaming client: a timer armed and reset around every
+//!   frame (`contenders::tower_http_body_timeout`);
+//! - **concurrency**, **budget**, **retry**: each of our layers alone, set as in
+//!   **stack**.
+//!
+//! The memory phase runs bare, stack and stack+limit; the throughput phase runs the
+//! configurations of `--configs` (bare, stack, limit, tower, tower-http unless told
+//! otherwise). No configuration boxes its service or its body: each costs what it would
+//! in an application.
 //!
 //! No OpenTelemetry meter provider is installed: the layers record to the no-op global
 //! provider, as in an application that exports no metrics, so the figures are the
@@ -64,17 +82,18 @@
 //!   (tens of MiB over HTTP/2, which the allocator keeps), and vary by about 1 KiB per
 //!   stream between two identical runs.
 //! - **throughput**: gap 0, the server sends as fast as it can. One client process per
-//!   protocol holds the three configurations (each with its own hyper-util client and
-//!   connection pool) and runs them in turns: a round is N streams, `--concurrency`
-//!   (500) at a time, each task making calls one after the other. One round of each
-//!   opens the connections and is not counted; then `--rounds` (10) rounds of each,
-//!   the order rotating. Taking turns a fraction of a second apart puts the three under
-//!   the same load from the rest of the machine, so their ratio holds even when their
-//!   absolute figures move. At most 500 streams at a time, because the HTTP/2 client
-//!   (the `h2` crate, 0.4) protects itself against many small DATA frames left unread: past about
-//!   2.5 MiB of framing overhead (half the connection window hyper sets) it closes the
-//!   connection with `ENHANCE_YOUR_CALM` ("too_many_data_frames"), and 1,000 streams of
-//!   short events sent with no gap can get there; 10,000 do.
+//!   protocol holds the configurations of `--configs` (each with its own hyper-util
+//!   client and connection pool) and runs them in turns: a round is N streams,
+//!   `--concurrency` (500) at a time, each task making calls one after the other. One
+//!   round of each opens the connections and is not counted; then `--rounds` (10)
+//!   rounds of each, the order rotating. Taking turns a fraction of a second apart puts
+//!   them all under the same load from the rest of the machine, so their ratios hold
+//!   even when their absolute figures move. At most 500 streams at a time, because the
+//!   HTTP/2 client (the `h2` crate, 0.4) protects itself against many small DATA frames
+//!   left unread: past about 2.5 MiB of framing overhead (half the connection window
+//!   hyper sets) it closes the connection with `ENHANCE_YOUR_CALM`
+//!   ("too_many_data_frames"), and 1,000 streams of short events sent with no gap can
+//!   get there; 10,000 do.
 //!
 //! # File descriptors
 //!
@@ -97,18 +116,77 @@
 //!   (the machine's `ListenOverflows`, so other programs' too), each delaying a stream
 //!   by a second or more. The stack+limit row is not comparable with the others: its
 //!   RSS also carries the calls waiting for a slot.
-//! - **throughput**: the median round by events/s of each configuration, and the range
-//!   over the rounds; `srv peak` is for the three together.
+//! - **throughput**: the median round by events/s of each configuration of
+//!   `--configs`, and the range over the rounds; `srv peak` is for all of them
+//!   together.
 //! - **limit check**: the server's peak concurrent streams in the memory phase must
 //!   equal `min(--limit, N)`: `OK`, else `MISMATCH`.
-//! - **what the stack costs**: `events/s stack / bare`, the median of the per-turn
-//!   ratios (throughput phase; goal at least 0.97), and `extra RSS per open stream`,
-//!   stack minus bare (memory phase; goal at most 1 KiB). `stack+limit / bare` in the
-//!   throughput phase is the same stack again (with `--concurrency` below `--limit` no
-//!   call waits): how far it is from `stack / bare` shows the noise.
+//! - **what the stack costs**: `events/s X / bare` for each configuration X of
+//!   `--configs` but bare, the median of the per-turn ratios and their middle half
+//!   (first to third quartile), throughput phase. For stack the goal is at least 0.97.
+//!   `stack+limit / bare` is the same stack again (with `--concurrency` below `--limit`
+//!   no call waits): how far it is from `stack / bare` shows the noise. With tower
+//!   listed, `stack / tower` too: ours against what a user would pick instead. Then
+//!   `extra RSS per open stream`, stack minus bare (memory phase; goal at most 1 KiB).
 //!
 //! The exit status is non-zero if a run failed, a stream failed, or the limit check
 //! did not hold.
+//!
+//! # Profiling
+//!
+//! The two sides also run on their own, so that one can run the client under a
+//! profiler against a server in another shell. Build, and take the executable's path
+//! from cargo's `Executable` line:
+//!
+//! ```text
+//! cargo bench --no-run --bench loadtest
+//! #   Executable benches/loadtest.rs (target/release/deps/loadtest-<hash>)
+//! ```
+//!
+//! In one shell, the server, with no gap between events as in the throughput phase
+//! (`--serve` alone keeps the memory phase's 150 ms); it prints `port=<port>`, answers
+//! a `stats` line on stdin with its counts, and exits at end of input (Ctrl-D):
+//!
+//! ```text
+//! target/release/deps/loadtest-<hash> --serve --gap-ms 0
+//! ```
+//!
+//! (In a script, keep its stdin open: `sleep infinity | loadtest-<hash> --serve
+//! --gap-ms 0 &`, and end the `sleep` to stop the server.)
+//!
+//! In another, the client under callgrind, one configuration at a time (only the listed
+//! configurations are built, so the profile holds no other's setup), with that port:
+//!
+//! ```text
+//! valgrind --tool=callgrind --callgrind-out-file=stack.callgrind \
+//!     target/release/deps/loadtest-<hash> --run throughput --proto h1 --port <port> \
+//!     --configs stack --rounds 2 --streams 2000 --concurrency 100
+//! ```
+//!
+//! It prints one result line, `result config=stack ... streams_made=6000`: the streams
+//! the process made in all, the uncounted round that opens the connections included
+//! (`(--rounds + 1) * --streams` when none fails). Callgrind is some 50 times slower than
+//! the program alone; a round still running after `--timeout-s` (300 s) is cut short,
+//! so raise it for large runs. Then, per stream:
+//!
+//! - instructions: the total (`Collected :` in valgrind's last lines, or the `totals:`
+//!   line of the file: `grep ^totals: stack.callgrind`) divided by `streams_made`;
+//! - allocations: the calls to `malloc` (every thread's, in the one file) divided by
+//!   `streams_made`; callgrind_annotate lists them by caller, or this sums them:
+//!
+//! ```text
+//! awk '/^c?fn=\([0-9]+\) / { name[substr($1, index($1, "("))] = substr($0, index($0, ") ") + 2) }
+//!      /^cfn=/ { called = name[substr($1, 5)] }
+//!      /^calls=/ && called == "malloc" { n += substr($1, 7) }
+//!      END { print n }' stack.callgrind
+//! ```
+//!
+//! Both totals also hold what is done once (the runtime, the client, the first
+//! connections: a few million instructions and some hundreds of allocations, a few per
+//! cent of a run of 1,000 streams). Two runs that differ only in `--rounds` cancel it:
+//! `(total(3 rounds) - total(1 round)) / (streams_made(3) - streams_made(1))` is the
+//! cost of one more stream alone. Compare configurations at the same `--proto`,
+//! `--streams` and `--concurrency`, each in its own run.
 
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
@@ -122,7 +200,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 use tower_stream_backpressure_testkit::flags::{self, next_flag, value};
 use tower_stream_backpressure_testkit::process::{error_chain, rss_bytes};
-use tower_stream_backpressure_testkit::upstream;
+use tower_stream_backpressure_testkit::{contenders, upstream};
 
 use bytes::Bytes;
 use http::{Request, Response, Uri};
@@ -156,10 +234,12 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 const HELP: &str = "\
 End-to-end load test: N concurrent SSE streams on loopback, through a bare
 hyper-util client and through StreamConcurrencyLayer, RetryBudgetLayer and
-FirstChunkRetryLayer, over HTTP/1.1 and HTTP/2 (h2c). Reports streams/s,
-events/s, the client's peak RSS and RSS per open stream, and the server's peak
-concurrent streams, in two phases: memory (a gap between events, all N streams
-open at once) and throughput (no gap, the configurations taking turns).
+FirstChunkRetryLayer, over HTTP/1.1 and HTTP/2 (h2c), beside what a user would
+stack instead (tower's limit and retry, tower-http's body timeout). Reports
+streams/s, events/s, the client's peak RSS and RSS per open stream, and the
+server's peak concurrent streams, in two phases: memory (a gap between events,
+all N streams open at once; bare, stack, limit) and throughput (no gap, the
+configurations of --configs taking turns).
 
 Usage: cargo bench --bench loadtest -- [FLAGS]
 
@@ -172,6 +252,16 @@ Flags (default in brackets):
   --concurrency N    throughput phase: streams at a time [500]
   --rounds N         throughput phase: rounds of N streams per configuration,
                      after one uncounted round that opens the connections [10]
+  --configs LIST     throughput phase: the configurations, comma-separated
+                     [bare,stack,limit,tower,tower-http]; any of
+                       bare         the hyper-util client alone
+                       stack        our three layers, a limit never reached
+                       limit        our three layers, --limit (stack+limit)
+                       tower        tower's ConcurrencyLimit + Retry, TpsBudget
+                       tower-http   tower-http's ResponseBodyTimeout, 30 s
+                       concurrency  StreamConcurrencyLayer alone
+                       budget       RetryBudgetLayer alone
+                       retry        FirstChunkRetryLayer alone
   --phase PHASE      memory, throughput or both [both]
   --proto PROTO      h1, h2 or both [both]
   --timeout-s S      a round still running after S seconds is cut short and
@@ -181,11 +271,15 @@ Flags (default in brackets):
 Each process needs `ulimit -n` of at least N + 200 (HTTP/1.1 opens one
 connection per open stream): `ulimit -n 20000` covers the default.
 
-Used by the benchmark itself, in the processes it starts:
-  --serve            serve SSE streams on 127.0.0.1, print `port=<port>`,
-                     answer `stats` on stdin, exit when stdin closes
-  --run RUN          the client: bare, stack or limit (one memory run) or
-                     throughput (the three in turns); prints result lines
+Used by the benchmark itself, in the processes it starts, and by hand to
+profile one side (see Profiling in the benchmark's documentation):
+  --serve            serve SSE streams on 127.0.0.1 (--gap-ms between events:
+                     0 for throughput), print `port=<port>`, answer `stats`
+                     on stdin, exit when stdin closes
+  --run RUN          the client: one configuration, named as in --configs
+                     (a memory run), or throughput (those of --configs in
+                     turns); needs --port and one --proto; prints result
+                     lines, with streams_made (the uncounted calls included)
   --port PORT        the server's port, for --run
 ";
 
@@ -198,27 +292,86 @@ enum Config {
     Stack,
     /// The three layers, with `--limit`.
     Limit,
+    /// tower's `ConcurrencyLimit` (a limit no run reaches) and `Retry` with a
+    /// `TpsBudget`: the testkit's `contenders::tower_stack`.
+    Tower,
+    /// tower-http's `ResponseBodyTimeout` (30 s, never reached): the testkit's
+    /// `contenders::tower_http_body_timeout`.
+    TowerHttp,
+    /// `StreamConcurrencyLayer` alone, with a limit no run reaches.
+    Concurrency,
+    /// `RetryBudgetLayer` alone, `RetryBudget::default()`.
+    Budget,
+    /// `FirstChunkRetryLayer` alone, `RetryPolicy::default()`.
+    Retry,
 }
 
 impl Config {
-    const ALL: [Config; 3] = [Config::Bare, Config::Stack, Config::Limit];
+    const ALL: [Config; 8] = [
+        Config::Bare,
+        Config::Stack,
+        Config::Limit,
+        Config::Tower,
+        Config::TowerHttp,
+        Config::Concurrency,
+        Config::Budget,
+        Config::Retry,
+    ];
+    /// The memory phase's configurations.
+    const MEMORY: [Config; 3] = [Config::Bare, Config::Stack, Config::Limit];
+    /// The throughput phase's configurations unless `--configs` says otherwise.
+    const THROUGHPUT: [Config; 5] = [
+        Config::Bare,
+        Config::Stack,
+        Config::Limit,
+        Config::Tower,
+        Config::TowerHttp,
+    ];
 
-    /// The value of `--run`, and the `config=` of a result line.
+    /// The name in `--run` and `--configs`, and the `config=` of a result line.
     fn flag(self) -> &'static str {
         match self {
             Config::Bare => "bare",
             Config::Stack => "stack",
             Config::Limit => "limit",
+            Config::Tower => "tower",
+            Config::TowerHttp => "tower-http",
+            Config::Concurrency => "concurrency",
+            Config::Budget => "budget",
+            Config::Retry => "retry",
         }
     }
 
     /// The name in the tables.
     fn name(self) -> &'static str {
         match self {
-            Config::Bare => "bare",
-            Config::Stack => "stack",
             Config::Limit => "stack+limit",
+            other => other.flag(),
         }
+    }
+
+    /// What it is, in a few words, for the ratios.
+    fn about(self) -> &'static str {
+        match self {
+            Config::Bare => "the hyper-util client alone",
+            Config::Stack => "our three layers",
+            Config::Limit => "our three layers, --limit",
+            Config::Tower => "tower's ConcurrencyLimit + Retry with a TpsBudget",
+            Config::TowerHttp => "tower-http's ResponseBodyTimeout",
+            Config::Concurrency => "StreamConcurrencyLayer alone",
+            Config::Budget => "RetryBudgetLayer alone",
+            Config::Retry => "FirstChunkRetryLayer alone",
+        }
+    }
+
+    /// The configuration named `flag`.
+    fn from_flag(flag: &str) -> Option<Config> {
+        Config::ALL.into_iter().find(|config| config.flag() == flag)
+    }
+
+    /// Every configuration's flag, for messages.
+    fn flags() -> String {
+        Config::ALL.map(Config::flag).join(", ")
     }
 }
 
@@ -271,6 +424,8 @@ struct Args {
     ramp: Duration,
     concurrency: usize,
     rounds: usize,
+    /// The throughput phase's configurations, in their first turn's order.
+    configs: Vec<Config>,
     phases: Vec<Phase>,
     protos: Vec<Proto>,
     timeout: Duration,
@@ -289,6 +444,7 @@ impl Args {
             ramp: Duration::from_millis(1000),
             concurrency: 500,
             rounds: 10,
+            configs: Config::THROUGHPUT.to_vec(),
             phases: vec![Phase::Memory, Phase::Throughput],
             protos: vec![Proto::Http1, Proto::Http2],
             timeout: Duration::from_secs(300),
@@ -331,16 +487,17 @@ impl Args {
                         }
                     }
                 }
+                "--configs" => args.configs = configs(&word(p)?)?,
                 "--serve" => args.serve = true,
                 "--run" => {
                     let name = word(p)?;
-                    let config = Config::ALL.into_iter().find(|c| c.flag() == name);
-                    args.run = match (config, name.as_str()) {
+                    args.run = match (Config::from_flag(&name), name.as_str()) {
                         (Some(config), _) => Some(Run::Memory(config)),
                         (None, "throughput") => Some(Run::Throughput),
                         _ => {
                             return Err(format!(
-                                "--run: {name:?} is not one of bare, stack, limit, throughput"
+                                "--run: {name:?} is not one of {}, throughput",
+                                Config::flags()
                             ));
                         }
                     };
@@ -356,6 +513,20 @@ impl Args {
         }
         Ok(Some(args))
     }
+}
+
+/// The value of `--configs`: configuration names, comma-separated, each once.
+fn configs(list: &str) -> Result<Vec<Config>, String> {
+    let mut configs = Vec::new();
+    for name in list.split(',').map(str::trim) {
+        let config = Config::from_flag(name)
+            .ok_or_else(|| format!("--configs: {name:?} is not one of {}", Config::flags()))?;
+        if configs.contains(&config) {
+            return Err(format!("--configs: {name} is listed twice"));
+        }
+        configs.push(config);
+    }
+    Ok(configs)
 }
 
 /// The value of a flag that takes a word.
@@ -617,6 +788,123 @@ macro_rules! stack {
     };
 }
 
+/// The service of each configuration, built only when the run uses it (`None`
+/// otherwise), each with its own hyper-util client and connection pool.
+///
+/// Each is its own type, none boxed: a boxed service or body would add an allocation
+/// and a dynamic call to every call and every frame of every contender, and shrink the
+/// differences this benchmark is there to show. [`Services::round`] and
+/// [`Services::memory`] pick the field by the configuration and run the generic code
+/// on it.
+struct Services<Ba, St, Li, To, Th, Co, Bu, Re> {
+    bare: Option<Ba>,
+    stack: Option<St>,
+    limit: Option<Li>,
+    tower: Option<To>,
+    tower_http: Option<Th>,
+    concurrency: Option<Co>,
+    budget: Option<Bu>,
+    retry: Option<Re>,
+}
+
+/// The services of `configs`, over `proto`.
+fn services(
+    proto: Proto,
+    args: &Args,
+    configs: &[Config],
+) -> Services<
+    impl Streaming,
+    impl Streaming,
+    impl Streaming,
+    impl Streaming,
+    impl Streaming,
+    impl Streaming,
+    impl Streaming,
+    impl Streaming,
+> {
+    let (streams, limit) = (args.streams, args.limit);
+    let on = |config| configs.contains(&config);
+    let client = || client(proto, streams);
+    Services {
+        bare: on(Config::Bare).then(client),
+        stack: on(Config::Stack).then(|| stack!(client(), streams)),
+        limit: on(Config::Limit).then(|| stack!(client(), limit)),
+        tower: on(Config::Tower).then(|| contenders::tower_stack(client(), streams)),
+        tower_http: on(Config::TowerHttp).then(|| contenders::tower_http_body_timeout(client())),
+        concurrency: on(Config::Concurrency).then(|| {
+            ServiceBuilder::new()
+                .layer(StreamConcurrencyLayer::new(streams))
+                .service(client())
+        }),
+        budget: on(Config::Budget).then(|| {
+            ServiceBuilder::new()
+                .layer(RetryBudgetLayer::new(RetryBudget::default()))
+                .service(client())
+        }),
+        retry: on(Config::Retry).then(|| {
+            ServiceBuilder::new()
+                .layer(FirstChunkRetryLayer::new(RetryPolicy::default()))
+                .service(client())
+        }),
+    }
+}
+
+/// `$run` with `$service` bound to the service of `$config`, which must have been
+/// built.
+macro_rules! with_service {
+    ($services:expr, $config:expr, |$service:ident| $run:expr) => {{
+        let services = $services;
+        match $config {
+            Config::Bare => with_service!(@ services.bare, $config, $service, $run),
+            Config::Stack => with_service!(@ services.stack, $config, $service, $run),
+            Config::Limit => with_service!(@ services.limit, $config, $service, $run),
+            Config::Tower => with_service!(@ services.tower, $config, $service, $run),
+            Config::TowerHttp => with_service!(@ services.tower_http, $config, $service, $run),
+            Config::Concurrency => with_service!(@ services.concurrency, $config, $service, $run),
+            Config::Budget => with_service!(@ services.budget, $config, $service, $run),
+            Config::Retry => with_service!(@ services.retry, $config, $service, $run),
+        }
+    }};
+    (@ $field:expr, $config:expr, $service:ident, $run:expr) => {
+        match &$field {
+            Some($service) => $run,
+            None => unreachable!("{} was not built", $config.name()),
+        }
+    };
+}
+
+impl<Ba, St, Li, To, Th, Co, Bu, Re> Services<Ba, St, Li, To, Th, Co, Bu, Re>
+where
+    Ba: Streaming,
+    St: Streaming,
+    Li: Streaming,
+    To: Streaming,
+    Th: Streaming,
+    Co: Streaming,
+    Bu: Streaming,
+    Re: Streaming,
+{
+    /// [`round`] through the service of `config`.
+    async fn round(
+        &self,
+        config: Config,
+        uri: &Uri,
+        (streams, concurrency, ramp): (usize, usize, Duration),
+        args: &Args,
+        gauge: &Arc<Gauge>,
+    ) -> (Round, Option<String>) {
+        with_service!(self, config, |service| {
+            round(service, uri, streams, concurrency, ramp, args, gauge).await
+        })
+    }
+
+    /// [`memory`] through the service of `config`.
+    async fn memory(&self, config: Config, uri: Uri, args: &Args) -> Result<Vec<String>, String> {
+        with_service!(self, config, |service| memory(config, service, uri, args)
+            .await)
+    }
+}
+
 /// Runs the client side of one run and prints its result lines.
 fn run_client(run: Run, args: &Args) -> ExitCode {
     let runtime = match runtime() {
@@ -631,22 +919,15 @@ fn run_client(run: Run, args: &Args) -> ExitCode {
         let uri: Uri = format!("http://127.0.0.1:{}/v1/chat/completions", args.port)
             .parse()
             .map_err(|e| format!("bad url: {e}"))?;
-        let (streams, limit) = (args.streams, args.limit);
         match run {
-            Run::Memory(config @ Config::Bare) => {
-                memory(config, client(proto, streams), uri, args).await
-            }
-            Run::Memory(config @ Config::Stack) => {
-                memory(config, stack!(client(proto, streams), streams), uri, args).await
-            }
-            Run::Memory(config @ Config::Limit) => {
-                memory(config, stack!(client(proto, streams), limit), uri, args).await
+            Run::Memory(config) => {
+                services(proto, args, &[config])
+                    .memory(config, uri, args)
+                    .await
             }
             Run::Throughput => {
-                let bare = client(proto, streams);
-                let stack = stack!(client(proto, streams), streams);
-                let limited = stack!(client(proto, streams), limit);
-                throughput(bare, stack, limited, uri, args).await
+                let services = services(proto, args, &args.configs);
+                throughput(&services, uri, args).await
             }
         }
     });
@@ -664,22 +945,36 @@ fn run_client(run: Run, args: &Args) -> ExitCode {
     }
 }
 
-/// What a service must be for the load: a streaming client.
-trait Streaming<B>:
-    Service<Request<Full<Bytes>>, Response = Response<B>, Error = Self::Failure>
-    + Clone
+/// What a service must be for the load: a streaming client whose tasks can move
+/// between threads.
+trait Streaming:
+    Service<
+        Request<Full<Bytes>>,
+        Response = Response<Self::Body>,
+        Error = Self::Failure,
+        Future = Self::Call,
+    > + Clone
     + Send
     + 'static
 {
+    type Body: Body<Data = Bytes, Error = Self::BodyError> + Send + 'static;
+    type BodyError: Into<BoxError>;
     type Failure: Into<BoxError>;
+    type Call: Send;
 }
 
-impl<S, B> Streaming<B> for S
+impl<S, B> Streaming for S
 where
     S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
+    type Body = B;
+    type BodyError = B::Error;
     type Failure = S::Error;
+    type Call = S::Future;
 }
 
 /// One round of N streams.
@@ -734,18 +1029,12 @@ struct Sampled {
 
 /// The memory run: a warm-up call, the baseline RSS, then one round of N streams with
 /// `concurrency = N`, started over the ramp, while a thread samples the RSS.
-async fn memory<S, B>(
+async fn memory<S: Streaming>(
     config: Config,
-    service: S,
+    service: &S,
     uri: Uri,
     args: &Args,
-) -> Result<Vec<String>, String>
-where
-    S: Streaming<B>,
-    S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+) -> Result<Vec<String>, String> {
     let gauge = Arc::new(Gauge::default());
     // Opens the first connection (and, through the stack, builds its instruments).
     let warm_up = Uri::builder()
@@ -789,7 +1078,7 @@ where
         })
     };
     let (round, error) = round(
-        &service,
+        service,
         &uri,
         args.streams,
         args.streams,
@@ -805,10 +1094,12 @@ where
     if let Some(error) = error {
         eprintln!("loadtest client: first failure: {error}");
     }
+    // The warm-up call and the round.
+    let made = 1 + round.ok + round.failed;
     Ok(vec![format!(
         "{} baseline_kib={baseline_kib} peak_kib={} open_kib={} open_sampled={} max_open={} \
          task_bytes={task_bytes}",
-        rounds_line(config.flag(), &[round]),
+        rounds_line(config.flag(), &[round], made),
         sampled.peak_kib,
         sampled.open_kib,
         sampled.open,
@@ -816,41 +1107,38 @@ where
     )])
 }
 
-/// The throughput run: the three configurations take turns, one round each per turn,
-/// the order rotating; the first turn opens the connections and is not counted.
-async fn throughput<S1, B1, S2, B2, S3, B3>(
-    bare: S1,
-    stack: S2,
-    limited: S3,
+/// The throughput run: the configurations of `--configs` take turns, one round each
+/// per turn, the order rotating; the first turn opens the connections and is not
+/// counted.
+async fn throughput<Ba, St, Li, To, Th, Co, Bu, Re>(
+    services: &Services<Ba, St, Li, To, Th, Co, Bu, Re>,
     uri: Uri,
     args: &Args,
 ) -> Result<Vec<String>, String>
 where
-    S1: Streaming<B1>,
-    S1::Future: Send,
-    B1: Body<Data = Bytes> + Send + 'static,
-    B1::Error: Into<BoxError>,
-    S2: Streaming<B2>,
-    S2::Future: Send,
-    B2: Body<Data = Bytes> + Send + 'static,
-    B2::Error: Into<BoxError>,
-    S3: Streaming<B3>,
-    S3::Future: Send,
-    B3: Body<Data = Bytes> + Send + 'static,
-    B3::Error: Into<BoxError>,
+    Ba: Streaming,
+    St: Streaming,
+    Li: Streaming,
+    To: Streaming,
+    Th: Streaming,
+    Co: Streaming,
+    Bu: Streaming,
+    Re: Streaming,
 {
+    let configs = &args.configs;
     let gauge = Arc::new(Gauge::default());
-    let mut rounds: [Vec<Round>; 3] = Default::default();
+    let mut rounds = vec![Vec::new(); configs.len()];
+    // Streams made by each, the uncounted turn's too.
+    let mut made = vec![0; configs.len()];
     let mut first_error = None;
+    let load = (args.streams, args.concurrency, Duration::ZERO);
     for turn in 0..=args.rounds {
-        for i in 0..3 {
-            let which = (turn + i) % 3;
-            let (c, streams, ramp) = (args.concurrency, args.streams, Duration::ZERO);
-            let (round, error) = match which {
-                0 => round(&bare, &uri, streams, c, ramp, args, &gauge).await,
-                1 => round(&stack, &uri, streams, c, ramp, args, &gauge).await,
-                _ => round(&limited, &uri, streams, c, ramp, args, &gauge).await,
-            };
+        for i in 0..configs.len() {
+            let which = (turn + i) % configs.len();
+            let (round, error) = services
+                .round(configs[which], &uri, load, args, &gauge)
+                .await;
+            made[which] += round.ok + round.failed;
             if let Some(error) = error {
                 first_error.get_or_insert(error);
             }
@@ -862,18 +1150,20 @@ where
     if let Some(error) = first_error {
         eprintln!("loadtest client: first failure: {error}");
     }
-    Ok(Config::ALL
+    Ok(configs
         .iter()
-        .zip(&rounds)
-        .map(|(config, rounds)| rounds_line(config.flag(), rounds))
+        .zip(rounds.iter().zip(made))
+        .map(|(config, (rounds, made))| rounds_line(config.flag(), rounds, made))
         .collect())
 }
 
-/// `result config=<config> walls=.. oks=.. fails=.. events=..`, lists comma-separated.
-fn rounds_line(config: &str, rounds: &[Round]) -> String {
+/// `result config=<config> walls=.. oks=.. fails=.. events=.. streams_made=..`, lists
+/// comma-separated; `streams_made` counts the uncounted calls too (the warm-up call, the
+/// round that opens the connections): what a profile of the process divides by.
+fn rounds_line(config: &str, rounds: &[Round], made: usize) -> String {
     let list = |f: &dyn Fn(&Round) -> String| rounds.iter().map(f).collect::<Vec<_>>().join(",");
     format!(
-        "result config={config} walls={} oks={} fails={} events={}",
+        "result config={config} walls={} oks={} fails={} events={} streams_made={made}",
         list(&|r| format!("{:.6}", r.wall.as_secs_f64())),
         list(&|r| r.ok.to_string()),
         list(&|r| r.failed.to_string()),
@@ -894,7 +1184,7 @@ struct Tally {
 /// `streams` streams through `service`, by `concurrency` tasks started evenly over
 /// `ramp` (all at once if zero), each making calls one after the other until all have
 /// been made. Returns the round and its first failure.
-async fn round<S, B>(
+async fn round<S: Streaming>(
     service: &S,
     uri: &Uri,
     streams: usize,
@@ -902,13 +1192,7 @@ async fn round<S, B>(
     ramp: Duration,
     args: &Args,
     gauge: &Arc<Gauge>,
-) -> (Round, Option<String>)
-where
-    S: Streaming<B>,
-    S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+) -> (Round, Option<String>) {
     let started = tokio::time::Instant::now();
     let deadline = started + args.timeout;
     let (next, tally) = (Arc::new(AtomicUsize::new(0)), Arc::new(Tally::default()));
@@ -1315,8 +1599,10 @@ fn measure_memory(exe: &Path, args: &Args, config: Config, proto: Proto) -> Resu
     })
 }
 
-/// The throughput run of one protocol: the three configurations in one client process.
+/// The throughput run of one protocol: the configurations of `--configs` in one client
+/// process.
 fn measure_throughput(exe: &Path, args: &Args, proto: Proto) -> Result<Vec<Row>, String> {
+    let configs: Vec<&str> = args.configs.iter().map(|c| c.flag()).collect();
     let client_args = [
         "--run",
         "throughput",
@@ -1326,12 +1612,14 @@ fn measure_throughput(exe: &Path, args: &Args, proto: Proto) -> Result<Vec<Row>,
         &args.concurrency.to_string(),
         "--rounds",
         &args.rounds.to_string(),
+        "--configs",
+        &configs.join(","),
     ]
     .map(String::from);
     let (stdout, server, _) = run_pair(exe, args, Duration::ZERO, &client_args)?;
-    Config::ALL
-        .into_iter()
-        .map(|config| {
+    args.configs
+        .iter()
+        .map(|&config| {
             Ok(Row {
                 phase: Phase::Throughput,
                 config,
@@ -1375,7 +1663,7 @@ fn parent(args: &Args) -> ExitCode {
     for &phase in &args.phases {
         for &proto in &args.protos {
             match phase {
-                Phase::Memory => runs.extend(Config::ALL.map(|c| (phase, proto, Some(c)))),
+                Phase::Memory => runs.extend(Config::MEMORY.map(|c| (phase, proto, Some(c)))),
                 Phase::Throughput => runs.push((phase, proto, None)),
             }
         }
@@ -1393,8 +1681,10 @@ fn parent(args: &Args) -> ExitCode {
     let started = Instant::now();
     let mut rows = Vec::new();
     let mut failed_runs = 0;
+    let names: Vec<&str> = args.configs.iter().map(|c| c.name()).collect();
+    let in_turns = format!("{} in turns", names.join(", "));
     for (i, &(phase, proto, config)) in runs.iter().enumerate() {
-        let what = config.map_or("bare, stack, stack+limit in turns", Config::name);
+        let what = config.map_or(in_turns.as_str(), |config| config.name());
         eprint!(
             "[{}/{}] {:<10} {} {what} ... ",
             i + 1,
@@ -1537,8 +1827,11 @@ fn print_throughput(args: &Args, rows: &[Row]) {
     println!();
     println!(
         "== throughput: no gap, {} streams a round, {} at a time; median of {} rounds each, \
-         the three configurations in turns ==",
-        args.streams, args.concurrency, args.rounds
+         the {} configurations in turns ==",
+        args.streams,
+        args.concurrency,
+        args.rounds,
+        args.configs.len()
     );
     println!(
         "{:<12} {:<5} {:>7} {:>6} {:>6} {:>9} {:>8} {:>17} {:>8}",
@@ -1568,7 +1861,7 @@ fn print_throughput(args: &Args, rows: &[Row]) {
             row.server.peak
         );
     }
-    println!("(wall s, streams/s, events/s: the median round; srv peak: the three together)");
+    println!("(wall s, streams/s, events/s: the median round; srv peak: all of them together)");
 }
 
 /// The ratios of `row`'s rounds to `base`'s, turn by turn: their median and middle
@@ -1623,37 +1916,43 @@ fn print_checks(args: &Args, rows: &[Row]) -> bool {
     println!("what the stack costs");
     for &proto in &args.protos {
         let p = proto.flag();
-        let bare = find(Phase::Throughput, Config::Bare, proto);
-        let stack = find(Phase::Throughput, Config::Stack, proto);
-        let limited = find(Phase::Throughput, Config::Limit, proto);
-        if let (Some(bare), Some(stack)) = (bare, stack) {
-            if let Some((ratio, low, high)) = paired_ratio(stack, bare) {
-                // Compared as printed, to three decimals.
-                let goal = if (ratio * 1000.0).round() >= 970.0 {
-                    "met"
-                } else {
-                    "NOT met"
-                };
+        let throughput = |config| find(Phase::Throughput, config, proto);
+        let bare = throughput(Config::Bare);
+        let contenders = args.configs.iter().filter(|&&c| c != Config::Bare);
+        for (config, row) in contenders.filter_map(|&c| Some((c, throughput(c)?))) {
+            let Some((ratio, low, high)) = bare.and_then(|bare| paired_ratio(row, bare)) else {
+                continue;
+            };
+            let note = match config {
+                Config::Stack => {
+                    // Compared as printed, to three decimals.
+                    let goal = if (ratio * 1000.0).round() >= 970.0 {
+                        "met"
+                    } else {
+                        "NOT met"
+                    };
+                    format!("goal >= 0.97: {goal}")
+                }
+                Config::Limit if args.concurrency <= args.limit => format!(
+                    "the same stack again: {} at a time never reach the limit",
+                    args.concurrency
+                ),
+                Config::Limit => format!("calls wait for one of {} slots", args.limit),
+                other => other.about().to_owned(),
+            };
+            println!(
+                "  {p}  {:<31}{ratio:.3}  (median of {} turns, middle half {low:.3}..{high:.3}; \
+                 {note})",
+                format!("events/s {} / bare", config.name()),
+                row.rounds.len()
+            );
+        }
+        if let (Some(stack), Some(tower)) = (throughput(Config::Stack), throughput(Config::Tower)) {
+            if let Some((ratio, low, high)) = paired_ratio(stack, tower) {
                 println!(
-                    "  {p}  events/s stack / bare          {ratio:.3}  (median of {} turns, \
-                     middle half {low:.3}..{high:.3}; goal >= 0.97: {goal})",
-                    stack.rounds.len()
-                );
-            }
-            if let Some((ratio, low, high)) =
-                limited.and_then(|limited| paired_ratio(limited, bare))
-            {
-                let note = if args.concurrency <= args.limit {
-                    format!(
-                        "the same stack again: {} at a time never reach the limit",
-                        args.concurrency
-                    )
-                } else {
-                    format!("calls wait for one of {} slots", args.limit)
-                };
-                println!(
-                    "  {p}  events/s stack+limit / bare    {ratio:.3}  (middle half \
-                     {low:.3}..{high:.3}; {note})"
+                    "  {p}  {:<31}{ratio:.3}  (middle half {low:.3}..{high:.3}; ours against \
+                     what tower offers)",
+                    "events/s stack / tower"
                 );
             }
         }
