@@ -564,3 +564,58 @@ async fn a_budget_below_the_retry_layer_deposits_once_per_call() {
         assert_eq!(budget.available(), 0, "{protocol:?}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_reaches_the_retry_layer_directly_or_through_a_buffer() {
+    use std::sync::{Arc, Mutex};
+    const CALLS: u64 = 3;
+    for protocol in BOTH {
+        // Directly: the retry layer runs within the budget layer's call. What the
+        // extensions held between the two layers is noted for each call.
+        let upstream = Upstream::start(|_| Reply::status(503)).await;
+        let budget = one_retry_per_deposit();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let noted = seen.clone();
+        let direct = ServiceBuilder::new()
+            .layer(RetryBudgetLayer::new(budget.clone()))
+            .map_request(move |request: http::Request<_>| {
+                let carried = request.extensions().get::<RetryBudget>().is_some();
+                noted.lock().unwrap().push(carried);
+                request
+            })
+            .layer(FirstChunkRetryLayer::new(RetryPolicy::default()))
+            .service(client(protocol));
+        for _ in 0..CALLS {
+            let response = direct.clone().oneshot(post(&upstream.url("/"))).await;
+            assert_eq!(response.unwrap().status(), 503);
+        }
+        // One deposit, so one retry, per call: without the budget, three attempts each.
+        assert_eq!(upstream.hits(), 2 * CALLS, "{protocol:?}");
+        assert_eq!(budget.available(), 0, "{protocol:?}");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [true, false, false],
+            "{protocol:?}: the extensions until the retry layer was seen to take it"
+        );
+
+        // Through a buffer, whose worker calls the retry layer on another task: the
+        // extensions carry it on every call.
+        let upstream = Upstream::start(|_| Reply::status(503)).await;
+        let budget = one_retry_per_deposit();
+        let buffered = ServiceBuilder::new()
+            .layer(RetryBudgetLayer::new(budget.clone()))
+            .buffer(8)
+            .layer(FirstChunkRetryLayer::new(RetryPolicy::default()))
+            .service(client(protocol));
+        for _ in 0..CALLS {
+            let response = buffered.clone().oneshot(post(&upstream.url("/"))).await;
+            assert_eq!(response.unwrap().status(), 503);
+        }
+        assert_eq!(
+            upstream.hits(),
+            2 * CALLS,
+            "{protocol:?}: through the buffer"
+        );
+        assert_eq!(budget.available(), 0, "{protocol:?}: through the buffer");
+    }
+}

@@ -11,11 +11,29 @@
 //! # How
 //!
 //! [`RetryBudget`] holds the counts; clones share them. [`RetryBudgetLayer`] deposits
-//! once per call passing through and puts the budget handle into the request's
-//! extensions. [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer), below it in the
-//! stack, finds the handle and withdraws one unit before each retry; when the budget
-//! refuses, the call returns its last failure at once. Without a handle, retries are
-//! bounded only by `max_attempts`.
+//! once per call passing through and hands the budget down.
+//! [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer), below it in the stack, takes
+//! it and withdraws one unit before each retry; when the budget refuses, the call
+//! returns its last failure at once. Without a budget, retries are bounded only by
+//! `max_attempts`.
+//!
+//! # Handing the budget down
+//!
+//! The request's extensions carry the budget across any stack, but the first value put
+//! into them costs three allocations (the map, its table, the boxed value): about 900
+//! instructions a call, a sixth of what the three layers cost per call in memory
+//! before this hand-off. In almost every stack the retry layer's `call` runs inside the
+//! budget layer's `call`, on the same thread, before it returns (tower's layers, ours,
+//! `Steer`). So the budget layer first offers the budget to a retry layer called
+//! within its inner service's `call` (a thread-local list, for the length of that
+//! call), and once one has taken it, that service stops writing the extensions.
+//! Until then, and for good once an offer was not taken (a `Buffer` between the layers
+//! moves the call to another task; a layer may call its inner service later, from its
+//! future), the budget also goes into the extensions, where a retry layer finds it
+//! wherever it runs. Only a stack that takes one path on some calls and the other on
+//! others (a router with a `Buffer` on one route) can have, at a switch, one call's
+//! retries bounded by `max_attempts` alone, before the service returns to the
+//! extensions for good.
 //!
 //! With the feature `tower-budget`, `RetryBudget` also implements tower's
 //! [`retry::budget::Budget`](https://docs.rs/tower/0.5/tower/retry/budget/trait.Budget.html),
@@ -72,6 +90,7 @@
 //! budget weakly: once every handle on it is gone (a configuration reload builds a new
 //! stack and drops the old), the budget's counts are freed and it reports no series.
 
+mod handoff;
 mod layer;
 mod retry_budget;
 mod service;

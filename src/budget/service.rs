@@ -7,11 +7,15 @@ use http::{Extensions, Request};
 use tower_service::Service;
 
 use super::RetryBudget;
+use super::handoff;
 use crate::retry::RetryAttempt;
 
-/// Deposits one request into a [`RetryBudget`] per call and puts the budget in the
-/// request's extensions, where [`FirstChunkRetry`](crate::retry::FirstChunkRetry)
-/// finds it and withdraws one unit per retry.
+/// Deposits one request into a [`RetryBudget`] per call and hands the budget down to
+/// [`FirstChunkRetry`](crate::retry::FirstChunkRetry), which withdraws one unit per
+/// retry. The budget goes into the request's extensions, where any service below finds
+/// it, until a retry layer called within this service's `call` has taken it directly;
+/// from then on this service no longer touches the extensions (see the module docs,
+/// "Handing the budget down").
 ///
 /// A call deposits once into a budget however the stack is built: not when the budget
 /// already took this call's deposit (the same budget in two layers), nor for a
@@ -43,6 +47,10 @@ pub struct WithRetryBudget<S> {
     inner: S,
     budget: RetryBudget,
     placement: Arc<Placement>,
+    // A retry layer took the budget within the last call: the extensions are skipped.
+    // Shared by the clones of this service (many callers clone it for each call), not
+    // by other services of the same layer, whose stacks below may differ.
+    direct: Arc<AtomicBool>,
 }
 
 /// What a layer needs to warn, once, that it sits below a retrying layer.
@@ -104,6 +112,7 @@ impl<S> WithRetryBudget<S> {
             inner,
             budget,
             placement,
+            direct: Arc::default(),
         }
     }
 
@@ -178,14 +187,30 @@ where
         if retry {
             self.placement.retry_seen();
         }
-        if !carries(extensions, &self.budget) {
-            if !retry {
-                self.budget.deposit();
-            }
-            // Handed down even on a retry: a retry layer below may still spend it.
+        if carries(extensions, &self.budget) || handoff::is_offered(&self.budget) {
+            return self.inner.call(request);
+        }
+        if !retry {
+            self.budget.deposit();
+        }
+        // Handed down even on a retry: a retry layer below may still spend it.
+        let direct = self.direct.load(Ordering::Relaxed);
+        if !direct {
             hand_down(extensions, &self.budget);
         }
-        self.inner.call(request)
+        let inner = &mut self.inner;
+        let (future, taken) = handoff::offer(&self.budget, || inner.call(request));
+        if direct != taken {
+            self.direct.store(taken, Ordering::Relaxed);
+        }
+        if direct && !taken {
+            tracing::debug!(
+                provider = %self.placement.provider,
+                "no retry layer took the budget within this call: handing it down in the \
+                 request's extensions again"
+            );
+        }
+        future
     }
 }
 
@@ -230,24 +255,43 @@ pub(crate) struct Budgets {
 }
 
 impl Budgets {
-    /// Takes the budgets out of `extensions`. With nothing else in them, they are
-    /// emptied, so that the copy of the request each attempt sends does not copy a map.
+    /// Takes the budgets offered to this call and those in `extensions`. With nothing
+    /// else in them, the extensions are emptied, so that the copy of the request each
+    /// attempt sends does not copy a map.
     pub(crate) fn take(extensions: &mut Extensions) -> Self {
+        let mut budgets = Self::default();
+        handoff::take_all(|budget| budgets.add(budget));
         if extensions.is_empty() {
-            return Self::default();
+            return budgets;
         }
-        let first = extensions.remove::<RetryBudget>();
-        let more = match first {
-            Some(_) => extensions
-                .remove::<InnerBudgets>()
-                .map(|more| more.0)
-                .unwrap_or_default(),
-            None => Vec::new(),
+        let Some(first) = extensions.remove::<RetryBudget>() else {
+            return budgets;
         };
-        if first.is_some() && extensions.is_empty() {
+        budgets.add(first);
+        if let Some(more) = extensions.remove::<InnerBudgets>() {
+            more.0.into_iter().for_each(|budget| budgets.add(budget));
+        }
+        if extensions.is_empty() {
             *extensions = Extensions::new();
         }
-        Self { first, more }
+        budgets
+    }
+
+    /// Adds `budget` unless it is one of them already: a budget layer that had not yet
+    /// seen its offer taken hands the same budget down both ways.
+    fn add(&mut self, budget: RetryBudget) {
+        match &self.first {
+            None => self.first = Some(budget),
+            Some(first) if first.same(&budget) => {}
+            Some(_) if self.more.iter().any(|other| other.same(&budget)) => {}
+            Some(_) => self.more.push(budget),
+        }
+    }
+
+    /// Drops the budgets offered to this call: a call that is never retried takes them
+    /// only so that the layers above see a retry layer took them.
+    pub(crate) fn decline() {
+        handoff::take_all(drop);
     }
 
     /// Whether the call has no budget: its retries are bounded by `max_attempts` only.

@@ -196,6 +196,7 @@ where
         let budgets = if retries {
             Budgets::take(request.extensions_mut())
         } else {
+            Budgets::decline();
             Budgets::default()
         };
         let head_request = request.method() == http::Method::HEAD;
