@@ -112,6 +112,9 @@ pin_project! {
         // The inner body has returned its end (while peeked, or since): it is not
         // polled again.
         inner_done: bool,
+        // Nothing left to replay and the inner body not done: each poll is the inner
+        // body's. One flag for the path every frame takes, set from the two above.
+        live: bool,
         #[pin]
         inner: B,
         call: ReleaseOnEnd<CallGuard>,
@@ -128,6 +131,7 @@ impl<B: Body> ResponseBody<B> {
     ) -> Self {
         let ended = ended(&replay, inner_done, &inner);
         Self {
+            live: replay.is_empty() && !inner_done,
             replay,
             inner_done,
             inner,
@@ -145,16 +149,17 @@ impl<B: Body> Body for ResponseBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        if !self.replay.is_empty() || self.inner_done || !self.call.is_held() {
+        if !self.live {
             return self.poll_slow(cx);
         }
-        // The live stream, with the attempt still counted: the path every frame takes
-        // does nothing but poll and look (see `ReleaseOnEnd::pass`).
+        // The live stream: the path every frame takes does nothing but poll and look
+        // (see `ReleaseOnEnd::pass`).
         let this = self.project();
         let mut inner = this.inner;
         let poll = inner.as_mut().poll_frame(cx);
         if let Poll::Ready(None) = poll {
             *this.inner_done = true;
+            *this.live = false;
         }
         let inner = inner.as_ref();
         this.call.pass(poll, || inner.is_end_stream())
@@ -162,6 +167,9 @@ impl<B: Body> Body for ResponseBody<B> {
 
     #[inline]
     fn is_end_stream(&self) -> bool {
+        if self.live {
+            return self.inner.is_end_stream();
+        }
         ended(&self.replay, self.inner_done, &self.inner)
     }
 
@@ -187,8 +195,8 @@ impl<B: Body> Body for ResponseBody<B> {
 }
 
 impl<B: Body> ResponseBody<B> {
-    /// Everything but a live frame while the attempt is counted: the frames read while
-    /// peeking, the end once the inner body has ended, and polls after the count ended.
+    /// Everything but a live frame: the frames read while peeking, and the end once the
+    /// inner body has ended.
     #[cold]
     #[inline(never)]
     fn poll_slow(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled<B> {
@@ -201,6 +209,7 @@ impl<B: Body> ResponseBody<B> {
         if let Poll::Ready(None) = poll {
             *this.inner_done = true;
         }
+        *this.live = this.replay.is_empty() && !*this.inner_done;
         let (replay, inner_done, inner) = (&*this.replay, *this.inner_done, this.inner.as_ref());
         this.call
             .pass(poll, || ended(replay, inner_done, inner.get_ref()))
