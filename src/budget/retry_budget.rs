@@ -12,6 +12,7 @@ use opentelemetry::metrics::Meter;
 use tokio::time::Instant;
 
 use crate::ConfigError;
+use crate::metrics::same_meter;
 
 /// Units of balance one retry costs. Ratios are kept in millionths, so that every
 /// ratio with up to six decimals is exact: 0.6 allows 60 retries per 100 requests.
@@ -331,15 +332,6 @@ impl RetryBudget {
         window.expire(Instant::now(), self.inner.slice);
         window
     }
-}
-
-/// Whether two meters are one: `Meter` has no identity of its own, but the SDK hands
-/// out one implementation per provider and scope, and every handle on a meter reaches
-/// it. Its address is the meter's identity.
-fn same_meter(a: &Meter, b: &Meter) -> bool {
-    // Making a builder registers nothing: only `build` does.
-    let (a, b) = (a.i64_observable_gauge(""), b.i64_observable_gauge(""));
-    std::ptr::addr_eq(a.instrument_provider, b.instrument_provider)
 }
 
 impl Window {

@@ -200,8 +200,12 @@ where
             Budgets::default()
         };
         let head_request = request.method() == http::Method::HEAD;
+        // The caller's request goes out and the copy is kept: a client adds headers to
+        // what it sends (hyper-util a `host`), and the caller's map has room for them,
+        // where a clone's is exactly full and would grow (an allocation each call).
         let (first, request) = if retries {
-            (request.clone(), Some(request))
+            let kept = request.clone();
+            (request, Some(kept))
         } else {
             (request, None)
         };
