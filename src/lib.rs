@@ -94,6 +94,7 @@ pub mod connection;
 mod deadline;
 mod error;
 pub mod frame;
+mod handoff;
 pub mod metrics;
 mod park;
 pub mod replay;

@@ -508,3 +508,114 @@ async fn a_reader_waiting_for_a_slow_upstream_is_not_idle() {
         assert_eq!(limit.available_slots(), 1);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn through_the_retry_layer_the_slot_is_held_across_retries_until_the_stream_ends() {
+    for protocol in BOTH {
+        // The first attempt is overloaded; the second streams, one event a second.
+        let upstream = Upstream::start(|hit| {
+            if hit.index == 0 {
+                Reply::status(503)
+            } else {
+                Reply::tokens(3).gap(Duration::from_secs(1))
+            }
+        })
+        .await;
+        let metrics = Metrics::new();
+        let limit = StreamConcurrencyLayer::new(1).max_wait(Duration::ZERO);
+        let service = full_stack(
+            client(protocol),
+            &metrics.meter(),
+            limit.clone(),
+            RetryBudget::default(),
+            RetryPolicy::default(),
+        );
+        let url = upstream.url("/v1/chat/completions");
+        let response = service.clone().oneshot(post(&url)).await.unwrap();
+        assert_eq!(upstream.hits(), 2, "{protocol:?}: one retry");
+        assert_eq!(
+            limit.available_slots(),
+            0,
+            "{protocol:?}: held by the stream"
+        );
+        let error = service.clone().oneshot(post(&url)).await.unwrap_err();
+        assert_eq!(rejected(&error).reason(), RejectReason::DeadlineExceeded);
+        assert_eq!(
+            upstream.hits(),
+            2,
+            "{protocol:?}: the rejected call sent nothing"
+        );
+
+        // Read to the end, the body kept: the slot and the attempt's count are free.
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+        assert_eq!(
+            limit.available_slots(),
+            1,
+            "{protocol:?}: released at the end"
+        );
+        let snapshot = metrics.snapshot();
+        assert_eq!(snapshot.count("streams_in_flight", &[TEST]), 0.0);
+        assert_eq!(snapshot.count("provider_calls_in_flight", &[TEST]), 0.0);
+        assert_eq!(upstream.peak_streams(), 1, "{protocol:?}");
+
+        // Dropped mid-stream, a stream frees its slot at once.
+        let response = service.clone().oneshot(post(&url)).await.unwrap();
+        let mut body = response.into_body();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(limit.available_slots(), 0, "{protocol:?}: mid-stream");
+        drop(body);
+        assert_eq!(limit.available_slots(), 1, "{protocol:?}: dropped");
+        drop(service);
+
+        // A call whose retries run out frees its slot with its error.
+        let upstream = Upstream::start(|_| Reply::status(503)).await;
+        let service = full_stack(
+            client(protocol),
+            &metrics.meter(),
+            limit.clone(),
+            RetryBudget::default(),
+            RetryPolicy::default(),
+        );
+        let response = service.oneshot(post(&upstream.url("/"))).await.unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(upstream.hits(), 3, "{protocol:?}: max_attempts");
+        drop(response);
+        assert_eq!(
+            limit.available_slots(),
+            1,
+            "{protocol:?}: after the last 503"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_the_retry_layer_below_a_stalled_reader_still_loses_its_stream() {
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::faulty(3, Fault::StallAfter(1))).await;
+        let metrics = Metrics::new();
+        // The idle sweep keeps the slot in the concurrency layer's body, which it ends.
+        let limit = StreamConcurrencyLayer::new(1).idle_timeout(Duration::from_secs(10));
+        let service = full_stack(
+            client(protocol),
+            &metrics.meter(),
+            limit.clone(),
+            RetryBudget::default(),
+            RetryPolicy::default(),
+        );
+        let response = service.oneshot(post(&upstream.url("/"))).await.unwrap();
+        let mut body = response.into_body();
+        body.frame().await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(12_600)).await;
+        assert_eq!(limit.available_slots(), 1, "{protocol:?}: the slot is free");
+        assert_eq!(
+            upstream.open_streams(),
+            0,
+            "{protocol:?}: the stream closed"
+        );
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(error.downcast_ref::<IdleTimeout>().is_some(), "{error}");
+    }
+}

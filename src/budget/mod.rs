@@ -90,7 +90,6 @@
 //! budget weakly: once every handle on it is gone (a configuration reload builds a new
 //! stack and drops the old), the budget's counts are freed and it reports no series.
 
-mod handoff;
 mod layer;
 mod retry_budget;
 mod service;

@@ -7,7 +7,7 @@ use http::{Extensions, Request};
 use tower_service::Service;
 
 use super::RetryBudget;
-use super::handoff;
+use crate::handoff;
 use crate::retry::RetryAttempt;
 
 /// Deposits one request into a [`RetryBudget`] per call and hands the budget down to
@@ -187,7 +187,7 @@ where
         if retry {
             self.placement.retry_seen();
         }
-        if carries(extensions, &self.budget) || handoff::is_offered(&self.budget) {
+        if carries(extensions, &self.budget) || handoff::is_budget_offered(&self.budget) {
             return self.inner.call(request);
         }
         if !retry {
@@ -199,7 +199,7 @@ where
             hand_down(extensions, &self.budget);
         }
         let inner = &mut self.inner;
-        let (future, taken) = handoff::offer(&self.budget, || inner.call(request));
+        let (future, taken) = handoff::offer_budget(&self.budget, || inner.call(request));
         if direct != taken {
             self.direct.store(taken, Ordering::Relaxed);
         }
@@ -260,7 +260,7 @@ impl Budgets {
     /// attempt sends does not copy a map.
     pub(crate) fn take(extensions: &mut Extensions) -> Self {
         let mut budgets = Self::default();
-        handoff::take_all(|budget| budgets.add(budget));
+        handoff::take_budgets(|budget| budgets.add(budget));
         if extensions.is_empty() {
             return budgets;
         }
@@ -291,7 +291,7 @@ impl Budgets {
     /// Drops the budgets offered to this call: a call that is never retried takes them
     /// only so that the layers above see a retry layer took them.
     pub(crate) fn decline() {
-        handoff::take_all(drop);
+        handoff::take_budgets(drop);
     }
 
     /// Whether the call has no budget: its retries are bounded by `max_attempts` only.

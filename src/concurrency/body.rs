@@ -15,6 +15,10 @@ pin_project! {
     /// Response body of [`StreamConcurrency`](super::StreamConcurrency): the inner body,
     /// carrying the concurrency slot until the stream ends.
     ///
+    /// With [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer) below, the retry
+    /// layer's body carries the slot instead, under the same rule, and this one passes
+    /// frames on (see the [module docs](super), "One body wrapper").
+    ///
     /// The slot is released exactly once, at the earliest of: the end of the body, a
     /// body error, trailers, a data frame after which `is_end_stream()` is true, or
     /// the drop of this body. A consumer that read to the end but keeps the body object
@@ -67,6 +71,12 @@ pin_project! {
             inner: B,
             slot: ReleaseOnEnd<Slot>,
         },
+        /// The inner body, whose own wrapper carries the slot: a retry layer below took
+        /// it (see the module docs, "One body wrapper"). Frames pass as they come.
+        Passed {
+            #[pin]
+            inner: B,
+        },
         /// The inner body under the idle sweep, which may end it (see `idle`).
         Watched {
             watch: Arc<Watch<B>>,
@@ -77,10 +87,16 @@ pin_project! {
 }
 
 impl<B: Body> ResponseBody<B> {
-    pub(crate) fn new(inner: B, slot: Slot, sweep: Option<&Arc<Sweep>>) -> Self
+    /// `slot` is `None` when a retry layer below carries it in `inner`.
+    pub(crate) fn new(inner: B, slot: Option<Slot>, sweep: Option<&Arc<Sweep>>) -> Self
     where
         B: Send + 'static,
     {
+        let Some(slot) = slot else {
+            return Self {
+                stream: Stream::Passed { inner },
+            };
+        };
         let ended = inner.is_end_stream();
         let slot = ReleaseOnEnd::new(slot, ended);
         let stream = match sweep {
@@ -102,7 +118,7 @@ where
     type Data = B::Data;
     type Error = BoxError;
 
-    #[inline]
+    #[inline(always)]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -113,6 +129,7 @@ where
                 let inner = inner.as_ref();
                 boxed(slot.pass(poll, || inner.is_end_stream()))
             }
+            StreamProj::Passed { inner } => boxed(inner.poll_frame(cx)),
             StreamProj::Watched { watch, reported } => poll_watched(watch, reported, cx),
         }
     }
@@ -120,7 +137,7 @@ where
     #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.stream {
-            Stream::Direct { inner, .. } => inner.is_end_stream(),
+            Stream::Direct { inner, .. } | Stream::Passed { inner } => inner.is_end_stream(),
             Stream::Watched { watch, reported } => match watch.open.try_lock() {
                 Some(open) => match open.as_ref() {
                     Some(open) => open.body.is_end_stream(),
@@ -136,7 +153,7 @@ where
     #[inline]
     fn size_hint(&self) -> SizeHint {
         match &self.stream {
-            Stream::Direct { inner, .. } => inner.size_hint(),
+            Stream::Direct { inner, .. } | Stream::Passed { inner } => inner.size_hint(),
             Stream::Watched { watch, .. } => watch
                 .open
                 .try_lock()

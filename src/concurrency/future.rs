@@ -127,6 +127,16 @@ pub(crate) fn reject_queue_full(metrics: &ConcurrencyMetrics, limit: usize) -> R
     rejected
 }
 
+/// Makes the inner call with `slot` offered to a retry layer within it; returns the
+/// call's future and the slot unless that layer took it. Under the idle sweep the slot
+/// stays here: the sweep ends a stalled stream by dropping its body, which holds it.
+fn offer<F>(slot: Slot, sweep: Option<&Arc<Sweep>>, call: impl FnOnce() -> F) -> (F, Option<Slot>) {
+    if sweep.is_some() {
+        return (call(), Some(slot));
+    }
+    crate::handoff::offer_slot(slot, call)
+}
+
 /// Resolves to a permit, or `None` once the call's deadline has passed.
 type Acquire = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
 
@@ -192,6 +202,7 @@ pin_project! {
             call: Box<Parked<S, Req>>,
             slot: Option<Slot>,
         },
+        // `slot` is `None` when a retry layer below took it.
         Calling {
             #[pin]
             future: S::Future,
@@ -208,12 +219,17 @@ impl<S, Req> ResponseFuture<S, Req>
 where
     S: Service<Req>,
 {
-    pub(crate) fn calling(future: S::Future, slot: Slot, sweep: Option<Arc<Sweep>>) -> Self {
+    /// Calls `service` (ready) with `slot` held: offered to a retry layer below, whose
+    /// body then carries it (see the module docs, "One body wrapper").
+    pub(crate) fn calling(
+        service: &mut S,
+        request: Req,
+        slot: Slot,
+        sweep: Option<Arc<Sweep>>,
+    ) -> Self {
+        let (future, slot) = offer(slot, sweep.as_ref(), || service.call(request));
         Self {
-            state: State::Calling {
-                future,
-                slot: Some(slot),
-            },
+            state: State::Calling { future, slot },
             sweep,
         }
     }
@@ -284,11 +300,14 @@ where
                     });
                 }
                 StateProj::Readying { call, slot } => {
-                    let result = ready!(call.poll_call(cx));
-                    let slot = slot.take();
-                    match (result, slot) {
-                        (Ok(future), slot) => this.state.set(State::Calling { future, slot }),
-                        (Err(error), _) => {
+                    let sweep = this.sweep.as_ref();
+                    let result = ready!(call.poll_call_with(cx, |call| match slot.take() {
+                        Some(slot) => offer(slot, sweep, call),
+                        None => unreachable!("the slot is held until the call"),
+                    }));
+                    match result {
+                        Ok((future, slot)) => this.state.set(State::Calling { future, slot }),
+                        Err(error) => {
                             // The slot goes with the failed call.
                             this.state.set(State::Done);
                             return Poll::Ready(Err(error.into()));
@@ -299,13 +318,12 @@ where
                     let result = ready!(future.poll(cx));
                     let slot = slot.take();
                     this.state.set(State::Done);
-                    return Poll::Ready(match (result, slot) {
-                        (Ok(response), Some(slot)) => {
+                    return Poll::Ready(match result {
+                        Ok(response) => {
                             Ok(response
                                 .map(|body| ResponseBody::new(body, slot, this.sweep.as_ref())))
                         }
-                        (Err(error), _) => Err(error.into()),
-                        (Ok(_), None) => unreachable!("the slot is held until the response"),
+                        Err(error) => Err(error.into()),
                     });
                 }
                 StateProj::Rejected { error } => {

@@ -209,7 +209,7 @@ where
         if let Ok(permit) = shared.semaphore.clone().try_acquire_owned() {
             let slot = Slot::new(permit, self.metrics.clone(), Duration::ZERO);
             let sweep = shared.sweep.clone();
-            return ResponseFuture::calling(self.inner.call(request), slot, sweep);
+            return ResponseFuture::calling(&mut self.inner, request, slot, sweep);
         }
         let max_wait = request
             .extensions()
@@ -401,6 +401,42 @@ mod tests {
         assert_eq!(layer.available_slots(), 1, "released at the end");
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(body.frame().await.is_none(), "the end, not a timeout");
+    }
+
+    #[tokio::test]
+    async fn a_retry_layer_below_carries_the_slot_in_its_body_unless_the_sweep_needs_it() {
+        use crate::{FirstChunkRetryLayer, RetryPolicy};
+        use http_body_util::{BodyExt, Full};
+        let upstream = service_fn(|_: Request<()>| async {
+            Ok::<_, UpstreamDown>(Response::new(Full::new(bytes::Bytes::from("data: x\n\n"))))
+        });
+        for (layer, carried_below) in [
+            (StreamConcurrencyLayer::new(1), true),
+            (
+                StreamConcurrencyLayer::new(1).idle_timeout(Duration::from_secs(1)),
+                false,
+            ),
+        ] {
+            let retry = FirstChunkRetryLayer::new(RetryPolicy::default());
+            let service = layer.layer(retry.layer(upstream));
+            let response = service.oneshot(Request::new(())).await.unwrap();
+            let mut body = response.into_body();
+            assert_eq!(
+                format!("{body:?}").contains("Passed"),
+                carried_below,
+                "{body:?}"
+            );
+            assert_eq!(layer.available_slots(), 0);
+            assert_eq!(
+                body.frame().await.unwrap().unwrap().into_data().unwrap(),
+                "data: x\n\n"
+            );
+            assert_eq!(
+                layer.available_slots(),
+                1,
+                "released at the end, either way"
+            );
+        }
     }
 
     #[test]

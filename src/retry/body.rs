@@ -9,6 +9,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::body::ReleaseOnEnd;
+use crate::concurrency::Slot;
 use crate::metrics::RetryMetrics;
 
 /// One upstream attempt counted in `provider_calls_in_flight`, until dropped.
@@ -30,6 +31,25 @@ impl Drop for CallGuard {
 impl fmt::Debug for CallGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("CallGuard")
+    }
+}
+
+/// What a response body holds until its stream ends: the attempt's count in
+/// `provider_calls_in_flight`, and the call's concurrency slot when the concurrency
+/// layer above handed it over (see the module docs, "One body wrapper"). One guard, so
+/// one end-of-stream check per frame for both.
+#[derive(Debug)]
+pub(crate) struct BodyGuard {
+    _call: CallGuard,
+    _slot: Option<Slot>,
+}
+
+impl BodyGuard {
+    pub(crate) fn new(call: CallGuard, slot: Option<Slot>) -> Self {
+        Self {
+            _call: call,
+            _slot: slot,
+        }
     }
 }
 
@@ -82,7 +102,9 @@ pin_project! {
     /// the live stream.
     ///
     /// It also ends the attempt's count in `provider_calls_in_flight` at the end of the
-    /// stream (the same end-of-stream rule as the concurrency slot).
+    /// stream (the same end-of-stream rule as the concurrency slot), and, below a
+    /// [`StreamConcurrencyLayer`](crate::StreamConcurrencyLayer), releases that layer's
+    /// slot with it (see [`concurrency`](crate::concurrency), "One body wrapper").
     ///
     /// ```
     /// use bytes::Bytes;
@@ -117,7 +139,7 @@ pin_project! {
         live: bool,
         #[pin]
         inner: B,
-        call: ReleaseOnEnd<CallGuard>,
+        guard: ReleaseOnEnd<BodyGuard>,
     }
 }
 
@@ -127,7 +149,7 @@ impl<B: Body> ResponseBody<B> {
         inner: B,
         replay: Replay<B::Data>,
         inner_done: bool,
-        call: CallGuard,
+        guard: BodyGuard,
     ) -> Self {
         let ended = ended(&replay, inner_done, &inner);
         Self {
@@ -135,7 +157,7 @@ impl<B: Body> ResponseBody<B> {
             replay,
             inner_done,
             inner,
-            call: ReleaseOnEnd::new(call, ended),
+            guard: ReleaseOnEnd::new(guard, ended),
         }
     }
 }
@@ -144,7 +166,7 @@ impl<B: Body> Body for ResponseBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
-    #[inline]
+    #[inline(always)]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -162,7 +184,7 @@ impl<B: Body> Body for ResponseBody<B> {
             *this.live = false;
         }
         let inner = inner.as_ref();
-        this.call.pass(poll, || inner.is_end_stream())
+        this.guard.pass(poll, || inner.is_end_stream())
     }
 
     #[inline]
@@ -211,7 +233,7 @@ impl<B: Body> ResponseBody<B> {
         }
         *this.live = this.replay.is_empty() && !*this.inner_done;
         let (replay, inner_done, inner) = (&*this.replay, *this.inner_done, this.inner.as_ref());
-        this.call
+        this.guard
             .pass(poll, || ended(replay, inner_done, inner.get_ref()))
     }
 }

@@ -23,6 +23,7 @@ use super::peek::Peek;
 use super::service::Shared;
 use super::timer::Timer;
 use crate::budget::Budgets;
+use crate::concurrency::Slot;
 use crate::deadline;
 use crate::frame::Detector;
 use crate::metrics::{RetryMetrics, RetryOutcome, RetryReason};
@@ -130,6 +131,8 @@ pub(super) struct Attempts<S, ReqBody, D> {
     pub(super) started: Instant,
     /// Every budget the call deposited in; a retry takes a unit from each.
     pub(super) budgets: Budgets,
+    /// The concurrency slot handed over by the layer above, for the caller's body.
+    pub(super) slot: Option<Slot>,
     pub(super) shared: Arc<Shared<D>>,
     pub(super) metrics: Arc<RetryMetrics>,
 }
@@ -199,6 +202,8 @@ where
             Budgets::decline();
             Budgets::default()
         };
+        // Taken before the first attempt's call: a concurrency layer below offers its own.
+        let slot = crate::handoff::take_slot();
         let head_request = request.method() == http::Method::HEAD;
         // The caller's request goes out and the copy is kept: a client adds headers to
         // what it sends (hyper-util a `host`), and the caller's map has room for them,
@@ -229,6 +234,7 @@ where
                 retried_for: None,
                 started,
                 budgets,
+                slot,
                 shared,
                 metrics,
             },

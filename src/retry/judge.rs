@@ -9,7 +9,7 @@ use http_body::Body;
 use tower::BoxError;
 
 use super::ResponseBody;
-use super::body::CallGuard;
+use super::body::{BodyGuard, CallGuard};
 use super::classify::is_unprocessed;
 use super::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
 use super::future::Attempts;
@@ -117,7 +117,7 @@ where
 
     /// The service failed to become ready for the next attempt, which never started
     /// (and is not counted): the call ends with the failure that called for it.
-    pub(super) fn not_ready<B: Body>(&self, last: Failure<B>, error: BoxError) -> Output<B> {
+    pub(super) fn not_ready<B: Body>(&mut self, last: Failure<B>, error: BoxError) -> Output<B> {
         tracing::warn!(
             provider = %self.metrics.provider(),
             attempt = self.attempt,
@@ -129,7 +129,7 @@ where
 
     /// Decides what a response head means: a failure to retry, a response for the
     /// caller, or a body to read for the first chunk.
-    pub(super) fn judge<B>(&self, response: Response<B>, call: CallGuard) -> Judged<B, D>
+    pub(super) fn judge<B>(&mut self, response: Response<B>, call: CallGuard) -> Judged<B, D>
     where
         B: Body,
     {
@@ -161,7 +161,7 @@ where
             } else {
                 RetryOutcome::Failed
             });
-            return Judged::Return(Held::new(response).into_response(call));
+            return Judged::Return(Held::new(response).into_response(self.guard(call)));
         }
         let response = Held::new(response);
         let mut detector = self.shared.detector.clone();
@@ -190,7 +190,7 @@ where
     /// The first chunk arrived: the response goes to the caller, unless the chunk is a
     /// transient in-band error.
     pub(super) fn first_chunk<B: Body>(
-        &self,
+        &mut self,
         peek: Peek<B, D>,
         body_done: bool,
     ) -> Result<Response<ResponseBody<B>>, Failure<B>> {
@@ -209,7 +209,13 @@ where
         }
         self.metrics.first_chunk(self.started.elapsed());
         self.retry_ended(RetryOutcome::Success);
-        Ok(response.into_response(peek.call))
+        Ok(response.into_response(self.guard(peek.call)))
+    }
+
+    /// What the caller's body holds until the stream ends: the attempt's count in flight
+    /// and the concurrency slot, when a layer above handed it over.
+    fn guard(&mut self, call: CallGuard) -> BodyGuard {
+        BodyGuard::new(call, self.slot.take())
     }
 
     /// After a failure: the delay before the next attempt, or the call's output.
@@ -297,14 +303,15 @@ where
     /// What the caller gets for the failure that ended the call after `attempts`: the
     /// response, if the failure has one, or a [`FirstChunkError`].
     pub(super) fn output<B: Body>(
-        &self,
+        &mut self,
         failure: Failure<B>,
         stop: StopReason,
         attempts: u32,
     ) -> Output<B> {
         let (kind, source) = match failure {
             Failure::Status(held, _) | Failure::InBand(held) => {
-                return Ok(held.into_response(CallGuard::new(self.metrics.clone())));
+                let call = CallGuard::new(self.metrics.clone());
+                return Ok(held.into_response(self.guard(call)));
             }
             Failure::Upstream(error) => (FirstChunkErrorKind::Upstream, Some(error)),
             Failure::Body(error) => (FirstChunkErrorKind::Body, Some(error)),

@@ -8,7 +8,7 @@ use http_body::{Body, Frame};
 use tower::BoxError;
 
 use super::ResponseBody;
-use super::body::{CallGuard, Replay};
+use super::body::{BodyGuard, CallGuard, Replay};
 use super::judge::Failure;
 use crate::frame::{Detector, Progress};
 
@@ -35,9 +35,9 @@ impl<B: Body> Held<B> {
         }
     }
 
-    /// The response for the caller, counted in flight by `call` until its body ends.
-    pub(super) fn into_response(self, call: CallGuard) -> Response<ResponseBody<B>> {
-        let body = ResponseBody::new(self.body, self.frames, self.body_done, call);
+    /// The response for the caller, holding `guard` until its body ends.
+    pub(super) fn into_response(self, guard: BodyGuard) -> Response<ResponseBody<B>> {
+        let body = ResponseBody::new(self.body, self.frames, self.body_done, guard);
         Response::from_parts(self.head, body)
     }
 }
