@@ -127,7 +127,7 @@
 //!   `stack+limit / bare` is the same stack again (with `--concurrency` below `--limit`
 //!   no call waits): how far it is from `stack / bare` shows the noise. With tower
 //!   listed, `stack / tower` too: ours against what a user would pick instead. Then
-//!   `extra RSS per open stream`, stack minus bare (memory phase; goal at most 1 KiB).
+//!   `extra RSS per open stream`, stack minus bare (memory phase; goal at most 512 bytes).
 //!
 //! The exit status is non-zero if a run failed, a stream failed, or the limit check
 //! did not hold.
@@ -1963,10 +1963,10 @@ fn print_checks(args: &Args, rows: &[Row]) -> bool {
         };
         if let (Some(bare), Some(stack)) = (per_stream(Config::Bare), per_stream(Config::Stack)) {
             let extra = stack - bare;
-            let goal = if extra <= 1024.0 { "met" } else { "NOT met" };
+            let goal = if extra <= 512.0 { "met" } else { "NOT met" };
             println!(
                 "  {p}  extra RSS per open stream     {extra:+.0} B  ({stack:.0} - {bare:.0}; \
-                 goal <= 1024 B: {goal})"
+                 goal <= 512 B: {goal})"
             );
         }
     }
