@@ -146,6 +146,7 @@ where
     D: Detector,
 {
     /// Starts the first attempt on `service`, which the caller has polled ready.
+    #[inline(always)]
     pub(crate) fn new(
         service: S,
         request: Request<ReqBody>,
@@ -183,6 +184,7 @@ where
     ResBody: Body,
     D: Detector,
 {
+    #[inline(always)]
     fn new(
         mut service: S,
         mut request: Request<ReqBody>,
