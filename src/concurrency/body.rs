@@ -170,7 +170,12 @@ fn boxed<D, E: Into<BoxError>>(
 ) -> Poll<Option<Result<Frame<D>, BoxError>>> {
     match poll {
         Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(box_error(error)))),
-        Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+        // A data frame is moved as its data alone: the whole `Frame` is as large as
+        // its trailers variant, three times the data.
+        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+            Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            Err(frame) => Poll::Ready(Some(Ok(frame))),
+        },
         Poll::Ready(None) => Poll::Ready(None),
         Poll::Pending => Poll::Pending,
     }
