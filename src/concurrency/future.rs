@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower::BoxError;
 use tower_service::Service;
@@ -25,27 +25,32 @@ use crate::park::Parked;
 /// Dropping it returns the permit and lowers the gauge; it is dropped exactly once, by
 /// whoever holds it last (the response future on an error, otherwise the body).
 pub(crate) struct Slot {
-    _permit: OwnedSemaphorePermit,
-    metrics: Arc<ConcurrencyMetrics>,
+    slots: Arc<Slots>,
+}
+
+/// Where a service's slots come from and are counted: the layer's semaphore and the
+/// service's instruments, behind one pointer, so that a held slot is 8 bytes. A slot
+/// rides in the caller's response body for the whole stream (two or three of them used
+/// to: the permit's semaphore and count, and the instruments, 24 bytes). Its permit is
+/// forgotten when taken and given back when the slot drops.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    pub(crate) semaphore: Arc<Semaphore>,
+    pub(crate) metrics: Arc<ConcurrencyMetrics>,
 }
 
 impl Slot {
-    pub(crate) fn new(
-        permit: OwnedSemaphorePermit,
-        metrics: Arc<ConcurrencyMetrics>,
-        waited: Duration,
-    ) -> Self {
-        metrics.slot_taken(waited);
-        Self {
-            _permit: permit,
-            metrics,
-        }
+    /// Holds one permit of `slots`' semaphore, which the caller took and forgot.
+    pub(crate) fn new(slots: Arc<Slots>, waited: Duration) -> Self {
+        slots.metrics.slot_taken(waited);
+        Self { slots }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.metrics.slot_released();
+        self.slots.metrics.slot_released();
+        self.slots.semaphore.add_permits(1);
     }
 }
 
@@ -55,19 +60,16 @@ impl fmt::Debug for Slot {
     }
 }
 
-/// A call in the queue for a slot: the time it waits, and its place in the count of
-/// waiting callers. Dropped unfinished, it counts the call as given up by its caller
-/// (`context_canceled`).
 pub(crate) struct Wait {
     started: Instant,
     shared: Arc<Shared>,
-    metrics: Arc<ConcurrencyMetrics>,
+    slots: Arc<Slots>,
     finished: bool,
 }
 
 impl Wait {
     /// Takes a place in the queue, or `None` when `max_queued` callers already wait.
-    pub(crate) fn enter(shared: &Arc<Shared>, metrics: &Arc<ConcurrencyMetrics>) -> Option<Self> {
+    pub(crate) fn enter(shared: &Arc<Shared>, slots: &Arc<Slots>) -> Option<Self> {
         let waiting = shared.queued.fetch_add(1, Ordering::AcqRel);
         if shared.max_queued.is_some_and(|max| waiting >= max) {
             shared.queued.fetch_sub(1, Ordering::AcqRel);
@@ -76,7 +78,7 @@ impl Wait {
         Some(Self {
             started: Instant::now(),
             shared: shared.clone(),
-            metrics: metrics.clone(),
+            slots: slots.clone(),
             finished: false,
         })
     }
@@ -92,9 +94,9 @@ impl Drop for Wait {
         self.shared.queued.fetch_sub(1, Ordering::AcqRel);
         if !self.finished {
             let waited = self.started.elapsed();
-            self.metrics.context_canceled(waited);
+            self.slots.metrics.context_canceled(waited);
             tracing::debug!(
-                provider = %self.metrics.provider(),
+                provider = %self.slots.metrics.provider(),
                 waited_ms = waited.as_millis() as u64,
                 "the caller gave up while waiting for a concurrency slot"
             );
@@ -189,13 +191,10 @@ pin_project! {
     where
         S: Service<Req>,
     {
+        // Boxed, as is the rejection: needed only off the fast path, and a future's
+        // size is kept by its caller's task for the whole stream.
         Waiting {
-            acquire: Acquire,
-            wait: Wait,
-            limit: usize,
-            // Boxed: needed only while waiting, and a future's size is kept by its
-            // caller's task for the whole stream.
-            call: Option<Box<Parked<S, Req>>>,
+            waiting: Box<Waiting<S, Req>>,
         },
         // A slot is held: the parked service is driven ready, then called.
         Readying {
@@ -209,10 +208,18 @@ pin_project! {
             slot: Option<Slot>,
         },
         Rejected {
-            error: Rejected,
+            error: Option<Box<Rejected>>,
         },
         Done,
     }
+}
+
+/// A call waiting for a slot.
+struct Waiting<S, Req> {
+    acquire: Acquire,
+    wait: Wait,
+    limit: usize,
+    call: Option<Box<Parked<S, Req>>>,
 }
 
 impl<S, Req> ResponseFuture<S, Req>
@@ -236,7 +243,9 @@ where
 
     pub(crate) fn rejected(error: Rejected) -> Self {
         Self {
-            state: State::Rejected { error },
+            state: State::Rejected {
+                error: Some(Box::new(error)),
+            },
             sweep: None,
         }
     }
@@ -255,10 +264,12 @@ where
         let (limit, sweep) = (wait.shared.limit, wait.shared.sweep.clone());
         Self {
             state: State::Waiting {
-                acquire,
-                wait,
-                limit,
-                call: Some(Box::new(Parked::new(service, request))),
+                waiting: Box::new(Waiting {
+                    acquire,
+                    wait,
+                    limit,
+                    call: Some(Box::new(Parked::new(service, request))),
+                }),
             },
             sweep,
         }
@@ -277,20 +288,22 @@ where
         loop {
             let mut this = self.as_mut().project();
             match this.state.as_mut().project() {
-                StateProj::Waiting {
-                    acquire,
-                    wait,
-                    limit,
-                    call,
-                } => {
+                StateProj::Waiting { waiting } => {
+                    let Waiting {
+                        acquire,
+                        wait,
+                        limit,
+                        call,
+                    } = &mut **waiting;
                     let permit = ready!(acquire.as_mut().poll(cx));
                     let waited = wait.finish();
                     let Some(permit) = permit else {
-                        let error = reject(&wait.metrics, *limit, waited);
+                        let error = Some(Box::new(reject(&wait.slots.metrics, *limit, waited)));
                         this.state.set(State::Rejected { error });
                         continue;
                     };
-                    let slot = Slot::new(permit, wait.metrics.clone(), waited);
+                    permit.forget();
+                    let slot = Slot::new(wait.slots.clone(), waited);
                     let Some(call) = call.take() else {
                         unreachable!("the call is taken only when leaving this state")
                     };
@@ -327,9 +340,11 @@ where
                     });
                 }
                 StateProj::Rejected { error } => {
-                    let error = *error;
+                    let Some(error) = error.take() else {
+                        unreachable!("the rejection is taken only when leaving this state")
+                    };
                     this.state.set(State::Done);
-                    return Poll::Ready(Err(Box::new(error)));
+                    return Poll::Ready(Err(error));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }

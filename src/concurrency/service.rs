@@ -9,7 +9,7 @@ use tokio::sync::Semaphore;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::future::{Wait, reject, reject_queue_full};
+use super::future::{Slots, Wait, reject, reject_queue_full};
 use super::idle::Sweep;
 use super::{MaxWait, ResponseBody, ResponseFuture, Slot};
 use crate::metrics::ConcurrencyMetrics;
@@ -45,7 +45,7 @@ use crate::metrics::ConcurrencyMetrics;
 pub struct StreamConcurrency<S> {
     inner: S,
     shared: Arc<Shared>,
-    metrics: Arc<ConcurrencyMetrics>,
+    slots: Arc<Slots>,
 }
 
 /// What every service made from one layer, and every clone of those, shares.
@@ -66,17 +66,18 @@ impl<S: Clone> Clone for StreamConcurrency<S> {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
-            metrics: self.metrics.clone(),
+            slots: self.slots.clone(),
         }
     }
 }
 
 impl<S> StreamConcurrency<S> {
     pub(crate) fn new(inner: S, shared: Arc<Shared>, metrics: Arc<ConcurrencyMetrics>) -> Self {
+        let semaphore = shared.semaphore.clone();
         Self {
             inner,
             shared,
-            metrics,
+            slots: Arc::new(Slots { semaphore, metrics }),
         }
     }
 
@@ -206,8 +207,9 @@ where
         let shared = &self.shared;
         // Fast path: a slot is free (never ahead of queued callers: the semaphore hands
         // released permits to waiters first), so the call starts at once.
-        if let Ok(permit) = shared.semaphore.clone().try_acquire_owned() {
-            let slot = Slot::new(permit, self.metrics.clone(), Duration::ZERO);
+        if let Ok(permit) = shared.semaphore.try_acquire() {
+            permit.forget();
+            let slot = Slot::new(self.slots.clone(), Duration::ZERO);
             let sweep = shared.sweep.clone();
             return ResponseFuture::calling(&mut self.inner, request, slot, sweep);
         }
@@ -216,11 +218,11 @@ where
             .get::<MaxWait>()
             .map_or(shared.max_wait, |max_wait| max_wait.get());
         if max_wait == Some(Duration::ZERO) {
-            let error = reject(&self.metrics, shared.limit, Duration::ZERO);
+            let error = reject(&self.slots.metrics, shared.limit, Duration::ZERO);
             return ResponseFuture::rejected(error);
         }
-        let Some(wait) = Wait::enter(shared, &self.metrics) else {
-            return ResponseFuture::rejected(reject_queue_full(&self.metrics, shared.limit));
+        let Some(wait) = Wait::enter(shared, &self.slots) else {
+            return ResponseFuture::rejected(reject_queue_full(&self.slots.metrics, shared.limit));
         };
         // Slow path: queue, with a clone of the inner service that is not ready (see
         // `park`). The ready one stays here, for this service's next call.
