@@ -192,13 +192,14 @@ pin_project! {
         S: Service<Req>,
     {
         // Boxed, as is the rejection: needed only off the fast path, and a future's
-        // size is kept by its caller's task for the whole stream.
+        // size is kept by its caller's task for the whole stream. The box that waited
+        // carries the parked call on to its call.
         Waiting {
-            waiting: Box<Waiting<S, Req>>,
+            waiting: Option<Box<Waiting<S, Req>>>,
         },
         // A slot is held: the parked service is driven ready, then called.
         Readying {
-            call: Box<Parked<S, Req>>,
+            waiting: Box<Waiting<S, Req>>,
             slot: Option<Slot>,
         },
         // `slot` is `None` when a retry layer below took it.
@@ -214,12 +215,12 @@ pin_project! {
     }
 }
 
-/// A call waiting for a slot.
+/// A call waiting for a slot, then for its inner service to be ready.
 struct Waiting<S, Req> {
     acquire: Acquire,
-    wait: Wait,
-    limit: usize,
-    call: Option<Box<Parked<S, Req>>>,
+    // Taken when the wait is over: the call then leaves the queue.
+    wait: Option<Wait>,
+    call: Parked<S, Req>,
 }
 
 impl<S, Req> ResponseFuture<S, Req>
@@ -261,15 +262,14 @@ where
                 None => permit.await.ok(),
             }
         });
-        let (limit, sweep) = (wait.shared.limit, wait.shared.sweep.clone());
+        let sweep = wait.shared.sweep.clone();
         Self {
             state: State::Waiting {
-                waiting: Box::new(Waiting {
+                waiting: Some(Box::new(Waiting {
                     acquire,
-                    wait,
-                    limit,
-                    call: Some(Box::new(Parked::new(service, request))),
-                }),
+                    wait: Some(wait),
+                    call: Parked::new(service, request),
+                })),
             },
             sweep,
         }
@@ -289,35 +289,37 @@ where
             let mut this = self.as_mut().project();
             match this.state.as_mut().project() {
                 StateProj::Waiting { waiting } => {
-                    let Waiting {
-                        acquire,
-                        wait,
-                        limit,
-                        call,
-                    } = &mut **waiting;
-                    let permit = ready!(acquire.as_mut().poll(cx));
+                    let Some(boxed) = waiting.as_mut() else {
+                        unreachable!("the wait is taken only when leaving this state")
+                    };
+                    let permit = ready!(boxed.acquire.as_mut().poll(cx));
+                    let Some(mut wait) = boxed.wait.take() else {
+                        unreachable!("the wait is taken only when it is over")
+                    };
                     let waited = wait.finish();
                     let Some(permit) = permit else {
-                        let error = Some(Box::new(reject(&wait.slots.metrics, *limit, waited)));
+                        let limit = wait.shared.limit;
+                        let error = Some(Box::new(reject(&wait.slots.metrics, limit, waited)));
                         this.state.set(State::Rejected { error });
                         continue;
                     };
                     permit.forget();
                     let slot = Slot::new(wait.slots.clone(), waited);
-                    let Some(call) = call.take() else {
-                        unreachable!("the call is taken only when leaving this state")
+                    let Some(waiting) = waiting.take() else {
+                        unreachable!("the wait is taken only when leaving this state")
                     };
                     this.state.set(State::Readying {
-                        call,
+                        waiting,
                         slot: Some(slot),
                     });
                 }
-                StateProj::Readying { call, slot } => {
+                StateProj::Readying { waiting, slot } => {
                     let sweep = this.sweep.as_ref();
-                    let result = ready!(call.poll_call_with(cx, |call| match slot.take() {
-                        Some(slot) => offer(slot, sweep, call),
-                        None => unreachable!("the slot is held until the call"),
-                    }));
+                    let result =
+                        ready!(waiting.call.poll_call_with(cx, |call| match slot.take() {
+                            Some(slot) => offer(slot, sweep, call),
+                            None => unreachable!("the slot is held until the call"),
+                        }));
                     match result {
                         Ok((future, slot)) => this.state.set(State::Calling { future, slot }),
                         Err(error) => {
