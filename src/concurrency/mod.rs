@@ -72,11 +72,11 @@
 //! its slot with the retry layer's future, as before. Where no retry layer takes the
 //! slot (none below, a `Buffer` between), or with `idle_timeout` (the sweep ends a
 //! stalled stream by dropping this layer's body, so the slot must be there), this layer
-//! keeps it as before. In memory, the three layers' extra cost per frame went from 139
-//! to 99 instructions with this and the retry body's single fast-path flag; what remains
-//! is mostly the copy of each frame into this body's boxed-error result, and the call
-//! into `poll_frame` that the bare body's consumer does not make (the README's
-//! Performance section has the figures).
+//! keeps it as before. In memory, the three layers' extra cost per frame went from 131
+//! to 95 instructions with this, the retry body's single fast-path flag and a data
+//! frame moved as its data alone into this body's boxed-error result; what remains is
+//! mostly that move, and the call into `poll_frame` that the bare body's consumer does
+//! not make (the README's Performance section has the figures).
 //!
 //! Errors are boxed ([`tower::BoxError`]); the inner service's errors pass through
 //! unchanged, so callers can downcast both ours and theirs.

@@ -12,9 +12,10 @@
 //!
 //! # How
 //!
-//! Each attempt sends a clone of the request (the body must be `Clone`, e.g.
-//! `Full<Bytes>`, or made so by [`BufferRequestBodyLayer`](crate::BufferRequestBodyLayer);
-//! the last attempt takes the original). Every attempt after the first carries a
+//! The first attempt sends the caller's request and a copy is kept for the retries
+//! (the body must be `Clone`, e.g. `Full<Bytes>`, or made so by
+//! [`BufferRequestBodyLayer`](crate::BufferRequestBodyLayer)); each retry sends a clone
+//! of the copy, the last one the copy itself. Every attempt after the first carries a
 //! [`RetryAttempt`] mark, so that the layers below can tell a retry from a new call. A
 //! request marked [`NotReplayable`] gets one attempt. Then:
 //!
@@ -43,8 +44,8 @@
 //!   (invalid request) goes to the caller untouched, byte for byte.
 //!
 //! Before each retry, one unit is withdrawn from the [`RetryBudget`](crate::RetryBudget)
-//! that [`RetryBudgetLayer`](crate::RetryBudgetLayer) put in the request's
-//! extensions, if any (from each of them, when nested budget layers put several); when
+//! that [`RetryBudgetLayer`](crate::RetryBudgetLayer) handed down, if any (from each of
+//! them, when nested budget layers handed down several); when
 //! it refuses, the last failure goes back at once. When the
 //! attempts run out, a retryable-status response or a transient in-band error goes back
 //! as it is, and other failures as a [`FirstChunkError`] saying what happened and after
@@ -67,6 +68,34 @@
 //! [`RetryPolicy::retry_maybe_processed(false)`](RetryPolicy::retry_maybe_processed)
 //! retries only the first class, for calls whose side effects must not repeat, and
 //! returns a failure of the second at once with [`StopReason::MaybeProcessed`].
+//!
+//! # What a call costs
+//!
+//! Measured with callgrind, over loopback (the load test's HTTP/1.1 phase, 21 events a
+//! stream), this layer alone costs about 7,700 instructions and 5 allocations a stream
+//! over a bare hyper-util client; tower's `Retry` with a `TpsBudget` and
+//! `ConcurrencyLimit` together about 2,400 and 3. Where it goes, and what was chosen:
+//!
+//! - **The copy of the request** (about 1,200 instructions and 3 allocations), as in
+//!   any retrying layer. The caller's request goes out and the copy is kept: a client
+//!   adds headers to what it sends (hyper-util a `host`), and the caller's header map
+//!   has room for them where a clone's, exactly full, would grow.
+//! - **The first chunk**: picking the detector from `Content-Type`, parsing the event,
+//!   and the in-band check on its data (about 1,700 instructions, and one allocation:
+//!   the detector's capture of the event's data, which the in-band check reads).
+//! - **The per-call state**, boxed (1,328 bytes with hyper-util's client): kept inline,
+//!   it would stay in the caller's task for the whole stream; boxed, it is one
+//!   allocation, freed when the first chunk is found. It is written in place.
+//! - **The first-chunk deadline**: a tokio timer, made at the first poll that finds no
+//!   first chunk, so an answer already there at the first poll costs none; over a
+//!   socket every call registers one (about 700 instructions a stream). A deadline
+//!   sweep shared by all calls of a layer would still take a lock and a waker clone
+//!   per call to register; it was not worth its error of up to one sweep period.
+//! - **The body** the caller gets looks at each frame once for the end of the stream
+//!   (one flag on the live path), and below a
+//!   [`StreamConcurrencyLayer`](crate::StreamConcurrencyLayer) it also carries that
+//!   layer's slot, so that the two layers look once, not twice (see
+//!   [`concurrency`](crate::concurrency), "One body wrapper").
 //!
 //! # Metrics
 //!
