@@ -60,6 +60,9 @@ impl fmt::Debug for Slot {
     }
 }
 
+/// A call in the queue for a slot: the time it waits, and its place in the count of
+/// waiting callers. Dropped unfinished, it counts the call as given up by its caller
+/// (`context_canceled`).
 pub(crate) struct Wait {
     started: Instant,
     shared: Arc<Shared>,
