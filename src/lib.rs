@@ -20,6 +20,8 @@
 //! - `ConnectionGaugeLayer` (`connection`, feature `connection-gauge`): for hyper-util
 //!   connectors, an exact count of open connections and an optional cap per host.
 //! - `config` (feature `serde`): the whole stack from a configuration file.
+//! - `load` (feature `load`): `CompleteOnEndOfStream`, for `tower::balance` to count a
+//!   stream's load until the stream ends, not until its headers.
 //!
 //! All of them record OpenTelemetry [`metrics`] and emit `tracing` events.
 //!
@@ -34,6 +36,7 @@
 //! | `connection-gauge` | off | `ConnectionGaugeLayer`: a hyper-util connector's open connections, capped per host | hyper, hyper-util |
 //! | `serde` | off | `config`: the whole stack from a configuration file | serde, serde_path_to_error, humantime, tower-http, tower's `util` |
 //! | `tower-budget` | off | [`RetryBudget`] implements tower's `retry::budget::Budget`, for tower's own `Retry` | tower's `retry` (futures-util) |
+//! | `load` | off | `load::CompleteOnEndOfStream`: `tower::balance` (`PendingRequests`, `PeakEwma`) counts a stream until its end | tower's `load` |
 //!
 //! The in-band error check reads the few JSON fields it needs without a JSON library,
 //! so it needs no feature.
@@ -95,6 +98,9 @@ mod deadline;
 mod error;
 pub mod frame;
 mod handoff;
+#[cfg(feature = "load")]
+#[cfg_attr(docsrs, doc(cfg(feature = "load")))]
+pub mod load;
 pub mod metrics;
 mod park;
 pub mod replay;
