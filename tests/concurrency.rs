@@ -619,3 +619,41 @@ async fn with_the_retry_layer_below_a_stalled_reader_still_loses_its_stream() {
         assert!(error.downcast_ref::<IdleTimeout>().is_some(), "{error}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_body_timeout_between_the_layers_frees_the_slot_with_its_error() {
+    use tower::ServiceBuilder;
+    use tower_http::timeout::ResponseBodyTimeoutLayer;
+    use tower_stream_backpressure::FirstChunkRetryLayer;
+    for protocol in BOTH {
+        let upstream = Upstream::start(|_| Reply::faulty(3, Fault::StallAfter(1))).await;
+        let limit = StreamConcurrencyLayer::new(1);
+        // The retry layer's body carries the slot; the timeout between ends the stream
+        // without that body seeing an end of its own.
+        let service = ServiceBuilder::new()
+            .layer(limit.clone())
+            .layer(ResponseBodyTimeoutLayer::new(Duration::from_secs(5)))
+            .layer(FirstChunkRetryLayer::new(RetryPolicy::default()))
+            .service(client(protocol));
+        let response = service.oneshot(post(&upstream.url("/"))).await.unwrap();
+        let mut body = std::pin::pin!(response.into_body());
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(limit.available_slots(), 0, "{protocol:?}: mid-stream");
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(error.to_string().contains("timeout"), "{error}");
+        assert_eq!(
+            limit.available_slots(),
+            1,
+            "{protocol:?}: freed with the error, though the body is kept"
+        );
+        assert!(body.frame().await.is_none(), "{protocol:?}: then the end");
+        assert!(body.is_end_stream());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            upstream.open_streams(),
+            0,
+            "{protocol:?}: the stream closed"
+        );
+        assert_eq!(upstream.hits(), 1);
+    }
+}

@@ -73,9 +73,13 @@ pin_project! {
         },
         /// The inner body, whose own wrapper carries the slot: a retry layer below took
         /// it (see the module docs, "One body wrapper"). Frames pass as they come.
+        ///
+        /// Dropped once it returns an error or its end: a layer between the two that
+        /// ends the stream itself (a body timeout) would otherwise leave the slot held,
+        /// inside the retry layer's body, until this body is dropped.
         Passed {
             #[pin]
-            inner: B,
+            inner: Option<B>,
         },
         /// The inner body under the idle sweep, which may end it (see `idle`).
         Watched {
@@ -94,7 +98,7 @@ impl<B: Body> ResponseBody<B> {
     {
         let Some(slot) = slot else {
             return Self {
-                stream: Stream::Passed { inner },
+                stream: Stream::Passed { inner: Some(inner) },
             };
         };
         let ended = inner.is_end_stream();
@@ -129,7 +133,16 @@ where
                 let inner = inner.as_ref();
                 boxed(slot.pass(poll, || inner.is_end_stream()))
             }
-            StreamProj::Passed { inner } => boxed(inner.poll_frame(cx)),
+            StreamProj::Passed { mut inner } => {
+                let Some(body) = inner.as_mut().as_pin_mut() else {
+                    return Poll::Ready(None);
+                };
+                let poll = body.poll_frame(cx);
+                if matches!(poll, Poll::Ready(None | Some(Err(_)))) {
+                    inner.set(None);
+                }
+                boxed(poll)
+            }
             StreamProj::Watched { watch, reported } => poll_watched(watch, reported, cx),
         }
     }
@@ -137,7 +150,8 @@ where
     #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.stream {
-            Stream::Direct { inner, .. } | Stream::Passed { inner } => inner.is_end_stream(),
+            Stream::Direct { inner, .. } => inner.is_end_stream(),
+            Stream::Passed { inner } => inner.as_ref().is_none_or(B::is_end_stream),
             Stream::Watched { watch, reported } => match watch.open.try_lock() {
                 Some(open) => match open.as_ref() {
                     Some(open) => open.body.is_end_stream(),
@@ -153,7 +167,10 @@ where
     #[inline]
     fn size_hint(&self) -> SizeHint {
         match &self.stream {
-            Stream::Direct { inner, .. } | Stream::Passed { inner } => inner.size_hint(),
+            Stream::Direct { inner, .. } => inner.size_hint(),
+            Stream::Passed { inner } => inner
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), B::size_hint),
             Stream::Watched { watch, .. } => watch
                 .open
                 .try_lock()
