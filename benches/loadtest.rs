@@ -903,6 +903,40 @@ where
         with_service!(self, config, |service| memory(config, service, uri, args)
             .await)
     }
+
+    /// The throughput run: the configurations of `--configs` take turns, one round
+    /// each per turn, the order rotating; the first turn opens the connections and is
+    /// not counted.
+    async fn throughput(&self, uri: Uri, args: &Args) -> Result<Vec<String>, String> {
+        let configs = &args.configs;
+        let gauge = Arc::new(Gauge::default());
+        let mut rounds = vec![Vec::new(); configs.len()];
+        // Streams made by each, the uncounted turn's too.
+        let mut made = vec![0; configs.len()];
+        let mut first_error = None;
+        let load = (args.streams, args.concurrency, Duration::ZERO);
+        for turn in 0..=args.rounds {
+            for i in 0..configs.len() {
+                let which = (turn + i) % configs.len();
+                let (round, error) = self.round(configs[which], &uri, load, args, &gauge).await;
+                made[which] += round.ok + round.failed;
+                if let Some(error) = error {
+                    first_error.get_or_insert(error);
+                }
+                if turn > 0 {
+                    rounds[which].push(round);
+                }
+            }
+        }
+        if let Some(error) = first_error {
+            eprintln!("loadtest client: first failure: {error}");
+        }
+        Ok(configs
+            .iter()
+            .zip(rounds.iter().zip(made))
+            .map(|(config, (rounds, made))| rounds_line(config.flag(), rounds, made))
+            .collect())
+    }
 }
 
 /// Runs the client side of one run and prints its result lines.
@@ -927,7 +961,7 @@ fn run_client(run: Run, args: &Args) -> ExitCode {
             }
             Run::Throughput => {
                 let services = services(proto, args, &args.configs);
-                throughput(&services, uri, args).await
+                services.throughput(uri, args).await
             }
         }
     });
@@ -1105,56 +1139,6 @@ async fn memory<S: Streaming>(
         sampled.open,
         gauge.max.load(Relaxed),
     )])
-}
-
-/// The throughput run: the configurations of `--configs` take turns, one round each
-/// per turn, the order rotating; the first turn opens the connections and is not
-/// counted.
-async fn throughput<Ba, St, Li, To, Th, Co, Bu, Re>(
-    services: &Services<Ba, St, Li, To, Th, Co, Bu, Re>,
-    uri: Uri,
-    args: &Args,
-) -> Result<Vec<String>, String>
-where
-    Ba: Streaming,
-    St: Streaming,
-    Li: Streaming,
-    To: Streaming,
-    Th: Streaming,
-    Co: Streaming,
-    Bu: Streaming,
-    Re: Streaming,
-{
-    let configs = &args.configs;
-    let gauge = Arc::new(Gauge::default());
-    let mut rounds = vec![Vec::new(); configs.len()];
-    // Streams made by each, the uncounted turn's too.
-    let mut made = vec![0; configs.len()];
-    let mut first_error = None;
-    let load = (args.streams, args.concurrency, Duration::ZERO);
-    for turn in 0..=args.rounds {
-        for i in 0..configs.len() {
-            let which = (turn + i) % configs.len();
-            let (round, error) = services
-                .round(configs[which], &uri, load, args, &gauge)
-                .await;
-            made[which] += round.ok + round.failed;
-            if let Some(error) = error {
-                first_error.get_or_insert(error);
-            }
-            if turn > 0 {
-                rounds[which].push(round);
-            }
-        }
-    }
-    if let Some(error) = first_error {
-        eprintln!("loadtest client: first failure: {error}");
-    }
-    Ok(configs
-        .iter()
-        .zip(rounds.iter().zip(made))
-        .map(|(config, (rounds, made))| rounds_line(config.flag(), rounds, made))
-        .collect())
 }
 
 /// `result config=<config> walls=.. oks=.. fails=.. events=.. streams_made=..`, lists
