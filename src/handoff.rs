@@ -38,37 +38,19 @@ pub(crate) fn offer_budget<R>(budget: &RetryBudget, call: impl FnOnce() -> R) ->
         offered.len() - 1
     });
     // Withdrawn when `call` returns or unwinds: an offer never outlives its call.
-    let mut withdraw = WithdrawBudget { at, taken: true };
+    let withdraw = WithdrawBudget(at);
     let output = call();
-    withdraw.now();
-    (output, withdraw.taken)
+    let taken = BUDGETS.with_borrow(|offered| offered.len() <= at);
+    drop(withdraw);
+    (output, taken)
 }
 
-struct WithdrawBudget {
-    at: usize,
-    taken: bool,
-}
-
-impl WithdrawBudget {
-    fn now(&mut self) {
-        self.taken = BUDGETS.with_borrow_mut(|offered| {
-            if offered.len() > self.at {
-                offered.truncate(self.at);
-                false
-            } else {
-                true
-            }
-        });
-        // Done: the drop has nothing left to do.
-        self.at = usize::MAX;
-    }
-}
+/// Drops the offers made at or after its index, unless a retry layer took them.
+struct WithdrawBudget(usize);
 
 impl Drop for WithdrawBudget {
     fn drop(&mut self) {
-        if self.at != usize::MAX {
-            self.now();
-        }
+        BUDGETS.with_borrow_mut(|offered| offered.truncate(self.0));
     }
 }
 
@@ -77,14 +59,10 @@ pub(crate) fn is_budget_offered(budget: &RetryBudget) -> bool {
     BUDGETS.with_borrow(|offered| offered.iter().any(|other| other.same(budget)))
 }
 
-/// Takes every budget offered in this call, outermost first, handing each to `each`;
-/// says whether there was any. The list keeps its capacity for the next call.
-pub(crate) fn take_budgets(mut each: impl FnMut(RetryBudget)) -> bool {
-    BUDGETS.with_borrow_mut(|offered| {
-        let any = !offered.is_empty();
-        offered.drain(..).for_each(&mut each);
-        any
-    })
+/// Takes every budget offered in this call, outermost first, handing each to `each`.
+/// The list keeps its capacity for the next call.
+pub(crate) fn take_budgets(each: impl FnMut(RetryBudget)) {
+    BUDGETS.with_borrow_mut(|offered| offered.drain(..).for_each(each));
 }
 
 /// Runs `call` with `slot` offered to a retry layer inside it; returns what `call`
@@ -130,7 +108,8 @@ mod tests {
             assert!(is_budget_offered(&a) && !is_budget_offered(&b));
             let ((), inner_taken) = offer_budget(&b, || {
                 let mut took = Vec::new();
-                assert!(take_budgets(|budget| took.push(budget)));
+                take_budgets(|budget| took.push(budget));
+                assert_eq!(took.len(), 2);
                 assert!(took[0].same(&a) && took[1].same(&b), "outermost first");
             });
             assert!(inner_taken);
@@ -147,6 +126,6 @@ mod tests {
         let unwound = std::panic::catch_unwind(|| offer_budget(&a, || panic!("inner call")));
         assert!(unwound.is_err());
         assert!(!is_budget_offered(&a));
-        assert!(!take_budgets(|_| unreachable!("nothing is offered")));
+        take_budgets(|_| unreachable!("nothing is offered"));
     }
 }

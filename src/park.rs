@@ -31,26 +31,22 @@ impl<S: Service<Req>, Req> Parked<S, Req> {
     /// Drives the service ready, then calls it with the request. Only polled until it
     /// returns `Ready`.
     pub(crate) fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Result<S::Future, S::Error>> {
-        self.poll_call_with(cx, |call| call())
+        ready!(self.poll_ready(cx))?;
+        Poll::Ready(Ok(self.call()))
     }
 
-    /// As [`poll_call`](Self::poll_call), the call itself made inside `around` (which
-    /// must run it once): for what is offered to the inner service for the length of
-    /// its `call` (see `handoff`).
-    pub(crate) fn poll_call_with<R>(
-        &mut self,
-        cx: &mut Context<'_>,
-        around: impl FnOnce(&mut dyn FnMut() -> S::Future) -> R,
-    ) -> Poll<Result<R, S::Error>> {
-        ready!(self.service.poll_ready(cx))?;
+    /// The first half of [`poll_call`](Self::poll_call), for a caller that makes the
+    /// call itself inside something (see `handoff`).
+    pub(crate) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.service.poll_ready(cx)
+    }
+
+    /// Calls the service, made ready by [`poll_ready`](Self::poll_ready), with the
+    /// request.
+    pub(crate) fn call(&mut self) -> S::Future {
         let Some(request) = self.request.take() else {
             panic!("a parked call was polled after it was made")
         };
-        let (service, mut request) = (&mut self.service, Some(request));
-        let mut call = || match request.take() {
-            Some(request) => service.call(request),
-            None => unreachable!("a parked call is made once"),
-        };
-        Poll::Ready(Ok(around(&mut call)))
+        self.service.call(request)
     }
 }

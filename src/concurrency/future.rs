@@ -317,20 +317,16 @@ where
                     });
                 }
                 StateProj::Readying { waiting, slot } => {
-                    let sweep = this.sweep.as_ref();
-                    let result =
-                        ready!(waiting.call.poll_call_with(cx, |call| match slot.take() {
-                            Some(slot) => offer(slot, sweep, call),
-                            None => unreachable!("the slot is held until the call"),
-                        }));
-                    match result {
-                        Ok((future, slot)) => this.state.set(State::Calling { future, slot }),
-                        Err(error) => {
-                            // The slot goes with the failed call.
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(error.into()));
-                        }
+                    if let Err(error) = ready!(waiting.call.poll_ready(cx)) {
+                        // The slot goes with the failed call.
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error.into()));
                     }
+                    let Some(slot) = slot.take() else {
+                        unreachable!("the slot is held until the call")
+                    };
+                    let (future, slot) = offer(slot, this.sweep.as_ref(), || waiting.call.call());
+                    this.state.set(State::Calling { future, slot });
                 }
                 StateProj::Calling { future, slot } => {
                     let result = ready!(future.poll(cx));
