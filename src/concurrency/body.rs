@@ -76,7 +76,10 @@ pin_project! {
         ///
         /// Dropped once it returns an error or its end: a layer between the two that
         /// ends the stream itself (a body timeout) would otherwise leave the slot held,
-        /// inside the retry layer's body, until this body is dropped.
+        /// inside the retry layer's body, until this body is dropped. Not the slot's
+        /// whole rule (trailers, a last data frame): asking `is_end_stream()` after each
+        /// frame here measured 116 instructions a frame against 91, for a layer that
+        /// ends a stream in neither way, whose slot the drop of the body still frees.
         Passed {
             #[pin]
             inner: Option<B>,
