@@ -14,6 +14,7 @@
 //! | `provider_calls_in_flight` | gauge | +1 per upstream attempt, -1 when the attempt fails or its body ends or drops |
 //! | `stream_first_chunk_latency_seconds` | histogram | first attempt start to first chunk found |
 //! | `stream_retries_total{outcome,reason}` | counter | see [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer); nothing when retry is disabled |
+//! | `stream_hedges_total{outcome}` | counter | hedged attempts ([`RetryPolicy::hedge`](crate::RetryPolicy::hedge)): `won` (it delivered the first chunk), `lost` (it did not), `budget_exhausted` (the budget refused it) |
 //! | `stream_retry_budget_available` | gauge | the budget's [`available()`](crate::RetryBudget::available), read at collection: one series per budget and meter (the first layer's `provider`), none once the budget is dropped |
 //! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded`, `queue_full` or `context_canceled` |
 //! | `stream_concurrency_wait_seconds` | histogram | time waited for a slot, granted or not (0 when granted at once) |
@@ -129,6 +130,16 @@ pub const STREAM_FIRST_CHUNK_LATENCY: &str = "stream_first_chunk_latency";
 /// // Exported to Prometheus as `stream_retries_total`.
 /// ```
 pub const STREAM_RETRIES: &str = "stream_retries";
+/// Counter of hedged attempts, attribute `outcome`: `won`, `lost` or
+/// `budget_exhausted`.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::STREAM_HEDGES;
+///
+/// assert_eq!(STREAM_HEDGES, "stream_hedges");
+/// // Exported to Prometheus as `stream_hedges_total`.
+/// ```
+pub const STREAM_HEDGES: &str = "stream_hedges";
 /// Observable gauge of the retries a budget would allow now.
 ///
 /// ```
@@ -483,15 +494,45 @@ impl RetryReason {
     }
 }
 
+/// How a hedged attempt ended, the `outcome` attribute of `stream_hedges_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HedgeOutcome {
+    /// The hedge delivered the call's first chunk.
+    Won,
+    /// Another attempt did, or none did.
+    Lost,
+    /// The budget refused the hedge, which never started.
+    BudgetExhausted,
+}
+
+impl HedgeOutcome {
+    const ALL: [HedgeOutcome; 3] = [
+        HedgeOutcome::Won,
+        HedgeOutcome::Lost,
+        HedgeOutcome::BudgetExhausted,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            HedgeOutcome::Won => "won",
+            HedgeOutcome::Lost => "lost",
+            HedgeOutcome::BudgetExhausted => "budget_exhausted",
+        }
+    }
+}
+
 /// Instruments of [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer).
 #[derive(Debug)]
 pub(crate) struct RetryMetrics {
     calls_in_flight: InFlight,
     first_chunk_latency: Histogram<f64>,
     retries: Counter<u64>,
+    hedges: Counter<u64>,
     provider: [KeyValue; 1],
     /// Indexed by outcome, then reason.
     retry_attrs: [[[KeyValue; 3]; 6]; 4],
+    /// Indexed by outcome.
+    hedge_attrs: [[KeyValue; 2]; 3],
 }
 
 impl RetryMetrics {
@@ -522,6 +563,12 @@ impl RetryMetrics {
                     ]
                 })
             }),
+            hedges: meter
+                .u64_counter(STREAM_HEDGES)
+                .with_description("Hedged attempts before the first chunk, by outcome")
+                .build(),
+            hedge_attrs: HedgeOutcome::ALL
+                .map(|outcome| [provider.clone(), KeyValue::new("outcome", outcome.label())]),
             provider: [provider],
         }
     }
@@ -547,6 +594,10 @@ impl RetryMetrics {
     pub(crate) fn retry(&self, outcome: RetryOutcome, reason: RetryReason) {
         self.retries
             .add(1, &self.retry_attrs[outcome as usize][reason as usize]);
+    }
+
+    pub(crate) fn hedge(&self, outcome: HedgeOutcome) {
+        self.hedges.add(1, &self.hedge_attrs[outcome as usize]);
     }
 }
 

@@ -6,7 +6,8 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -16,8 +17,10 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::NotReplayable;
+use super::ResponseBody;
 use super::RetryAttempt;
 use super::body::CallGuard;
+use super::error::StopReason;
 use super::judge::{Failure, Judged, Next, Output};
 use super::peek::Peek;
 use super::service::Shared;
@@ -26,7 +29,7 @@ use crate::budget::Budgets;
 use crate::concurrency::Slot;
 use crate::deadline;
 use crate::frame::Detector;
-use crate::metrics::{RetryMetrics, RetryOutcome, RetryReason};
+use crate::metrics::{HedgeOutcome, RetryMetrics, RetryOutcome, RetryReason};
 
 /// Response future of [`FirstChunkRetry`](super::FirstChunkRetry).
 ///
@@ -83,38 +86,94 @@ where
 
 pin_project! {
     /// The attempts of one call.
+    #[project = AttemptingProj]
     struct Attempting<S, ReqBody, ResBody, D>
     where
         S: Service<Request<ReqBody>>,
         ResBody: Body,
     {
+        // The attempt in flight; with hedging, the first of those in flight. Inline, so
+        // that a call without hedges allocates nothing for its attempts.
         #[pin]
-        call: Option<S::Future>,
-        // The current attempt's first-chunk deadline, or the backoff before the next.
+        lead: Attempt<S::Future, ResBody, D>,
+        // The hedged attempts in flight beside it.
+        extra: Vec<Pin<Box<Attempt<S::Future, ResBody, D>>>>,
+        // The one timer of the call: the earliest of the first-chunk deadlines of the
+        // attempts in flight and the time of the next start.
         #[pin]
         timer: Timer,
-        phase: Phase,
-        // The response being read for its first chunk, while peeking. Kept out of
-        // `phase`, which moves on every poll.
-        peek: Option<Peek<ResBody, D>>,
-        // The failure that called for the next attempt, kept until that attempt starts:
-        // if the service fails to become ready for it, this is what the caller gets.
+        // The attempt to start next: a retry after its backoff, or a hedge after its
+        // delay.
+        next: Option<Start>,
+        // The failure that called for the next attempt, kept until that attempt starts
+        // (if the service fails to become ready for it, this is what the caller gets),
+        // or the failure that ends the call once no attempt is left, with `stop`.
         last: Option<Failure<ResBody>>,
+        stop: StopReason,
         attempts: Attempts<S, ReqBody, D>,
     }
 }
 
-enum Phase {
-    /// Waiting for the service to be ready for the next attempt.
-    Ready,
-    /// The attempt's request is in flight, until its response head.
+pin_project! {
+    /// One attempt: its request in flight until the response head, then its body read
+    /// for the first chunk.
+    struct Attempt<F, B, D>
+    where
+        B: Body,
+    {
+        #[pin]
+        call: Option<F>,
+        state: State<B, D>,
+        // Its first-chunk deadline, from its start.
+        deadline: Instant,
+        // Why it is a retry (`None` for the first attempt and for hedges).
+        retried_for: Option<RetryReason>,
+        // Counts a hedge's outcome, once.
+        hedge: Option<HedgeTicket>,
+    }
+}
+
+enum State<B: Body, D> {
+    /// Not in flight.
+    Idle,
+    /// The request is in flight, until its response head.
     Calling(CallGuard),
-    /// A 2xx response: reading its body until the first chunk (in `peek`).
-    Peeking,
-    /// Waiting before the next attempt.
-    Backoff,
-    /// The output has been returned.
-    Done,
+    /// A 2xx response: its body is read until the first chunk.
+    Peeking(Peek<B, D>),
+}
+
+/// How an attempt ended.
+enum Settled<B: Body> {
+    /// The response goes to the caller: its first chunk came, or it is not a failure.
+    Answered(Response<ResponseBody<B>>),
+    Failed(Failure<B>),
+}
+
+/// The next attempt to start.
+#[derive(Debug)]
+struct Start {
+    /// When it is due; `None` once due, while the service is made ready for it.
+    at: Option<Instant>,
+    /// Why it is a retry, or `None` for a hedge.
+    retry: Option<RetryReason>,
+}
+
+/// A hedged attempt's count in `stream_hedges_total`: `lost` when dropped, unless it
+/// delivered the call's first chunk.
+struct HedgeTicket {
+    metrics: Arc<RetryMetrics>,
+    won: bool,
+}
+
+impl Drop for HedgeTicket {
+    fn drop(&mut self) {
+        let outcome = if self.won {
+            HedgeOutcome::Won
+        } else {
+            HedgeOutcome::Lost
+        };
+        self.metrics.hedge(outcome);
+    }
 }
 
 /// What stays the same across attempts.
@@ -125,11 +184,12 @@ pub(super) struct Attempts<S, ReqBody, D> {
     pub(super) head_request: bool,
     /// The policy's `max_attempts`, or 1 for a request that cannot be replayed.
     pub(super) max_attempts: u32,
+    /// Attempts started, or decided on (a retry waiting out its backoff).
     pub(super) attempt: u32,
-    /// Why the attempt in progress is a retry (`None` for the first).
-    pub(super) retried_for: Option<RetryReason>,
+    /// The delay before a hedge, while the call may be hedged.
+    pub(super) hedge_after: Option<Duration>,
     pub(super) started: Instant,
-    /// Every budget the call deposited in; a retry takes a unit from each.
+    /// Every budget the call deposited in; a retry or a hedge takes a unit from each.
     pub(super) budgets: Budgets,
     /// The concurrency slot handed over by the layer above, for the caller's body.
     pub(super) slot: Option<Slot>,
@@ -218,29 +278,39 @@ where
         };
         let call = CallGuard::new(metrics.clone());
         let future = service.call(first);
-        Self {
-            call: Some(future),
-            timer: Timer::new(deadline::from(
-                started,
-                shared.policy.get_first_chunk_timeout(),
-            )),
-            phase: Phase::Calling(call),
-            peek: None,
+        let hedge_after = match &shared.hedging {
+            Some(hedging) if retries => hedging.delay(started),
+            _ => None,
+        };
+        let timeout = shared.policy.get_first_chunk_timeout();
+        let mut attempting = Self {
+            lead: Attempt::new(future, call, deadline::from(started, timeout), None, None),
+            extra: Vec::new(),
+            timer: Timer::new(deadline::from(started, timeout)),
+            next: None,
             last: None,
+            stop: StopReason::NotRetryable,
             attempts: Attempts {
                 service,
                 request,
                 head_request,
                 max_attempts,
                 attempt: 1,
-                retried_for: None,
+                hedge_after,
                 started,
                 budgets,
                 slot,
                 shared,
                 metrics,
             },
+        };
+        if let Some(after) = hedge_after {
+            attempting.next = Some(Start {
+                at: Some(deadline::from(started, after)),
+                retry: None,
+            });
         }
+        attempting
     }
 }
 
@@ -259,108 +329,335 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            let failure = match std::mem::replace(this.phase, Phase::Done) {
-                Phase::Ready => {
-                    match this.attempts.service.poll_ready(cx) {
-                        Poll::Pending => {
-                            *this.phase = Phase::Ready;
-                            return Poll::Pending;
+            // Once the output has been returned, nothing is in flight or to start.
+            assert!(
+                this.is_running() || this.next.is_some(),
+                "ResponseFuture polled after completion"
+            );
+            // The attempts in flight, the first one started first.
+            let mut settled = None;
+            if this.lead.is_running() {
+                if let Poll::Ready(ended) = this.lead.as_mut().poll(cx, this.attempts) {
+                    settled = Some((ended, this.lead.as_mut().stop()));
+                }
+            }
+            if settled.is_none() {
+                for index in 0..this.extra.len() {
+                    let attempt = this.extra[index].as_mut();
+                    if let Poll::Ready(ended) = attempt.poll(cx, this.attempts) {
+                        let mut attempt = this.extra.swap_remove(index);
+                        settled = Some((ended, attempt.as_mut().stop()));
+                        break;
+                    }
+                }
+            }
+            if let Some((ended, (retried_for, hedge))) = settled {
+                match ended {
+                    Settled::Answered(response) => {
+                        if let Some(mut hedge) = hedge {
+                            hedge.won = true;
                         }
-                        Poll::Ready(Err(error)) => {
+                        // The others are dropped now: their streams are closed.
+                        this.lead.as_mut().stop();
+                        this.extra.clear();
+                        return Poll::Ready(Ok(response));
+                    }
+                    Settled::Failed(failure) => {
+                        drop(hedge);
+                        match this.failed(failure, retried_for) {
+                            Some(output) => return Poll::Ready(output),
+                            None => continue,
+                        }
+                    }
+                }
+            }
+            // The next attempt, once due and the service is ready for it.
+            if let Some(Start { at: None, retry }) = *this.next {
+                match this.attempts.service.poll_ready(cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Ok(())) => {
+                        *this.next = None;
+                        this.start(retry);
+                        continue;
+                    }
+                    Poll::Ready(Err(error)) => {
+                        let error = error.into();
+                        *this.next = None;
+                        // The attempt never started, and no other will.
+                        this.attempts.attempt -= 1;
+                        this.attempts.hedge_after = None;
+                        if !this.is_running() {
                             let Some(last) = this.last.take() else {
                                 unreachable!("a failure called for this attempt")
                             };
-                            return Poll::Ready(this.attempts.not_ready(last, error.into()));
+                            return Poll::Ready(this.attempts.not_ready(last, &error));
                         }
-                        Poll::Ready(Ok(())) => {}
+                        tracing::warn!(
+                            provider = %this.attempts.metrics.provider(),
+                            %error,
+                            "the service failed to become ready for another attempt: \
+                             the attempts in flight go on"
+                        );
                     }
-                    *this.last = None;
-                    let (future, call) = this.attempts.start();
-                    this.call.set(Some(future));
-                    let timeout = this.attempts.shared.policy.get_first_chunk_timeout();
-                    this.timer.as_mut().reset(deadline::from_now(timeout));
-                    *this.phase = Phase::Calling(call);
-                    continue;
                 }
-                Phase::Calling(call) => {
+            }
+            // The timer, set to the earliest deadline or start.
+            let Some(at) = this.earliest() else {
+                // Only the service's readiness is awaited.
+                return Poll::Pending;
+            };
+            this.timer.as_mut().reset(at);
+            if this.timer.as_mut().poll_elapsed(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if let Some(output) = this.elapsed(Instant::now()) {
+                return Poll::Ready(output);
+            }
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody, D> AttemptingProj<'_, S, ReqBody, ResBody, D>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ReqBody: Clone,
+    ResBody: Body + Unpin,
+    ResBody::Data: AsRef<[u8]>,
+    ResBody::Error: Into<BoxError>,
+    D: Detector,
+{
+    fn is_running(&self) -> bool {
+        self.lead.is_running() || !self.extra.is_empty()
+    }
+
+    /// The earliest first-chunk deadline of an attempt in flight, or the time of the
+    /// next start, if sooner.
+    fn earliest(&self) -> Option<Instant> {
+        let lead = self.lead.is_running().then_some(self.lead.deadline);
+        let extra = self.extra.iter().map(|attempt| attempt.deadline);
+        let next = self.next.as_ref().and_then(|next| next.at);
+        lead.into_iter().chain(extra).chain(next).min()
+    }
+
+    /// The timer went off at `now`: attempts past their deadline fail, and the next
+    /// start comes due.
+    fn elapsed(&mut self, now: Instant) -> Option<Output<ResBody>> {
+        if self.lead.is_running() && self.lead.deadline <= now {
+            let (retried_for, _) = self.lead.as_mut().stop();
+            if let Some(output) = self.failed(Failure::Timeout, retried_for) {
+                return Some(output);
+            }
+        }
+        let mut index = 0;
+        while index < self.extra.len() {
+            if self.extra[index].deadline > now {
+                index += 1;
+                continue;
+            }
+            let mut attempt = self.extra.swap_remove(index);
+            let (retried_for, _) = attempt.as_mut().stop();
+            drop(attempt);
+            if let Some(output) = self.failed(Failure::Timeout, retried_for) {
+                return Some(output);
+            }
+        }
+        let next = self.next.as_mut()?;
+        if next.at.is_none_or(|at| at > now) {
+            return None;
+        }
+        next.at = None;
+        if next.retry.is_none() && !self.attempts.hedge() {
+            *self.next = None;
+        }
+        None
+    }
+
+    /// An attempt failed before its first chunk: the next starts as a retry would, or,
+    /// when none may, the call ends with the failure once no other attempt is in
+    /// flight.
+    fn failed(
+        &mut self,
+        failure: Failure<ResBody>,
+        retried_for: Option<RetryReason>,
+    ) -> Option<Output<ResBody>> {
+        let retry_due = self.next.as_ref().is_some_and(|next| next.retry.is_some());
+        if retry_due {
+            // An earlier failure called for the next attempt already: this one only
+            // counts.
+            self.attempts.retry_ended(retried_for, RetryOutcome::Failed);
+        } else {
+            match self.attempts.after_failure(failure, retried_for) {
+                Next::Retry {
+                    after,
+                    reason,
+                    failure,
+                } => {
+                    *self.last = Some(failure);
+                    // No wait: the next attempt starts in this poll, without a timer.
+                    let at = (!after.is_zero()).then(|| deadline::from_now(after));
+                    *self.next = Some(Start {
+                        at,
+                        retry: Some(reason),
+                    });
+                    return None;
+                }
+                Next::Stop { failure, stop } => {
+                    *self.last = Some(failure);
+                    *self.stop = stop;
+                }
+            }
+        }
+        if self.is_running() || retry_due {
+            return None;
+        }
+        // A hedge only starts beside an attempt in flight.
+        *self.next = None;
+        let Some(last) = self.last.take() else {
+            unreachable!("the failure that ends the call is kept")
+        };
+        let attempts = self.attempts.attempt;
+        Some(self.attempts.output(last, *self.stop, attempts))
+    }
+
+    /// Starts the next attempt on the ready service, and schedules a hedge beside it.
+    fn start(&mut self, retry: Option<RetryReason>) {
+        *self.last = None;
+        let (future, call) = self.attempts.start();
+        let now = Instant::now();
+        let timeout = self.attempts.shared.policy.get_first_chunk_timeout();
+        let hedge = retry.is_none().then(|| HedgeTicket {
+            metrics: self.attempts.metrics.clone(),
+            won: false,
+        });
+        let attempt = Attempt::new(future, call, deadline::from(now, timeout), retry, hedge);
+        if self.lead.is_running() {
+            self.extra.push(Box::pin(attempt));
+        } else {
+            self.lead.set(attempt);
+        }
+        let Some(after) = self.attempts.hedge_after else {
+            return;
+        };
+        let extra = self
+            .attempts
+            .shared
+            .hedging
+            .as_ref()
+            .map_or(0, |h| h.max_extra);
+        let in_flight = usize::from(self.lead.is_running()) + self.extra.len();
+        if in_flight <= extra as usize && self.attempts.attempt < self.attempts.max_attempts {
+            *self.next = Some(Start {
+                at: Some(deadline::from(now, after)),
+                retry: None,
+            });
+        }
+    }
+}
+
+impl<F, B, D> Attempt<F, B, D>
+where
+    B: Body,
+{
+    fn new(
+        call: F,
+        guard: CallGuard,
+        deadline: Instant,
+        retried_for: Option<RetryReason>,
+        hedge: Option<HedgeTicket>,
+    ) -> Self {
+        Self {
+            call: Some(call),
+            state: State::Calling(guard),
+            deadline,
+            retried_for,
+            hedge,
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        !matches!(self.state, State::Idle)
+    }
+
+    /// Ends the attempt, dropping what is in flight (its stream is closed); returns
+    /// why it was a retry, and its hedge's ticket.
+    fn stop(self: Pin<&mut Self>) -> (Option<RetryReason>, Option<HedgeTicket>) {
+        let mut this = self.project();
+        this.call.set(None);
+        *this.state = State::Idle;
+        (this.retried_for.take(), this.hedge.take())
+    }
+}
+
+impl<F, B, D> Attempt<F, B, D>
+where
+    B: Body + Unpin,
+    B::Data: AsRef<[u8]>,
+    B::Error: Into<BoxError>,
+    D: Detector,
+{
+    /// Drives the attempt until it has an answer for the caller or fails. Its deadline
+    /// is the caller's to check.
+    fn poll<S, ReqBody, E>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        attempts: &mut Attempts<S, ReqBody, D>,
+    ) -> Poll<Settled<B>>
+    where
+        F: Future<Output = Result<Response<B>, E>>,
+        E: Into<BoxError>,
+        ReqBody: Clone,
+    {
+        let mut this = self.project();
+        loop {
+            match this.state {
+                State::Idle => unreachable!("an attempt is polled while in flight"),
+                State::Calling(_) => {
                     let Some(future) = this.call.as_mut().as_pin_mut() else {
                         unreachable!("a call is in flight while calling")
                     };
-                    let result = match future.poll(cx) {
-                        Poll::Ready(result) => Some(result),
-                        Poll::Pending if this.timer.as_mut().poll_elapsed(cx).is_ready() => None,
-                        Poll::Pending => {
-                            *this.phase = Phase::Calling(call);
-                            return Poll::Pending;
-                        }
-                    };
+                    let result = ready!(future.poll(cx));
                     this.call.set(None);
-                    match result {
-                        None => Failure::Timeout,
-                        Some(Err(error)) => {
+                    let State::Calling(call) = std::mem::replace(this.state, State::Idle) else {
+                        unreachable!("calling")
+                    };
+                    let response = match result {
+                        Ok(response) => response,
+                        Err(error) => {
                             let error = error.into();
-                            if !this.attempts.shared.policy.is_transient(&*error) {
-                                return Poll::Ready(this.attempts.give_up(error));
-                            }
-                            Failure::Upstream(error)
+                            return Poll::Ready(Settled::Failed(
+                                if attempts.shared.policy.is_transient(&*error) {
+                                    Failure::Upstream(error)
+                                } else {
+                                    Failure::NotTransient(error)
+                                },
+                            ));
                         }
-                        Some(Ok(response)) => match this.attempts.judge(response, call) {
-                            Judged::Failure(failure) => failure,
-                            Judged::Return(response) => return Poll::Ready(Ok(response)),
-                            Judged::Peek(peek) => {
-                                *this.peek = Some(peek);
-                                *this.phase = Phase::Peeking;
-                                continue;
-                            }
+                    };
+                    match attempts.judge(response, call, *this.retried_for) {
+                        Judged::Failure(failure) => return Poll::Ready(Settled::Failed(failure)),
+                        Judged::Return(response) => {
+                            return Poll::Ready(Settled::Answered(response));
+                        }
+                        Judged::Peek(peek) => *this.state = State::Peeking(peek),
+                    }
+                }
+                State::Peeking(peek) => {
+                    let limit = attempts.shared.policy.get_max_buffer();
+                    let found = ready!(peek.poll_first_chunk(cx, limit));
+                    let State::Peeking(peek) = std::mem::replace(this.state, State::Idle) else {
+                        unreachable!("peeking")
+                    };
+                    let retried_for = *this.retried_for;
+                    return Poll::Ready(
+                        match found.and_then(|body_done| {
+                            attempts.first_chunk(peek, body_done, retried_for)
+                        }) {
+                            Ok(response) => Settled::Answered(response),
+                            Err(failure) => Settled::Failed(failure),
                         },
-                    }
+                    );
                 }
-                Phase::Peeking => {
-                    let Some(peek) = this.peek.as_mut() else {
-                        unreachable!("a response is read while peeking")
-                    };
-                    let limit = this.attempts.shared.policy.get_max_buffer();
-                    let found = match peek.poll_first_chunk(cx, limit) {
-                        Poll::Ready(found) => found,
-                        Poll::Pending if this.timer.as_mut().poll_elapsed(cx).is_ready() => {
-                            Err(Failure::Timeout)
-                        }
-                        Poll::Pending => {
-                            *this.phase = Phase::Peeking;
-                            return Poll::Pending;
-                        }
-                    };
-                    let Some(peek) = this.peek.take() else {
-                        unreachable!("a response is read while peeking")
-                    };
-                    match found.and_then(|body_done| this.attempts.first_chunk(peek, body_done)) {
-                        Ok(response) => return Poll::Ready(Ok(response)),
-                        Err(failure) => failure,
-                    }
-                }
-                Phase::Backoff => {
-                    if this.timer.as_mut().poll_elapsed(cx).is_pending() {
-                        *this.phase = Phase::Backoff;
-                        return Poll::Pending;
-                    }
-                    *this.phase = Phase::Ready;
-                    continue;
-                }
-                Phase::Done => panic!("ResponseFuture polled after completion"),
-            };
-            // The failed attempt's body and guard are gone by now.
-            match this.attempts.after_failure(failure) {
-                Next::Retry { after, failure } => {
-                    *this.last = Some(failure);
-                    if after.is_zero() {
-                        // No wait: the next attempt starts in this poll, without a timer.
-                        *this.phase = Phase::Ready;
-                    } else {
-                        this.timer.as_mut().reset(deadline::from_now(after));
-                        *this.phase = Phase::Backoff;
-                    }
-                }
-                Next::Done(output) => return Poll::Ready(output),
             }
         }
     }
@@ -371,11 +668,37 @@ where
     D: Detector,
     ReqBody: Clone,
 {
-    /// Counts how the attempt in progress ended, if it is a retry.
-    pub(super) fn retry_ended(&self, outcome: RetryOutcome) {
-        if let Some(reason) = self.retried_for {
+    /// Counts how an attempt ended, if it is a retry.
+    pub(super) fn retry_ended(&self, retried_for: Option<RetryReason>, outcome: RetryOutcome) {
+        if let Some(reason) = retried_for {
             self.metrics.retry(outcome, reason);
         }
+    }
+
+    /// A hedge is due: whether it may start. It withdraws from the budget like a
+    /// retry, and a budget that refuses stops hedging the call.
+    fn hedge(&mut self) -> bool {
+        let provider = self.metrics.provider();
+        if !self.budgets.is_empty() && !self.budgets.withdraw() {
+            self.metrics.hedge(HedgeOutcome::BudgetExhausted);
+            tracing::warn!(
+                %provider,
+                attempt = self.attempt,
+                "retry budget exhausted: no hedge for this call"
+            );
+            drop(provider);
+            self.hedge_after = None;
+            return false;
+        }
+        tracing::info!(
+            %provider,
+            attempt = self.attempt + 1,
+            after_ms = self.hedge_after.unwrap_or_default().as_millis() as u64,
+            "hedging: no first chunk yet, another attempt starts beside"
+        );
+        drop(provider);
+        self.attempt += 1;
+        true
     }
 
     /// Starts the next attempt on the ready service.
@@ -411,16 +734,17 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let inner = &self.inner;
-        let phase = match &inner.phase {
-            Phase::Ready => "ready",
-            Phase::Calling(_) => "calling",
-            Phase::Peeking => "reading for the first chunk",
-            Phase::Backoff => "backing off",
-            Phase::Done => "done",
+        let phase = match (&inner.lead.state, &inner.next) {
+            (State::Calling(_), _) => "calling",
+            (State::Peeking(_), _) => "reading for the first chunk",
+            (State::Idle, Some(Start { at: Some(_), .. })) => "backing off",
+            (State::Idle, Some(Start { at: None, .. })) => "ready",
+            (State::Idle, None) => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("phase", &phase)
             .field("attempt", &inner.attempts.attempt)
+            .field("hedges_in_flight", &inner.extra.len())
             .finish()
     }
 }

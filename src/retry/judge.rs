@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{Response, StatusCode};
 use http_body::Body;
+use tokio::time::Instant;
 use tower::BoxError;
 
 use super::ResponseBody;
@@ -25,6 +26,8 @@ pub(super) enum Failure<B: Body> {
     /// no retry).
     Status(Box<Held<B>>, Option<Duration>),
     Upstream(BoxError),
+    /// An error of the inner service that is not transient: a retry would repeat it.
+    NotTransient(BoxError),
     Body(BoxError),
     EndOfStream,
     Timeout,
@@ -45,7 +48,7 @@ impl<B: Body> Failure<B> {
             Failure::EndOfStream => RetryReason::EndOfStream,
             Failure::Timeout => RetryReason::Timeout,
             Failure::InBand(_) => RetryReason::InBandError,
-            Failure::BufferLimit | Failure::Malformed(_) => return None,
+            Failure::NotTransient(_) | Failure::BufferLimit | Failure::Malformed(_) => return None,
         })
     }
 }
@@ -58,7 +61,8 @@ impl<B: Body> Failure<B> {
             Failure::Status(held, ..) => !refuses_the_work(&held.head),
             Failure::Upstream(error) => !is_unprocessed(&**error),
             // The upstream answered, or was sent the request and went quiet.
-            Failure::Body(_)
+            Failure::NotTransient(_)
+            | Failure::Body(_)
             | Failure::EndOfStream
             | Failure::Timeout
             | Failure::InBand(_)
@@ -84,15 +88,19 @@ pub(super) type Output<B> = Result<Response<ResponseBody<B>>, BoxError>;
 /// The OpenAI and Anthropic SDKs' per-response override of the retry decision.
 static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
 
-/// What follows a failed attempt. (Made once per failure and matched at once: the
-/// size of a response is no cost here.)
-#[allow(clippy::large_enum_variant)]
+/// What follows a failed attempt: another after a wait, or none.
 pub(super) enum Next<B: Body> {
     Retry {
         after: Duration,
+        /// What calls for it, the `reason` of its outcome in `stream_retries_total`.
+        reason: RetryReason,
         failure: Failure<B>,
     },
-    Done(Output<B>),
+    /// No retry: the failure is the call's output, unless another attempt still runs.
+    Stop {
+        failure: Failure<B>,
+        stop: StopReason,
+    },
 }
 
 /// What a response means for the call.
@@ -107,29 +115,26 @@ where
     D: Detector,
     ReqBody: Clone,
 {
-    /// The call ends with an error of the inner service that is not retried: in the
-    /// same shape as one that was, a [`FirstChunkError`] whose source is the error.
-    pub(super) fn give_up<T>(&self, error: BoxError) -> Result<T, BoxError> {
-        self.retry_ended(RetryOutcome::Failed);
-        let kind = FirstChunkErrorKind::Upstream;
-        Err(FirstChunkError::new(kind, StopReason::NotRetryable, self.attempt, Some(error)).into())
-    }
-
     /// The service failed to become ready for the next attempt, which never started
     /// (and is not counted): the call ends with the failure that called for it.
-    pub(super) fn not_ready<B: Body>(&mut self, last: Failure<B>, error: BoxError) -> Output<B> {
+    pub(super) fn not_ready<B: Body>(&mut self, last: Failure<B>, error: &BoxError) -> Output<B> {
         tracing::warn!(
             provider = %self.metrics.provider(),
-            attempt = self.attempt,
+            attempt = self.attempt + 1,
             %error,
             "the service failed to become ready for a retry: the last failure goes back"
         );
-        self.output(last, StopReason::NotReady, self.attempt - 1)
+        self.output(last, StopReason::NotReady, self.attempt)
     }
 
     /// Decides what a response head means: a failure to retry, a response for the
     /// caller, or a body to read for the first chunk.
-    pub(super) fn judge<B>(&mut self, response: Response<B>, call: CallGuard) -> Judged<B, D>
+    pub(super) fn judge<B>(
+        &mut self,
+        response: Response<B>,
+        call: CallGuard,
+        retried_for: Option<RetryReason>,
+    ) -> Judged<B, D>
     where
         B: Body,
     {
@@ -156,11 +161,12 @@ where
                 StatusCode::NO_CONTENT | StatusCode::RESET_CONTENT | StatusCode::NOT_MODIFIED
             );
         if !status.is_success() || has_no_body {
-            self.retry_ended(if status.is_success() {
+            let outcome = if status.is_success() {
                 RetryOutcome::Success
             } else {
                 RetryOutcome::Failed
-            });
+            };
+            self.retry_ended(retried_for, outcome);
             return Judged::Return(Held::new(response).into_response(self.guard(call)));
         }
         let response = Held::new(response);
@@ -177,7 +183,7 @@ where
         }
         // Empty by its head: the detector says whether that is an answer.
         let failure = match peek.detector.empty() {
-            Progress::Found => match self.first_chunk(peek, true) {
+            Progress::Found => match self.first_chunk(peek, true, retried_for) {
                 Ok(response) => return Judged::Return(response),
                 Err(failure) => failure,
             },
@@ -193,6 +199,7 @@ where
         &mut self,
         peek: Peek<B, D>,
         body_done: bool,
+        retried_for: Option<RetryReason>,
     ) -> Result<Response<ResponseBody<B>>, Failure<B>> {
         let verdict = peek
             .detector
@@ -207,8 +214,13 @@ where
         if verdict == InBand::TransientError {
             return Err(Failure::InBand(Box::new(response)));
         }
-        self.metrics.first_chunk(self.started.elapsed());
-        self.retry_ended(RetryOutcome::Success);
+        let now = Instant::now();
+        let latency = now.saturating_duration_since(self.started);
+        self.metrics.first_chunk(latency);
+        if let Some(hedging) = &self.shared.hedging {
+            hedging.record(now, latency);
+        }
+        self.retry_ended(retried_for, RetryOutcome::Success);
         Ok(response.into_response(self.guard(peek.call)))
     }
 
@@ -219,10 +231,14 @@ where
     }
 
     /// After a failure: the delay before the next attempt, or the call's output.
-    pub(super) fn after_failure<B: Body>(&mut self, failure: Failure<B>) -> Next<B> {
+    pub(super) fn after_failure<B: Body>(
+        &mut self,
+        failure: Failure<B>,
+        retried_for: Option<RetryReason>,
+    ) -> Next<B> {
+        self.retry_ended(retried_for, RetryOutcome::Failed);
         let policy = &self.shared.policy;
         let provider = self.metrics.provider();
-        self.retry_ended(RetryOutcome::Failed);
         match &failure {
             Failure::Timeout => tracing::warn!(
                 %provider,
@@ -290,14 +306,14 @@ where
                 );
                 drop(provider);
                 self.attempt += 1;
-                self.retried_for = Some(reason);
                 return Next::Retry {
                     after: delay,
+                    reason,
                     failure,
                 };
             }
         };
-        Next::Done(self.output(failure, stop, self.attempt))
+        Next::Stop { failure, stop }
     }
 
     /// What the caller gets for the failure that ended the call after `attempts`: the
@@ -313,7 +329,9 @@ where
                 let call = CallGuard::new(self.metrics.clone());
                 return Ok(held.into_response(self.guard(call)));
             }
-            Failure::Upstream(error) => (FirstChunkErrorKind::Upstream, Some(error)),
+            Failure::Upstream(error) | Failure::NotTransient(error) => {
+                (FirstChunkErrorKind::Upstream, Some(error))
+            }
             Failure::Body(error) => (FirstChunkErrorKind::Body, Some(error)),
             Failure::EndOfStream => (FirstChunkErrorKind::EndOfStream, None),
             Failure::Timeout => (FirstChunkErrorKind::Timeout, None),

@@ -111,10 +111,7 @@ impl FirstChunkRetryLayer<Auto> {
     pub fn try_new(policy: RetryPolicy) -> Result<Self, ConfigError> {
         policy.validate()?;
         Ok(Self {
-            shared: Arc::new(Shared {
-                policy,
-                detector: Auto::default(),
-            }),
+            shared: Arc::new(Shared::new(policy, Auto::default())),
             telemetry: Telemetry::default(),
         })
     }
@@ -168,10 +165,7 @@ impl<D: Detector> FirstChunkRetryLayer<D> {
     /// ```
     pub fn frames<D2: Detector>(self, detector: D2) -> FirstChunkRetryLayer<D2> {
         FirstChunkRetryLayer {
-            shared: Arc::new(Shared {
-                policy: self.shared.policy.clone(),
-                detector,
-            }),
+            shared: Arc::new(Shared::new(self.shared.policy.clone(), detector)),
             telemetry: self.telemetry,
         }
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use super::InBandErrors;
+use super::{Hedge, InBandErrors};
 use crate::ConfigError;
 
 type Classifier = Arc<dyn Fn(&(dyn Error + 'static)) -> bool + Send + Sync>;
@@ -39,6 +39,7 @@ pub struct NotReplayable;
 /// | [`classify_errors`](Self::classify_errors) | [`is_transient`](super::is_transient) | inner errors retried |
 /// | [`in_band_errors`](Self::in_band_errors) | [`InBandErrors::default`] | which error in the first chunk of a `2xx` is retried |
 /// | [`retry_maybe_processed`](Self::retry_maybe_processed) | `true` | also retry failures after which the upstream may have processed the request |
+/// | [`hedge`](Self::hedge) | off | another attempt beside a slow one, before the first chunk |
 ///
 /// ```
 /// use std::time::Duration;
@@ -63,6 +64,7 @@ pub struct RetryPolicy {
     classify: Classifier,
     in_band: InBandErrors,
     retry_maybe_processed: bool,
+    hedge: Option<Hedge>,
 }
 
 impl Default for RetryPolicy {
@@ -81,6 +83,7 @@ impl Default for RetryPolicy {
             classify: Arc::new(super::is_transient),
             in_band: InBandErrors::default(),
             retry_maybe_processed: true,
+            hedge: None,
         }
     }
 }
@@ -441,6 +444,83 @@ impl RetryPolicy {
         }
     }
 
+    /// Hedges calls (off by default): when an attempt has produced no first chunk after
+    /// the [`Hedge`]'s delay, another starts beside it, and the first of them to produce
+    /// its first chunk wins. The others are dropped at once (their HTTP/2 stream reset,
+    /// or their HTTP/1.1 connection closed), so that the upstream stops generating.
+    ///
+    /// A hedge is an attempt like a retry: it counts against `max_attempts`, carries
+    /// [`RetryAttempt`](super::RetryAttempt), and withdraws a unit from the retry budget;
+    /// a budget that refuses stops hedging the call, so an overloaded upstream is not
+    /// sent more work. An attempt that fails while another runs does not end the call:
+    /// the next starts after the backoff or the server's hint, as a retry would. Each
+    /// attempt counts in `provider_calls_in_flight`; a concurrency slot above stays one
+    /// per call, so a hedge briefly holds a second upstream stream on it.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http_body_util::{BodyExt, Full, StreamBody};
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_stream_backpressure::retry::Hedge;
+    /// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+    ///
+    /// let calls = Arc::new(AtomicUsize::new(0));
+    /// let upstream = {
+    ///     let calls = calls.clone();
+    ///     service_fn(move |_: http::Request<Full<Bytes>>| {
+    ///         // The first attempt stalls for a minute before its first token.
+    ///         let stall = if calls.fetch_add(1, Ordering::SeqCst) == 0 { 60 } else { 0 };
+    ///         async move {
+    ///             tokio::time::sleep(Duration::from_secs(stall)).await;
+    ///             http::Response::builder()
+    ///                 .header("content-type", "text/event-stream")
+    ///                 .body(Full::new(Bytes::from("data: hello\n\n")))
+    ///         }
+    ///     })
+    /// };
+    /// let policy = RetryPolicy::default().hedge(Hedge::after(Duration::from_secs(1)));
+    /// let client = FirstChunkRetryLayer::new(policy).layer(upstream);
+    /// # tokio::runtime::Builder::new_current_thread()
+    /// #     .enable_all()
+    /// #     .start_paused(true)
+    /// #     .build()?
+    /// #     .block_on(async {
+    /// let started = tokio::time::Instant::now();
+    /// let response = client.oneshot(http::Request::new(Full::default())).await?;
+    /// // The hedge, started after a second, answered; the stalled attempt was dropped.
+    /// assert!(started.elapsed() < Duration::from_secs(2));
+    /// assert_eq!(calls.load(Ordering::SeqCst), 2);
+    /// let body = response.into_body().collect().await?.to_bytes();
+    /// assert_eq!(body, "data: hello\n\n");
+    /// # Ok::<(), tower::BoxError>(())
+    /// # })?;
+    /// # Ok::<(), tower::BoxError>(())
+    /// ```
+    pub fn hedge(self, hedge: Hedge) -> Self {
+        Self {
+            hedge: Some(hedge),
+            ..self
+        }
+    }
+
+    /// The [`hedge`](Self::hedge) in force, if any.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::retry::Hedge;
+    /// use tower_stream_backpressure::RetryPolicy;
+    ///
+    /// assert_eq!(RetryPolicy::default().get_hedge(), None);
+    /// let hedge = Hedge::after(Duration::from_secs(1));
+    /// assert_eq!(RetryPolicy::default().hedge(hedge.clone()).get_hedge(), Some(&hedge));
+    /// ```
+    pub fn get_hedge(&self) -> Option<&Hedge> {
+        self.hedge.as_ref()
+    }
+
     /// Whether failures after which the upstream may have processed the request are
     /// retried: see [`retry_maybe_processed`](Self::retry_maybe_processed).
     ///
@@ -488,6 +568,9 @@ impl RetryPolicy {
         }
         if self.max_buffer == 0 {
             return Err(ConfigError::new("max_buffer", "must be above zero"));
+        }
+        if let Some(hedge) = &self.hedge {
+            hedge.validate()?;
         }
         Ok(())
     }
@@ -613,6 +696,7 @@ impl fmt::Debug for RetryPolicy {
             .field("retry_statuses", &self.statuses)
             .field("in_band_errors", &self.in_band)
             .field("retry_maybe_processed", &self.retry_maybe_processed)
+            .field("hedge", &self.hedge)
             .finish_non_exhaustive()
     }
 }

@@ -6,6 +6,7 @@ use http_body::Body;
 use tower::BoxError;
 use tower_service::Service;
 
+use super::hedge::Hedging;
 use super::{ResponseBody, ResponseFuture, RetryPolicy};
 use crate::frame::Detector;
 use crate::metrics::RetryMetrics;
@@ -56,11 +57,23 @@ pub struct FirstChunkRetry<S, D> {
     metrics: Arc<RetryMetrics>,
 }
 
-/// The settings every service of one layer shares.
+/// The settings every service of one layer shares, and the hedging state they make.
 #[derive(Debug)]
 pub(crate) struct Shared<D> {
     pub(crate) policy: RetryPolicy,
     pub(crate) detector: D,
+    pub(super) hedging: Option<Hedging>,
+}
+
+impl<D> Shared<D> {
+    pub(super) fn new(policy: RetryPolicy, detector: D) -> Self {
+        let hedging = policy.get_hedge().map(Hedging::new);
+        Self {
+            policy,
+            detector,
+            hedging,
+        }
+    }
 }
 
 impl<S: Clone, D> Clone for FirstChunkRetry<S, D> {
