@@ -27,9 +27,9 @@
 //! type (box stacks that differ, as for `tower::steer`). A call goes to the first
 //! target; when that fails, to the next, and so on. A target fails a call with:
 //!
-//! - **an error** of its stack: a [`FirstChunkError`](crate::FirstChunkError) (its
+//! - **an error** of its stack: a [`FirstChunkError`] (its
 //!   retries ran out, it stalled, its body ended before the first chunk), a transport
-//!   error, or a [`Rejected`](crate::Rejected) from its concurrency limit, so that a
+//!   error, or a [`Rejected`] from its concurrency limit, so that a
 //!   full provider spills over to the next. An error of a response future always means
 //!   nothing reached the caller, so every one is a failure;
 //! - **a response whose status is in the fallback set**: 408, 429 and every 5xx by
@@ -65,7 +65,7 @@
 //! row); a success starts its count anew. A call goes to the first target not cooling
 //! down; with every target cooling down, to the one whose cooldown ends first, and
 //! from there only on to the targets after it that are not cooling down (a target
-//! skipped is skipped for the whole call). A [`Rejected`](crate::Rejected) is no
+//! skipped is skipped for the whole call). A [`Rejected`] is no
 //! failure here: a full target is healthy, and its limit turns the next call away at
 //! once if it is still full. The state is shared by every clone of the service: one
 //! atomic count per target, read by each call, and the cooldown's end under a short
@@ -112,8 +112,8 @@
 //!
 //! | reason | the target `from` |
 //! |---|---|
-//! | `rejected` | had no concurrency slot: a [`Rejected`](crate::Rejected), found anywhere in the error's `source()` chain |
-//! | `first_chunk` | failed before its first chunk: a [`FirstChunkError`](crate::FirstChunkError) |
+//! | `rejected` | had no concurrency slot: a [`Rejected`], found anywhere in the error's `source()` chain |
+//! | `first_chunk` | failed before its first chunk: a [`FirstChunkError`] |
 //! | `error` | failed with any other error (a transport error, an error from `poll_ready`) |
 //! | `status` | answered with a status in the fallback set |
 //! | `cooldown` | was cooling down: the call started at `to`, skipping `from` (the first target) |
