@@ -41,10 +41,13 @@ impl Health {
         self.failures.store(0, Ordering::Relaxed);
     }
 
-    /// The target failed a call at `now`. Returns the count of failures in a row when
-    /// this one (re)starts its cooldown: at the threshold and after it, so that a target
-    /// that fails again once its cooldown is over, when it is tried again, is skipped
-    /// again at once.
+    /// The target failed a call at `now`: at `failures` in a row and after, its
+    /// cooldown runs until `duration` after this failure. So a target that fails again
+    /// when it is tried after its cooldown is skipped again at once, and one that fails
+    /// calls during its cooldown (calls that were under way when it started, or that
+    /// found every target cooling down) stays skipped until `duration` after the last.
+    /// Returns the count of failures in a row when this one starts a cooldown, not when
+    /// it prolongs one.
     pub(super) fn failed(&self, cooldown: &Cooldown, now: Instant) -> Option<u32> {
         let before = self
             .failures
@@ -56,9 +59,10 @@ impl Health {
         if failures < cooldown.failures {
             return None;
         }
-        let until = crate::deadline::from(now, cooldown.duration);
-        *self.until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
-        Some(failures)
+        let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        let cooling = before >= cooldown.failures && until.is_some_and(|until| now < until);
+        *until = Some(crate::deadline::from(now, cooldown.duration));
+        (!cooling).then_some(failures)
     }
 }
 
@@ -121,8 +125,13 @@ mod tests {
         let until = now + COOLDOWN.duration;
         assert_eq!(health.cooling_until(&COOLDOWN, now), Some(until));
         assert_eq!(health.cooling_until(&COOLDOWN, until), None, "over");
+        // A failure during the cooldown prolongs it, and starts none.
+        let later = now + Duration::from_secs(10);
+        assert_eq!(health.failed(&COOLDOWN, later), None);
+        let until = later + COOLDOWN.duration;
+        assert_eq!(health.cooling_until(&COOLDOWN, later), Some(until));
         // Tried again after its cooldown, it fails: skipped again at once.
-        assert_eq!(health.failed(&COOLDOWN, until), Some(3));
+        assert_eq!(health.failed(&COOLDOWN, until), Some(4));
         assert!(health.cooling_until(&COOLDOWN, until).is_some());
         health.succeeded();
         assert_eq!(health.cooling_until(&COOLDOWN, until), None);

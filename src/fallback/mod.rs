@@ -62,15 +62,16 @@
 //! [`cooldown(failures, duration)`](Fallback::cooldown): a target that failed
 //! `failures` calls in a row is skipped for `duration`, then tried again. Once tried
 //! again, one more failure skips it again at once (it is still past `failures` in a
-//! row); a success starts its count anew. A call goes to the first target not cooling
-//! down; with every target cooling down, to the one whose cooldown ends first, and
-//! from there only on to the targets after it that are not cooling down (a target
-//! skipped is skipped for the whole call). A [`Rejected`] is no
-//! failure here: a full target is healthy, and its limit turns the next call away at
-//! once if it is still full. The state is shared by every clone of the service: one
-//! atomic count per target, read by each call, and the cooldown's end under a short
-//! lock, read only while a target is past its count. It runs on tokio's clock
-//! (`tokio::time::Instant`), so tests can use the paused clock.
+//! row); a success starts its count anew. A failure during a cooldown (of a call that
+//! was under way when it started) moves its end to `duration` after that failure. A
+//! call goes to the first target not cooling down; with every target cooling down, to
+//! the one whose cooldown ends first, and from there only on to the targets after it
+//! that are not cooling down (a target skipped is skipped for the whole call). A
+//! [`Rejected`] is no failure here: a full target is healthy, and its limit turns the
+//! next call away at once if it is still full. The state is shared by every clone of
+//! the service: one atomic count per target, read by each call, and the cooldown's end
+//! under a short lock, read only while a target is past its count. It runs on tokio's
+//! clock (`tokio::time::Instant`), so tests can use the paused clock.
 //!
 //! # Stacking
 //!
