@@ -22,6 +22,9 @@
 //! - `config` (feature `serde`): the whole stack from a configuration file.
 //! - `load` (feature `load`): `CompleteOnEndOfStream`, for `tower::balance` to count a
 //!   stream's load until the stream ends, not until its headers.
+//! - [`fallback`]: [`Fallback`](fallback::Fallback) sends a call on to the next provider
+//!   when one fails before its first chunk, refuses it, or is full, and never once a
+//!   chunk reached the caller; a provider that keeps failing cools down.
 //!
 //! All of them record OpenTelemetry [`metrics`] and emit `tracing` events.
 //!
@@ -96,6 +99,7 @@ pub mod config;
 pub mod connection;
 mod deadline;
 mod error;
+pub mod fallback;
 pub mod frame;
 mod handoff;
 #[cfg(feature = "load")]

@@ -19,6 +19,7 @@
 //! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded`, `queue_full` or `context_canceled` |
 //! | `stream_concurrency_wait_seconds` | histogram | time waited for a slot, granted or not (0 when granted at once) |
 //! | `http_client_open_connections` | gauge | +1 when a connector wrapped by `ConnectionGaugeLayer` (feature `connection-gauge`) connects, -1 when that connection's IO is dropped |
+//! | `stream_fallbacks_total{from,to,reason}` | counter | a call moved from target `from` to target `to` of a [`Fallback`](crate::fallback::Fallback); `reason`: `rejected`, `first_chunk`, `error`, `status` or `cooldown` |
 //!
 //! The constants below are the OpenTelemetry instrument names; the exporter adds the
 //! `_seconds` unit suffix (unit `s`) and the `_total` counter suffix.
@@ -174,6 +175,16 @@ pub const STREAM_CONCURRENCY_WAIT: &str = "stream_concurrency_wait";
 /// assert_eq!(HTTP_CLIENT_OPEN_CONNECTIONS, "http_client_open_connections");
 /// ```
 pub const HTTP_CLIENT_OPEN_CONNECTIONS: &str = "http_client_open_connections";
+/// Counter of calls a [`Fallback`](crate::fallback::Fallback) moved from one target to
+/// the next, attributes `from`, `to` and `reason`.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::STREAM_FALLBACKS;
+///
+/// assert_eq!(STREAM_FALLBACKS, "stream_fallbacks");
+/// // Exported to Prometheus as `stream_fallbacks_total`.
+/// ```
+pub const STREAM_FALLBACKS: &str = "stream_fallbacks";
 
 /// Bucket boundaries of `stream_first_chunk_latency_seconds`.
 ///
@@ -654,6 +665,42 @@ pub(crate) fn observe_budget(meter: &Meter, provider: KeyValue, budget: &crate::
             }
         })
         .build();
+}
+
+/// Instruments of [`Fallback`](crate::fallback::Fallback).
+#[derive(Debug)]
+pub(crate) struct FallbackMetrics {
+    fallbacks: Counter<u64>,
+    provider: KeyValue,
+}
+
+impl FallbackMetrics {
+    pub(crate) fn new(meter: &Meter, provider: KeyValue) -> Self {
+        Self {
+            fallbacks: meter
+                .u64_counter(STREAM_FALLBACKS)
+                .with_description("Calls moved from one fallback target to the next, by reason")
+                .build(),
+            provider,
+        }
+    }
+
+    /// The `provider` attribute's value, for log events.
+    pub(crate) fn provider(&self) -> std::borrow::Cow<'_, str> {
+        self.provider.value.as_str()
+    }
+
+    /// A call moved from target `from` to target `to`. Target names are the user's, so
+    /// the attributes are made here; it happens once per fallback, not per call.
+    pub(crate) fn fallback(&self, from: &Arc<str>, to: &Arc<str>, reason: &'static str) {
+        let attributes = [
+            self.provider.clone(),
+            KeyValue::new("from", from.clone()),
+            KeyValue::new("to", to.clone()),
+            KeyValue::new("reason", reason),
+        ];
+        self.fallbacks.add(1, &attributes);
+    }
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ mod support;
 
 use std::time::Duration;
 
-use http_body_util::BodyExt;
-use support::{BOTH, Fault, Metrics, Protocol, Reply, TEST, Upstream, client, full_stack, post};
+use support::{
+    Fault, GiveUp, Metrics, Protocol, Reply, TEST, Upstream, client, full_stack, post, settle,
+};
 use tower::ServiceExt;
 use tower_stream_backpressure::{RetryBudget, RetryPolicy, StreamConcurrencyLayer};
 
@@ -76,20 +77,9 @@ fn script(point: Point) -> impl Fn(&support::Hit) -> Reply + Send + Sync + 'stat
     }
 }
 
-async fn settle() {
-    // Long enough for every close to travel over loopback and be seen.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-}
-
 #[tokio::test(start_paused = true)]
 async fn giving_up_at_any_point_leaves_nothing_behind() {
-    // The backoff's jitter is drawn on this thread: the same delays every run.
-    fastrand::seed(7);
-    for protocol in BOTH {
-        for point in POINTS {
-            check(protocol, point).await;
-        }
-    }
+    support::at_every_point(&POINTS, check).await;
 }
 
 async fn check(protocol: Protocol, point: Point) {
@@ -108,9 +98,7 @@ async fn check(protocol: Protocol, point: Point) {
         budget.clone(),
         policy,
     );
-    let tasks_before = tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks();
+    let tasks_before = support::alive_tasks();
 
     // For the queue: two calls hold both slots.
     let mut held = Vec::new();
@@ -123,22 +111,13 @@ async fn check(protocol: Protocol, point: Point) {
     }
 
     let call = stack.clone().oneshot(post(&upstream.url("/call")));
-    match point {
-        Point::BodyAfterFrames(frames) => {
-            let response = call.await.expect("a response");
-            let mut body = response.into_body();
-            for _ in 0..frames {
-                body.frame().await.expect("a frame").expect("no error");
-            }
-            drop(body);
-        }
-        _ => {
-            // Give up after 5 s: in the queue, in the call, reading, or waiting to
-            // retry (the 503 comes at once; the seeded backoff is longer).
-            let gave_up = tokio::time::timeout(Duration::from_secs(5), call).await;
-            assert!(gave_up.is_err(), "{at}: the call should still be waiting");
-        }
-    }
+    // Give up after 5 s: in the queue, in the call, reading, or waiting to retry (the
+    // 503 comes at once; the seeded backoff is longer); or after reading frames.
+    let how = match point {
+        Point::BodyAfterFrames(frames) => GiveUp::BodyAfterFrames(frames),
+        _ => GiveUp::Waiting,
+    };
+    support::give_up(call, how, &at).await;
     let hits_at_give_up = upstream.hits();
     let expected_hits = match point {
         Point::WaitingForSlot => LIMIT as u64,
@@ -153,13 +132,7 @@ async fn check(protocol: Protocol, point: Point) {
 
     // Nothing is held: slots, gauges, the upstream's open streams.
     assert_eq!(limit.available_slots(), LIMIT, "{at}: slots");
-    let snapshot = metrics.snapshot();
-    assert_eq!(snapshot.count("streams_in_flight", &[TEST]), 0.0, "{at}");
-    assert_eq!(
-        snapshot.count("provider_calls_in_flight", &[TEST]),
-        0.0,
-        "{at}"
-    );
+    support::assert_nothing_in_flight(&metrics, &at);
     assert_eq!(upstream.open_streams(), 0, "{at}: upstream open streams");
     // Nothing was tried after the caller left.
     assert_eq!(
@@ -182,7 +155,7 @@ async fn check(protocol: Protocol, point: Point) {
         _ => 0,
     };
     assert_eq!(budget.available(), calls / 2 - withdrawn, "{at}: budget");
-    let canceled = snapshot.count(
+    let canceled = metrics.snapshot().count(
         "stream_concurrency_rejections",
         &[TEST, ("reason", "context_canceled")],
     );
@@ -195,12 +168,5 @@ async fn check(protocol: Protocol, point: Point) {
 
     // The layers never spawn: whatever ran for the call has ended.
     drop(stack);
-    settle().await;
-    let tasks_after = tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks();
-    assert!(
-        tasks_after <= tasks_before,
-        "{at}: {tasks_before} tasks before the call, {tasks_after} after"
-    );
+    support::assert_no_task_left(tasks_before, &at).await;
 }

@@ -287,11 +287,7 @@ async fn retries_a_failure_before_the_first_chunk_if_the_body_was_held() {
 
     // Within the cap: retried, and the client sees one clean stream.
     let streamed = read_stream(proxy.chat(chat_request(true, "hi")).await).await;
-    let expected: Vec<String> = (0..5)
-        .map(|i| format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"tok{i} "}}}}]}}"#))
-        .chain(["[DONE]".to_owned()])
-        .collect();
-    assert_eq!(streamed.events, expected);
+    assert_eq!(streamed.events, token_data(5));
     assert_eq!(upstream.hits(), 2, "one failed attempt, one retry");
     // What the upstream got: the path, and the client's end-to-end headers, less
     // `accept-encoding` (the layers read the stream), with its own host.
@@ -408,6 +404,16 @@ async fn sse_text(response: Response<Incoming>) -> String {
         .await
         .expect("the stream does not fail");
     String::from_utf8(body.to_vec()).expect("utf-8")
+}
+
+/// The `data` of each event of the tests' upstream's `Reply::tokens(tokens)`.
+fn token_data(tokens: usize) -> Vec<String> {
+    let events = support::upstream::token_events(tokens);
+    let data = |event: &Bytes| std::str::from_utf8(event).map(|text| text.trim_end().to_owned());
+    let events = events.iter().map(|event| data(event).expect("utf-8"));
+    events
+        .map(|event| event.strip_prefix("data: ").unwrap_or(&event).to_owned())
+        .collect()
 }
 
 fn concat(events: &[Bytes]) -> String {
@@ -652,4 +658,91 @@ async fn an_overloaded_error_before_the_first_chunk_is_retried_and_after_it_is_n
         &[("provider", app::ANTHROPIC)],
     );
     assert_eq!(first_chunks, Some(2.0));
+}
+
+/// `stream_fallbacks_total` of OpenAI's route, from its upstream to its first fallback.
+fn fallbacks(samples: &[support::Sample], reason: &str) -> Option<f64> {
+    let labels = [
+        ("provider", app::OPENAI),
+        ("from", app::OPENAI),
+        ("to", "openai-fallback-1"),
+        ("reason", reason),
+    ];
+    prometheus_value(samples, "stream_fallbacks_total", &labels)
+}
+
+#[tokio::test]
+async fn a_fallback_serves_every_new_call_once_the_upstream_is_killed() {
+    let upstream = Upstream::start(|_| Reply::tokens(3)).await;
+    let fallback = Upstream::start(|_| Reply::tokens(3)).await;
+    let proxy = Proxy::start(&upstream.url(""), |settings| {
+        settings.fallbacks = vec![fallback.url("")];
+    })
+    .await;
+    for _ in 0..2 {
+        let streamed = read_stream(proxy.chat(chat_request(true, "hi")).await).await;
+        assert_eq!(streamed.events, token_data(3));
+    }
+    assert_eq!((upstream.hits(), fallback.hits()), (2, 0));
+
+    // Killed: its listener and every connection to it close, once its task is gone.
+    let addr = upstream.addr();
+    drop(upstream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the upstream never went down");
+        tokio::task::yield_now().await;
+    }
+    for served in 1..=6 {
+        let streamed = read_stream(proxy.chat(chat_request(true, "hi")).await).await;
+        assert_eq!(
+            streamed.events,
+            token_data(3),
+            "call {served} after the kill"
+        );
+        assert_eq!(fallback.hits(), served, "one hit per call");
+    }
+
+    // Three calls failed there (after its own retries), then it cooled down.
+    let samples = proxy.metrics().await;
+    assert_eq!(fallbacks(&samples, "first_chunk"), Some(3.0));
+    assert_eq!(fallbacks(&samples, "cooldown"), Some(3.0));
+    let fallback_streams = prometheus_value(
+        &samples,
+        "stream_first_chunk_latency_seconds_count",
+        &[("provider", "openai-fallback-1")],
+    );
+    assert_eq!(fallback_streams, Some(6.0), "the fallback's own stack");
+}
+
+#[tokio::test]
+async fn a_full_upstream_spills_over_to_its_fallback() {
+    // The first stream stalls after its first event, holding the upstream's one slot.
+    let upstream = Upstream::start(|hit| match hit.index {
+        0 => Reply::faulty(3, Fault::StallAfter(1)),
+        _ => Reply::tokens(3),
+    })
+    .await;
+    let fallback = Upstream::start(|_| Reply::tokens(3)).await;
+    let proxy = Proxy::start(&upstream.url(""), |settings| {
+        settings.fallbacks = vec![fallback.url("")];
+        settings.limit = 1;
+        settings.max_wait = Duration::ZERO;
+    })
+    .await;
+    let open = proxy.chat(chat_request(true, "hi")).await;
+    assert_eq!(open.status(), StatusCode::OK);
+
+    let streamed = read_stream(proxy.chat(chat_request(true, "hi")).await).await;
+    assert_eq!(streamed.events, token_data(3));
+    assert_eq!((upstream.hits(), fallback.hits()), (1, 1));
+    let samples = proxy.metrics().await;
+    assert_eq!(fallbacks(&samples, "rejected"), Some(1.0));
+    let rejected = prometheus_value(
+        &samples,
+        "stream_concurrency_rejections_total",
+        &[("provider", app::OPENAI), ("reason", "deadline_exceeded")],
+    );
+    assert_eq!(rejected, Some(1.0));
+    drop(open);
 }

@@ -1,7 +1,8 @@
 //! The `tracing` events an operator sees, with their levels and fields: each retry
 //! (INFO), a stall before the first chunk, exhausted attempts and budget, and a
-//! rejection (WARN), a caller giving up in the queue (DEBUG). Time is tokio's paused
-//! clock.
+//! rejection (WARN), a caller giving up in the queue (DEBUG); each fallback (INFO), a
+//! fallback target cooling down (WARN) and a call skipping it (DEBUG). Time is tokio's
+//! paused clock.
 
 mod support;
 
@@ -245,4 +246,75 @@ async fn a_budget_below_the_retry_layer_warns_once() {
     );
     assert_eq!(misplaced[0].level, Level::WARN);
     assert_eq!(field(misplaced[0], "provider"), "test");
+}
+
+#[tokio::test(start_paused = true)]
+async fn fallbacks_cooldowns_and_skips_are_logged() {
+    use tower_stream_backpressure::fallback::Fallback;
+
+    let recorder = Recorder::default();
+    let _guard = tracing::subscriber::set_default(recorder.clone());
+    let primary = Upstream::start(|_| Reply::status(500)).await;
+    let backup = Upstream::start(|_| Reply::tokens(1)).await;
+    let meter = Metrics::new().meter();
+    let stack = |upstream: &Upstream| {
+        let (limit, budget) = (StreamConcurrencyLayer::new(4), RetryBudget::default());
+        let layers = full_stack(client(Protocol::Http1), &meter, limit, budget, policy());
+        support::target(&upstream.url(""), layers)
+    };
+    let down = support::target(&support::closed_url(), client(Protocol::Http1));
+    let targets = [
+        ("down", down),
+        ("primary", stack(&primary)),
+        ("backup", stack(&backup)),
+    ];
+    let fallback = Fallback::new(targets)
+        .unwrap()
+        .provider("test")
+        .cooldown(2, Duration::from_secs(30));
+    let call = || fallback.clone().oneshot(post("/v1/chat/completions"));
+
+    call().await.unwrap();
+    assert_eq!((primary.hits(), backup.hits()), (1, 1));
+    let events = recorder.take();
+    assert_eq!(events.len(), 2, "{events:?}");
+    for (event, (from, to, reason)) in events.iter().zip([
+        ("down", "primary", "error"),
+        ("primary", "backup", "status"),
+    ]) {
+        assert_eq!(event.level, Level::INFO);
+        assert_eq!(event.message, "falling back to the next target");
+        assert_eq!(field(event, "provider"), "test");
+        let logged = (field(event, "from"), field(event, "to"));
+        assert_eq!((logged, field(event, "reason")), ((from, to), reason));
+    }
+    assert!(!field(&events[0], "error").is_empty());
+    assert_eq!(field(&events[1], "status"), "500");
+
+    // Each fails a second call in a row: both cool down, and say so once.
+    call().await.unwrap();
+    let events = recorder.take();
+    let cooling: Vec<_> = events.iter().filter(|e| e.level == Level::WARN).collect();
+    assert_eq!(cooling.len(), 2, "{events:?}");
+    for (event, target) in cooling.iter().zip(["down", "primary"]) {
+        assert_eq!(
+            event.message,
+            "fallback target failed too many calls in a row: cooling down"
+        );
+        assert_eq!(field(event, "target"), target);
+        assert_eq!(field(event, "failures"), "2");
+        assert_eq!(field(event, "cooldown_ms"), "30000");
+    }
+
+    // Skipped: one DEBUG, from the first target to the one the call starts at.
+    call().await.unwrap();
+    assert_eq!((primary.hits(), backup.hits()), (2, 3));
+    let events = recorder.take();
+    let message = "skipping fallback targets that are cooling down";
+    assert!(
+        matches!(&events[..], [e] if (e.level, e.message.as_str()) == (Level::DEBUG, message)),
+        "{events:?}"
+    );
+    let skipped = (field(&events[0], "from"), field(&events[0], "to"));
+    assert_eq!(skipped, ("down", "backup"));
 }

@@ -21,6 +21,11 @@
 //!   untrusted certificate fails at once. A call without streaming passes too: its
 //!   JSON answer is its first chunk.
 //! - `RetryBudgetLayer` caps the retries of all calls together.
+//! - With `--fallback URL` (repeatable), a `Fallback` above the stacks sends a call on
+//!   to the next upstream, each with a stack of its own, when the one before is down,
+//!   refuses the call (a 408, 429 or 5xx after its own retries) or is full (no slot
+//!   within `--max-wait`), and never once the first event went to the client. An
+//!   upstream that failed 3 calls in a row is skipped for 30 s.
 //!
 //! The errors the proxy answers itself are in the route's own shape, which its SDK
 //! parses: OpenAI's `{"error": {"message", "type", "param", "code"}}` (any path but
@@ -64,7 +69,9 @@
 //! `provider="openai"` or `provider="anthropic"`: `streams_in_flight`,
 //! `provider_calls_in_flight`, `stream_first_chunk_latency_seconds`,
 //! `stream_retries_total{outcome,reason}`, `stream_retry_budget_available`,
-//! `stream_concurrency_wait_seconds` and `stream_concurrency_rejections_total`.
+//! `stream_concurrency_wait_seconds` and `stream_concurrency_rejections_total`; the
+//! fallbacks' stacks record as `provider="openai-fallback-1"` and so on, and each move
+//! from one upstream to the next counts in `stream_fallbacks_total{from,to,reason}`.
 //! The crate's README describes each.
 
 mod app;
@@ -79,8 +86,9 @@ use tower_stream_backpressure_testkit::flags::{next_flag, value};
 const HELP: &str = "\
 A streaming LLM proxy: POST /v1/chat/completions (OpenAI) and POST /v1/messages
 (Anthropic) go to their upstreams through BufferRequestBodyLayer,
-StreamConcurrencyLayer, RetryBudgetLayer and FirstChunkRetryLayer; GET /metrics shows
-their metrics.
+StreamConcurrencyLayer, RetryBudgetLayer and FirstChunkRetryLayer, and on to the next
+upstream (--fallback) when one is down, refuses or is full; GET /metrics shows their
+metrics.
 
 Usage: cargo run --example openai_proxy -- [FLAGS]
 
@@ -91,11 +99,17 @@ Flags (default in brackets):
                                 [$OPENAI_PROXY_UPSTREAM, else a mock started in-process]
   --anthropic-upstream URL      the base URL of the upstream of /v1/messages
                                 [--upstream]
+  --fallback URL                a base URL to answer from when the upstream before it
+                                is down, refuses the call or is full; repeatable,
+                                tried in order, for both routes [none]
+  --anthropic-fallback URL      the fallbacks of /v1/messages, instead; repeatable
+                                [--fallback]
   --roots webpki|platform       the CAs that https:// upstreams may chain to: Mozilla's,
                                 compiled in, or the system's store [webpki]
   --ca-file PATH                a PEM file of more CAs to trust
-  --limit N                     streams open upstream at once, per provider [64]
-  --max-wait MS                 how long a call may wait for a slot, then 503 [2000]
+  --limit N                     streams open upstream at once, per upstream [64]
+  --max-wait MS                 how long a call may wait for a slot, then the next
+                                upstream, or a 503 [2000]
   --buffer BYTES                request bodies held for retries; larger ones are sent
                                 once [1048576]
   --first-chunk-timeout SECS    per attempt, until the first event (for a call
@@ -128,6 +142,11 @@ fn parse_args() -> Result<Option<(SocketAddr, Option<String>, Settings)>, String
             }
             "--upstream" => upstream = Some(text()?),
             "--anthropic-upstream" => settings.anthropic_upstream = Some(text()?),
+            "--fallback" => settings.fallbacks.push(text()?),
+            "--anthropic-fallback" => {
+                let fallbacks = settings.anthropic_fallbacks.get_or_insert_with(Vec::new);
+                fallbacks.push(text()?);
+            }
             "--roots" => settings.roots = text()?.parse().map_err(|e| format!("--roots: {e}"))?,
             "--ca-file" => settings.ca_file = Some(text()?.into()),
             "--limit" => settings.limit = value(p, &flag, 1, 1_000_000)?,
@@ -143,6 +162,14 @@ fn parse_args() -> Result<Option<(SocketAddr, Option<String>, Settings)>, String
         }
     }
     Ok(Some((listen, upstream, settings)))
+}
+
+/// `", then A, B"` for fallbacks A and B, nothing for none.
+fn then(fallbacks: &[String]) -> String {
+    match fallbacks {
+        [] => String::new(),
+        _ => format!(", then {}", fallbacks.join(", ")),
+    }
 }
 
 fn fail(message: impl Display, code: i32) -> ! {
@@ -183,10 +210,15 @@ async fn main() {
         .anthropic_upstream
         .as_ref()
         .unwrap_or(&settings.upstream);
+    let anthropic_fallbacks = settings.anthropic_fallbacks.as_ref();
     eprintln!(
-        "forwarding /v1/chat/completions to {}, /v1/messages to {anthropic} (limit {}, max \
-         wait {:?}); metrics on http://{addr}/metrics",
-        settings.upstream, settings.limit, settings.max_wait,
+        "forwarding /v1/chat/completions to {}{}, /v1/messages to {anthropic}{} (limit {}, \
+         max wait {:?}); metrics on http://{addr}/metrics",
+        settings.upstream,
+        then(&settings.fallbacks),
+        then(anthropic_fallbacks.unwrap_or(&settings.fallbacks)),
+        settings.limit,
+        settings.max_wait,
     );
 
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

@@ -17,7 +17,8 @@ pub type Upstream = BoxCloneSyncService<Request, Response, BoxError>;
 /// Where one route forwards to, through which client.
 #[derive(Clone)]
 pub struct Route {
-    /// The upstream's endpoint, e.g. `https://api.openai.com/v1/chat/completions`.
+    /// The upstream's endpoint, e.g. `https://api.openai.com/v1/chat/completions`
+    /// (its fallbacks' stacks send each call to their own).
     pub url: Uri,
     pub client: Upstream,
     pub dialect: Dialect,
@@ -40,21 +41,26 @@ pub fn endpoint(base: &str, path: &str) -> Result<Uri, String> {
         .map_err(|e| format!("{}: {e}", expected()))
 }
 
+/// `url` with the caller's `query`, if any; `None` when it does not fit in a URL.
+pub fn with_query(url: &Uri, query: Option<&str>) -> Option<Uri> {
+    match query {
+        // Some compatible APIs take parameters there (Azure's `api-version`).
+        Some(query) => format!("{url}?{query}").parse().ok(),
+        None => Some(url.clone()),
+    }
+}
+
 /// Forwards the call and streams the answer back as it comes.
 pub async fn forward(route: Route, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let mut forward = Request::new(body);
     *forward.method_mut() = parts.method;
-    *forward.uri_mut() = match parts.uri.query() {
-        // Some compatible APIs take parameters there (Azure's `api-version`).
-        Some(query) => match format!("{}?{query}", route.url).parse() {
-            Ok(uri) => uri,
-            Err(_) => {
-                let message = "the query string cannot be forwarded";
-                return route.dialect.error(Kind::BadRequest, message);
-            }
-        },
-        None => route.url.clone(),
+    *forward.uri_mut() = match with_query(&route.url, parts.uri.query()) {
+        Some(uri) => uri,
+        None => {
+            let message = "the query string cannot be forwarded";
+            return route.dialect.error(Kind::BadRequest, message);
+        }
     };
     let headers = forward.headers_mut();
     *headers = end_to_end(parts.headers);

@@ -22,8 +22,10 @@ use axum::routing::{MethodRouter, get, post};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry::metrics::Meter;
+use tower::BoxError;
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_stream_backpressure::fallback::Fallback;
 use tower_stream_backpressure::replay::ReplayBody;
 use tower_stream_backpressure::{
     BufferRequestBodyLayer, FirstChunkRetryLayer, RetryBudget, RetryBudgetLayer, RetryPolicy,
@@ -63,6 +65,15 @@ pub struct Settings {
     pub buffer: usize,
     /// Per attempt: from its start to the first chunk of the answer.
     pub first_chunk_timeout: Duration,
+    /// Base URLs tried in order after `upstream`, the same way, when the one before is
+    /// down, refuses the call (a 408, 429 or 5xx, after its own retries) or is full.
+    /// Each has a stack of its own, built as `upstream`'s.
+    pub fallbacks: Vec<String>,
+    /// The fallbacks of `/v1/messages`; `None`: `fallbacks`.
+    pub anthropic_fallbacks: Option<Vec<String>>,
+    /// An upstream that failed this many calls in a row is skipped for `cooldown`.
+    pub cooldown_failures: u32,
+    pub cooldown: Duration,
 }
 
 impl Settings {
@@ -77,6 +88,10 @@ impl Settings {
             max_wait: Duration::from_secs(2),
             buffer: 1024 * 1024,
             first_chunk_timeout: Duration::from_secs(30),
+            fallbacks: Vec::new(),
+            anthropic_fallbacks: None,
+            cooldown_failures: 3,
+            cooldown: Duration::from_secs(30),
         }
     }
 }
@@ -88,18 +103,31 @@ impl Settings {
 /// Fails on an upstream URL that is not `http(s)://host[:port][/prefix]`, or a CA file
 /// that cannot be read.
 pub fn router(settings: &Settings, metrics: &Metrics) -> Result<Router, String> {
-    let openai_url = endpoint(&settings.upstream, "chat/completions")?;
-    let anthropic_base = settings.anthropic_upstream.as_ref();
-    let anthropic_url = endpoint(anthropic_base.unwrap_or(&settings.upstream), "messages")?;
+    let openai = Upstreams {
+        base: &settings.upstream,
+        fallbacks: &settings.fallbacks,
+        path: "chat/completions",
+        provider: OPENAI,
+    };
+    let anthropic_fallbacks = settings.anthropic_fallbacks.as_ref();
+    let anthropic = Upstreams {
+        base: settings
+            .anthropic_upstream
+            .as_ref()
+            .unwrap_or(&settings.upstream),
+        fallbacks: anthropic_fallbacks.unwrap_or(&settings.fallbacks),
+        path: "messages",
+        provider: ANTHROPIC,
+    };
 
     // One connection pool for both providers; TLS for `https://`, plain TCP otherwise.
     let connector = tls::connector(settings.roots, settings.ca_file.as_deref())?;
     let http = Client::builder(TokioExecutor::new()).build::<_, ReplayBody<Body>>(connector);
-    let route = |url, dialect, provider| -> Result<MethodRouter, String> {
+    let route = |upstreams: Upstreams<'_>, dialect| -> Result<MethodRouter, String> {
         let route = Route {
-            url,
+            url: endpoint(upstreams.base, upstreams.path)?,
             dialect,
-            client: stack(settings, http.clone(), provider, metrics.meter())?,
+            client: client(settings, &http, upstreams, metrics.meter())?,
         };
         Ok(
             post(move |request| forward::forward(route.clone(), request)).fallback(
@@ -120,45 +148,93 @@ pub fn router(settings: &Settings, metrics: &Metrics) -> Result<Router, String> 
         )
     });
     Ok(Router::new()
-        .route(
-            "/v1/chat/completions",
-            route(openai_url, Dialect::OpenAi, OPENAI)?,
-        )
-        .route(
-            "/v1/messages",
-            route(anthropic_url, Dialect::Anthropic, ANTHROPIC)?,
-        )
+        .route("/v1/chat/completions", route(openai, Dialect::OpenAi)?)
+        .route("/v1/messages", route(anthropic, Dialect::Anthropic)?)
         .route("/metrics", metrics)
         .fallback(not_found))
 }
 
-/// The client of one provider: the crate's layers over the shared hyper-util client,
-/// boxed so that a handler can hold it.
-fn stack<C>(
-    settings: &Settings,
-    http: Client<C, ReplayBody<Body>>,
+/// Where one route's calls go: its upstream's base URL, then its fallbacks', and the
+/// endpoint under each.
+struct Upstreams<'a> {
+    base: &'a str,
+    fallbacks: &'a [String],
+    path: &'static str,
+    /// The `provider` of the first upstream's metrics; the fallbacks' are
+    /// `{provider}-fallback-{n}`.
     provider: &'static str,
+}
+
+/// The client of one route: its upstream and each fallback, each with a stack of its
+/// own built by [`stack`], tried in that order by a `Fallback`, below the buffer that
+/// makes request bodies replayable for all of them.
+fn client<C>(
+    settings: &Settings,
+    http: &Client<C, ReplayBody<Body>>,
+    upstreams: Upstreams<'_>,
     meter: Meter,
 ) -> Result<forward::Upstream, String>
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
-    let policy = RetryPolicy::default().first_chunk_timeout(settings.first_chunk_timeout);
+    let fallbacks = upstreams.fallbacks.iter().map(String::as_str);
+    let mut targets = Vec::new();
+    for (n, base) in std::iter::once(upstreams.base).chain(fallbacks).enumerate() {
+        let name = match n {
+            0 => upstreams.provider.to_owned(),
+            n => format!("{}-fallback-{n}", upstreams.provider),
+        };
+        let url = endpoint(base, upstreams.path)?;
+        let target = stack(settings, http.clone(), url, name.clone(), meter.clone())?;
+        targets.push((name, target));
+    }
+    let fallback = Fallback::new(targets)
+        .map_err(|e| format!("fallbacks: {e}"))?
+        .cooldown(settings.cooldown_failures, settings.cooldown)
+        .provider(upstreams.provider)
+        .meter(meter);
     let client = ServiceBuilder::new()
         // Outermost: a slow upload is read before the call takes a slot.
         .layer(
             BufferRequestBodyLayer::try_new(settings.buffer).map_err(|e| format!("buffer: {e}"))?,
         )
+        .service(fallback);
+    Ok(BoxCloneSyncService::new(client))
+}
+
+/// One upstream of a route, boxed, so that a route's upstreams are of one type.
+type Target = BoxCloneSyncService<axum::http::Request<ReplayBody<Body>>, Response, BoxError>;
+
+/// The stack of one upstream: the crate's layers over the shared hyper-util client,
+/// sending each call to `url` (with the caller's query).
+fn stack<C>(
+    settings: &Settings,
+    http: Client<C, ReplayBody<Body>>,
+    url: Uri,
+    provider: String,
+    meter: Meter,
+) -> Result<Target, String>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let policy = RetryPolicy::default().first_chunk_timeout(settings.first_chunk_timeout);
+    let client = ServiceBuilder::new()
+        .map_request(move |mut request: axum::http::Request<ReplayBody<Body>>| {
+            // `forward` refused a query that does not fit in a URL.
+            let query = request.uri().query();
+            *request.uri_mut() = forward::with_query(&url, query).unwrap_or_else(|| url.clone());
+            request
+        })
         .layer(
             StreamConcurrencyLayer::try_new(settings.limit)
                 .map_err(|e| format!("limit: {e}"))?
                 .max_wait(settings.max_wait)
-                .provider(provider)
+                .provider(provider.clone())
                 .meter(meter.clone()),
         )
         .layer(
             RetryBudgetLayer::new(RetryBudget::default())
-                .provider(provider)
+                .provider(provider.clone())
                 .meter(meter.clone()),
         )
         .layer(
