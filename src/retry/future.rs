@@ -487,7 +487,11 @@ where
             // counts.
             self.attempts.retry_ended(retried_for, RetryOutcome::Failed);
         } else {
-            match self.attempts.after_failure(failure, retried_for) {
+            let others_running = self.is_running();
+            match self
+                .attempts
+                .after_failure(failure, retried_for, others_running)
+            {
                 Next::Retry {
                     after,
                     reason,

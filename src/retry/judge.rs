@@ -230,11 +230,14 @@ where
         BodyGuard::new(call, self.slot.take())
     }
 
-    /// After a failure: the delay before the next attempt, or the call's output.
+    /// After a failure: the delay before the next attempt, or why there is none. With
+    /// `others_running` (hedged attempts), running out of attempts does not end the
+    /// call yet, and is neither counted nor logged.
     pub(super) fn after_failure<B: Body>(
         &mut self,
         failure: Failure<B>,
         retried_for: Option<RetryReason>,
+        others_running: bool,
     ) -> Next<B> {
         self.retry_ended(retried_for, RetryOutcome::Failed);
         let policy = &self.shared.policy;
@@ -270,7 +273,7 @@ where
                 StopReason::MaybeProcessed
             }
             Some(reason) if self.attempt >= self.max_attempts => {
-                if self.max_attempts > 1 {
+                if self.max_attempts > 1 && !others_running {
                     self.metrics.retry(RetryOutcome::Exhausted, reason);
                     tracing::warn!(
                         %provider,

@@ -54,6 +54,40 @@
 //! A response is never retried once it has been handed to the caller: from then on
 //! this layer only counts.
 //!
+//! # Hedging
+//!
+//! An LLM upstream answers its headers in milliseconds and its first token seconds
+//! later, and a few of its streams take far longer than the rest to start (a cold
+//! replica, a long queue). Waiting for `first_chunk_timeout` costs those callers the
+//! whole timeout; a second attempt started beside a slow one, after about the time
+//! most calls take, usually answers first. Until the first chunk that attempt costs
+//! only a prompt, which is why the decision belongs here: tower's `hedge` decides at
+//! the response headers, which a slow stream sends as fast as a quick one.
+//!
+//! With [`RetryPolicy::hedge`], when the attempts in flight have produced no first
+//! chunk after the [`Hedge`]'s delay (fixed, or a quantile of this layer's recent
+//! calls), another starts beside them, up to [`Hedge::max_extra`] extra in flight. The
+//! first attempt to produce its first chunk (or a response that is not a failure)
+//! wins: the caller gets its stream, and the others are dropped at once, which resets
+//! their HTTP/2 streams or closes their HTTP/1.1 connections, so that the upstream
+//! stops generating. A hedge is an attempt like a retry: it counts against
+//! `max_attempts`, carries [`RetryAttempt`], and withdraws a unit from the budget,
+//! whose refusal stops hedging the call (`stream_hedges_total{outcome="budget_exhausted"}`).
+//! An attempt that fails beside another does not end the call: the next starts after
+//! the backoff or the hint, as a retry would, and the call ends with the last failure
+//! once no attempt is left.
+//!
+//! The attempts of a call run in one future, under one timer: the first in flight is
+//! held inline and hedges boxed beside it (a call that is never hedged allocates
+//! nothing for them), and the timer is set to the earliest of their first-chunk
+//! deadlines and the next start (a backoff, or a hedge's delay). Hedging adds no timer
+//! and no task: the state machine that was one attempt at a time became a set of
+//! attempts, of which retries without hedging are the case of one.
+//!
+//! A [`StreamConcurrencyLayer`](crate::StreamConcurrencyLayer) above holds one slot per
+//! call, so while a hedge runs the call briefly holds two upstream streams on one
+//! slot; `provider_calls_in_flight` counts both.
+//!
 //! # What is safe to retry
 //!
 //! A failure before the first chunk is **not processed** when the upstream did no
@@ -113,6 +147,12 @@
 //! | `budget_exhausted` | a call gave up because the budget refused a retry |
 //!
 //! With `max_attempts(1)` (retry disabled) nothing is counted.
+//!
+//! With hedging, `stream_hedges_total{outcome}` counts each hedge once: `won` (it
+//! delivered the first chunk), `lost` (another attempt did, or none did, or the
+//! caller gave up), or `budget_exhausted` (the budget refused it, and it never
+//! started). `stream_first_chunk_latency_seconds` is per call, from its start, and
+//! so is what [`Hedge::percentile`] measures.
 
 mod attempt;
 mod body;

@@ -791,3 +791,62 @@ async fn the_future_polled_after_it_returned_panics() {
     let _ = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
     let _ = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
 }
+
+/// An upstream whose attempts before `answering` never answer, recording when each
+/// came and whether it carried the retry mark.
+fn stalling_until(
+    answering: usize,
+    seen: &Arc<Mutex<Vec<(tokio::time::Instant, bool)>>>,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Scripted>,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Reply>,
+> + Clone {
+    let seen = seen.clone();
+    tower::service_fn(move |request: Request<Full<Bytes>>| {
+        let mut seen = seen.lock().unwrap();
+        let index = seen.len();
+        let retry = request.extensions().get::<super::RetryAttempt>().is_some();
+        seen.push((tokio::time::Instant::now(), retry));
+        async move {
+            if index < answering {
+                std::future::pending::<()>().await;
+            }
+            ok(Scripted::data(&["data: x\n\n"]))
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_extra_bounds_the_hedges_in_flight_and_each_carries_the_retry_mark() {
+    use super::Hedge;
+    let after = Duration::from_secs(1);
+    for max_extra in [1, 2] {
+        let seen = Arc::default();
+        let policy = policy()
+            .max_attempts(5)
+            .first_chunk_timeout(Duration::from_secs(60))
+            .hedge(Hedge::after(after).max_extra(max_extra));
+        let service = FirstChunkRetryLayer::new(policy).layer(stalling_until(2, &seen));
+        let call = tokio::time::timeout(Duration::from_secs(10), service.oneshot(request()));
+        let start = tokio::time::Instant::now();
+        let answered = call.await;
+        let seen = seen.lock().unwrap();
+        let offsets: Vec<_> = seen.iter().map(|(at, _)| *at - start).collect();
+        let marks: Vec<_> = seen.iter().map(|(_, retry)| *retry).collect();
+        if max_extra == 1 {
+            // Two in flight, neither answering: no third, whatever `max_attempts`.
+            assert!(answered.is_err(), "still waiting");
+            assert_eq!(offsets, [Duration::ZERO, after]);
+            assert_eq!(marks, [false, true]);
+        } else {
+            // A hedge every second while fewer than three are in flight; the third
+            // answers at once.
+            let response = answered.expect("answered").unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(offsets, [Duration::ZERO, after, 2 * after]);
+            assert_eq!(marks, [false, true, true]);
+        }
+    }
+}
