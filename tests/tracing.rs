@@ -1,8 +1,8 @@
 //! The `tracing` events an operator sees, with their levels and fields: each retry
 //! (INFO), a stall before the first chunk, exhausted attempts and budget, and a
 //! rejection (WARN), a caller giving up in the queue (DEBUG); each fallback (INFO), a
-//! fallback target cooling down (WARN) and a call skipping it (DEBUG). Time is tokio's
-//! paused clock.
+//! fallback target cooling down (WARN) and a call skipping it (DEBUG); each hedge
+//! (INFO), and a hedge the budget refused (WARN). Time is tokio's paused clock.
 
 mod support;
 
@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use support::{Fault, Metrics, Protocol, Reply, Upstream, client, full_stack, post};
 use tower::ServiceExt;
+use tower_stream_backpressure::retry::Hedge;
 use tower_stream_backpressure::{RetryBudget, RetryPolicy, StreamConcurrencyLayer};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -317,4 +318,58 @@ async fn fallbacks_cooldowns_and_skips_are_logged() {
     );
     let skipped = (field(&events[0], "from"), field(&events[0], "to"));
     assert_eq!(skipped, ("down", "backup"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hedges_and_hedges_refused_by_the_budget_are_logged() {
+    let recorder = Recorder::default();
+    let _guard = tracing::subscriber::set_default(recorder.clone());
+    // The first attempt of each call never answers; the next answers at once.
+    let upstream = Upstream::start(|hit| match hit.index {
+        0 | 2 => Reply::Hang,
+        _ => Reply::tokens(1),
+    })
+    .await;
+    let policy = RetryPolicy::default()
+        .hedge(Hedge::after(Duration::from_millis(500)))
+        .first_chunk_timeout(Duration::from_secs(1));
+    let stack = |budget| {
+        full_stack(
+            client(Protocol::Http1),
+            &Metrics::new().meter(),
+            StreamConcurrencyLayer::new(4),
+            budget,
+            policy.clone(),
+        )
+    };
+
+    let response = stack(RetryBudget::default())
+        .oneshot(post(&upstream.url("/hedged")))
+        .await;
+    assert_eq!(response.unwrap().status(), 200);
+    let events = recorder.take();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let hedge = &events[0];
+    assert_eq!(hedge.level, Level::INFO);
+    assert_eq!(
+        hedge.message,
+        "hedging: no first chunk yet, another attempt starts beside"
+    );
+    assert_eq!(field(hedge, "provider"), "test");
+    assert_eq!(field(hedge, "attempt"), "2");
+    assert_eq!(field(hedge, "after_ms"), "500");
+
+    let empty = RetryBudget::new(Duration::from_secs(10), 0, 0.0);
+    let error = stack(empty).oneshot(post(&upstream.url("/refused"))).await;
+    assert!(
+        error.is_err(),
+        "the stall times out, with no hedge or retry"
+    );
+    let events = recorder.take();
+    let refused = events
+        .iter()
+        .find(|e| e.message == "retry budget exhausted: no hedge for this call")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(refused.level, Level::WARN);
+    assert_eq!(field(refused, "attempt"), "1");
 }
