@@ -121,25 +121,19 @@ pin_project! {
     where
         B: Body,
     {
+        // The request in flight, with its count in `provider_calls_in_flight`.
         #[pin]
         call: Option<F>,
-        state: State<B, D>,
+        guard: Option<CallGuard>,
+        // A 2xx response, read for its first chunk. Kept apart from the call, so that
+        // moving on from one to the other moves a word, not the response.
+        peek: Option<Peek<B, D>>,
         // Its first-chunk deadline, from its start.
         deadline: Instant,
         // Why it is a retry (`None` for the first attempt and for hedges).
         retried_for: Option<RetryReason>,
-        // Counts a hedge's outcome, once.
-        hedge: Option<HedgeTicket>,
+        hedge: HedgeTicket,
     }
-}
-
-enum State<B: Body, D> {
-    /// Not in flight.
-    Idle,
-    /// The request is in flight, until its response head.
-    Calling(CallGuard),
-    /// A 2xx response: its body is read until the first chunk.
-    Peeking(Peek<B, D>),
 }
 
 /// How an attempt ended.
@@ -159,20 +153,23 @@ struct Start {
 }
 
 /// A hedged attempt's count in `stream_hedges_total`: `lost` when dropped, unless it
-/// delivered the call's first chunk.
-struct HedgeTicket {
-    metrics: Arc<RetryMetrics>,
-    won: bool,
+/// delivered the call's first chunk. Empty for an attempt that is not a hedge.
+struct HedgeTicket(Option<Arc<RetryMetrics>>);
+
+impl HedgeTicket {
+    /// Counts the hedge, if it is one, as the winner.
+    fn won(&mut self) {
+        if let Some(metrics) = self.0.take() {
+            metrics.hedge(HedgeOutcome::Won);
+        }
+    }
 }
 
 impl Drop for HedgeTicket {
     fn drop(&mut self) {
-        let outcome = if self.won {
-            HedgeOutcome::Won
-        } else {
-            HedgeOutcome::Lost
-        };
-        self.metrics.hedge(outcome);
+        if let Some(metrics) = self.0.take() {
+            metrics.hedge(HedgeOutcome::Lost);
+        }
     }
 }
 
@@ -282,12 +279,16 @@ where
             Some(hedging) if retries => hedging.delay(started),
             _ => None,
         };
-        let timeout = shared.policy.get_first_chunk_timeout();
-        let mut attempting = Self {
-            lead: Attempt::new(future, call, deadline::from(started, timeout), None, None),
+        let next = hedge_after.map(|after| Start {
+            at: Some(deadline::from(started, after)),
+            retry: None,
+        });
+        let deadline = deadline::from(started, shared.policy.get_first_chunk_timeout());
+        Self {
+            lead: Attempt::new(future, call, deadline, None, HedgeTicket(None)),
             extra: Vec::new(),
-            timer: Timer::new(deadline::from(started, timeout)),
-            next: None,
+            timer: Timer::new(),
+            next,
             last: None,
             stop: StopReason::NotRetryable,
             attempts: Attempts {
@@ -303,14 +304,7 @@ where
                 shared,
                 metrics,
             },
-        };
-        if let Some(after) = hedge_after {
-            attempting.next = Some(Start {
-                at: Some(deadline::from(started, after)),
-                retry: None,
-            });
         }
-        attempting
     }
 }
 
@@ -354,9 +348,8 @@ where
             if let Some((ended, (retried_for, hedge))) = settled {
                 match ended {
                     Settled::Answered(response) => {
-                        if let Some(mut hedge) = hedge {
-                            hedge.won = true;
-                        }
+                        let mut hedge = hedge;
+                        hedge.won();
                         // The others are dropped now: their streams are closed.
                         this.lead.as_mut().stop();
                         this.extra.clear();
@@ -406,8 +399,7 @@ where
                 // Only the service's readiness is awaited.
                 return Poll::Pending;
             };
-            this.timer.as_mut().reset(at);
-            if this.timer.as_mut().poll_elapsed(cx).is_pending() {
+            if this.timer.as_mut().poll_at(at, cx).is_pending() {
                 return Poll::Pending;
             }
             if let Some(output) = this.elapsed(Instant::now()) {
@@ -530,10 +522,7 @@ where
         let (future, call) = self.attempts.start();
         let now = Instant::now();
         let timeout = self.attempts.shared.policy.get_first_chunk_timeout();
-        let hedge = retry.is_none().then(|| HedgeTicket {
-            metrics: self.attempts.metrics.clone(),
-            won: false,
-        });
+        let hedge = HedgeTicket(retry.is_none().then(|| self.attempts.metrics.clone()));
         let attempt = Attempt::new(future, call, deadline::from(now, timeout), retry, hedge);
         if self.lead.is_running() {
             self.extra.push(Box::pin(attempt));
@@ -568,11 +557,12 @@ where
         guard: CallGuard,
         deadline: Instant,
         retried_for: Option<RetryReason>,
-        hedge: Option<HedgeTicket>,
+        hedge: HedgeTicket,
     ) -> Self {
         Self {
             call: Some(call),
-            state: State::Calling(guard),
+            guard: Some(guard),
+            peek: None,
             deadline,
             retried_for,
             hedge,
@@ -580,16 +570,17 @@ where
     }
 
     fn is_running(&self) -> bool {
-        !matches!(self.state, State::Idle)
+        self.call.is_some() || self.peek.is_some()
     }
 
     /// Ends the attempt, dropping what is in flight (its stream is closed); returns
     /// why it was a retry, and its hedge's ticket.
-    fn stop(self: Pin<&mut Self>) -> (Option<RetryReason>, Option<HedgeTicket>) {
+    fn stop(self: Pin<&mut Self>) -> (Option<RetryReason>, HedgeTicket) {
         let mut this = self.project();
         this.call.set(None);
-        *this.state = State::Idle;
-        (this.retried_for.take(), this.hedge.take())
+        *this.guard = None;
+        *this.peek = None;
+        (this.retried_for.take(), HedgeTicket(this.hedge.0.take()))
     }
 }
 
@@ -613,57 +604,46 @@ where
         ReqBody: Clone,
     {
         let mut this = self.project();
-        loop {
-            match this.state {
-                State::Idle => unreachable!("an attempt is polled while in flight"),
-                State::Calling(_) => {
-                    let Some(future) = this.call.as_mut().as_pin_mut() else {
-                        unreachable!("a call is in flight while calling")
-                    };
-                    let result = ready!(future.poll(cx));
-                    this.call.set(None);
-                    let State::Calling(call) = std::mem::replace(this.state, State::Idle) else {
-                        unreachable!("calling")
-                    };
-                    let response = match result {
-                        Ok(response) => response,
-                        Err(error) => {
-                            let error = error.into();
-                            return Poll::Ready(Settled::Failed(
-                                if attempts.shared.policy.is_transient(&*error) {
-                                    Failure::Upstream(error)
-                                } else {
-                                    Failure::NotTransient(error)
-                                },
-                            ));
-                        }
-                    };
-                    match attempts.judge(response, call, *this.retried_for) {
-                        Judged::Failure(failure) => return Poll::Ready(Settled::Failed(failure)),
-                        Judged::Return(response) => {
-                            return Poll::Ready(Settled::Answered(response));
-                        }
-                        Judged::Peek(peek) => *this.state = State::Peeking(peek),
-                    }
-                }
-                State::Peeking(peek) => {
-                    let limit = attempts.shared.policy.get_max_buffer();
-                    let found = ready!(peek.poll_first_chunk(cx, limit));
-                    let State::Peeking(peek) = std::mem::replace(this.state, State::Idle) else {
-                        unreachable!("peeking")
-                    };
-                    let retried_for = *this.retried_for;
-                    return Poll::Ready(
-                        match found.and_then(|body_done| {
-                            attempts.first_chunk(peek, body_done, retried_for)
-                        }) {
-                            Ok(response) => Settled::Answered(response),
-                            Err(failure) => Settled::Failed(failure),
+        if let Some(future) = this.call.as_mut().as_pin_mut() {
+            let result = ready!(future.poll(cx));
+            this.call.set(None);
+            let Some(guard) = this.guard.take() else {
+                unreachable!("a call in flight is counted")
+            };
+            let response = match result {
+                Ok(response) => response,
+                Err(error) => {
+                    let error = error.into();
+                    return Poll::Ready(Settled::Failed(
+                        if attempts.shared.policy.is_transient(&*error) {
+                            Failure::Upstream(error)
+                        } else {
+                            Failure::NotTransient(error)
                         },
-                    );
+                    ));
                 }
+            };
+            match attempts.judge(response, guard, *this.retried_for) {
+                Judged::Failure(failure) => return Poll::Ready(Settled::Failed(failure)),
+                Judged::Return(response) => return Poll::Ready(Settled::Answered(response)),
+                Judged::Peek(peek) => *this.peek = Some(peek),
             }
         }
+        let Some(peek) = this.peek.as_mut() else {
+            unreachable!("an attempt is polled while in flight")
+        };
+        let limit = attempts.shared.policy.get_max_buffer();
+        let found = ready!(peek.poll_first_chunk(cx, limit));
+        let Some(peek) = this.peek.take() else {
+            unreachable!("read for the first chunk")
+        };
+        let retried_for = *this.retried_for;
+        Poll::Ready(
+            match found.and_then(|body_done| attempts.first_chunk(peek, body_done, retried_for)) {
+                Ok(response) => Settled::Answered(response),
+                Err(failure) => Settled::Failed(failure),
+            },
+        )
     }
 }
 
@@ -738,12 +718,13 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let inner = &self.inner;
-        let phase = match (&inner.lead.state, &inner.next) {
-            (State::Calling(_), _) => "calling",
-            (State::Peeking(_), _) => "reading for the first chunk",
-            (State::Idle, Some(Start { at: Some(_), .. })) => "backing off",
-            (State::Idle, Some(Start { at: None, .. })) => "ready",
-            (State::Idle, None) => "done",
+        let lead = &inner.lead;
+        let phase = match (lead.call.is_some(), lead.peek.is_some(), &inner.next) {
+            (true, _, _) => "calling",
+            (_, true, _) => "reading for the first chunk",
+            (_, _, Some(Start { at: Some(_), .. })) => "backing off",
+            (_, _, Some(Start { at: None, .. })) => "ready",
+            (_, _, None) => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("phase", &phase)

@@ -1,4 +1,5 @@
-//! The deadline of the attempt in progress, or of the backoff before the next.
+//! The call's one timer: the earliest first-chunk deadline of its attempts in flight,
+//! or the time of its next start.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,32 +9,28 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 pin_project! {
-    /// A deadline whose timer is only made when it is first polled: a call that
-    /// completes without waiting (a cached or in-memory answer) never registers one.
+    /// A timer made only when it is first polled: a call that completes without
+    /// waiting (a cached or in-memory answer) never registers one. It keeps no deadline
+    /// of its own: the caller passes the one in force at each poll, and the timer is
+    /// only touched when that moves.
     pub(super) struct Timer {
-        at: Instant,
         #[pin]
         sleep: Option<Sleep>,
     }
 }
 
 impl Timer {
-    pub(super) fn new(at: Instant) -> Self {
-        Self { at, sleep: None }
+    pub(super) fn new() -> Self {
+        Self { sleep: None }
     }
 
-    pub(super) fn reset(self: Pin<&mut Self>, at: Instant) {
-        let this = self.project();
-        *this.at = at;
-        if let Some(sleep) = this.sleep.as_pin_mut() {
-            sleep.reset(at);
-        }
-    }
-
-    pub(super) fn poll_elapsed(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    /// Whether `at` has come, registering to be woken then if not.
+    pub(super) fn poll_at(self: Pin<&mut Self>, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
-        if this.sleep.is_none() {
-            this.sleep.set(Some(tokio::time::sleep_until(*this.at)));
+        match this.sleep.as_mut().as_pin_mut() {
+            None => this.sleep.set(Some(tokio::time::sleep_until(at))),
+            Some(sleep) if sleep.deadline() != at => sleep.reset(at),
+            Some(_) => {}
         }
         match this.sleep.as_pin_mut() {
             Some(sleep) => sleep.poll(cx),
