@@ -88,8 +88,38 @@ impl Stack {
         snapshot.count("stream_hedges", &[TEST, ("outcome", outcome)])
     }
 
-    /// Every slot back and nothing counted in flight.
-    fn assert_idle(&self, at: &str) {
+    /// One call to `upstream` through the whole stack: its outcome, and how long it
+    /// took to come.
+    async fn call(
+        &self,
+        protocol: Protocol,
+        upstream: &Upstream,
+        budget: RetryBudget,
+        policy: RetryPolicy,
+    ) -> (
+        Result<
+            http::Response<
+                impl http_body::Body<Data = bytes::Bytes, Error = tower::BoxError>
+                + std::fmt::Debug
+                + use<>,
+            >,
+            tower::BoxError,
+        >,
+        Duration,
+    ) {
+        let started = Instant::now();
+        let service = self.service(protocol, budget, policy);
+        let outcome = service
+            .oneshot(post(&upstream.url("/v1/chat/completions")))
+            .await;
+        (outcome, started.elapsed())
+    }
+
+    /// Once what a call left has settled: nothing open on the upstream, every slot
+    /// back, and nothing counted in flight.
+    async fn assert_all_closed(&self, upstream: &Upstream, at: &str) {
+        settle().await;
+        assert_eq!(upstream.open_streams(), 0, "{at}: upstream open streams");
         assert_eq!(self.limit.available_slots(), LIMIT, "{at}: slots");
         support::assert_nothing_in_flight(&self.metrics, at);
     }
@@ -112,13 +142,10 @@ async fn a_hedge_wins_over_a_stalled_attempt_whose_stream_is_closed_at_once() {
             let hedge = Reply::tokens(3).gap(Duration::from_secs(2));
             let upstream = Upstream::start(in_turn(vec![stall.clone(), hedge])).await;
             let stack = Stack::new();
-            let service = stack.service(protocol, RetryBudget::default(), hedged());
-            let started = Instant::now();
-            let response = service
-                .oneshot(post(&upstream.url("/v1/chat/completions")))
-                .await
-                .unwrap_or_else(|e| panic!("{at}: {e}"));
-            let waited = started.elapsed();
+            let (response, waited) = stack
+                .call(protocol, &upstream, RetryBudget::default(), hedged())
+                .await;
+            let response = response.unwrap_or_else(|e| panic!("{at}: {e}"));
             assert!(
                 waited >= Duration::from_secs(3) && waited < Duration::from_millis(3_100),
                 "{at}: the hedge, started after 1 s, answered 2 s later, not {waited:?}"
@@ -136,11 +163,9 @@ async fn a_hedge_wins_over_a_stalled_attempt_whose_stream_is_closed_at_once() {
             );
             let body = read_to_end(response.into_body()).await.unwrap();
             assert_eq!(&body[..], TOKENS_3, "{at}: the hedge's stream, intact");
-            settle().await;
-            assert_eq!(upstream.open_streams(), 0, "{at}");
             assert_eq!(stack.hedges("won"), 1.0, "{at}");
             assert_eq!(stack.hedges("lost"), 0.0, "{at}");
-            stack.assert_idle(&at);
+            stack.assert_all_closed(&upstream, &at).await;
         }
     }
 }
@@ -153,21 +178,18 @@ async fn the_original_wins_when_its_first_chunk_comes_before_the_hedges() {
         let first = Reply::tokens(3).gap(Duration::from_millis(1_500));
         let upstream = Upstream::start(in_turn(vec![first, Reply::Hang])).await;
         let stack = Stack::new();
-        let service = stack.service(protocol, RetryBudget::default(), hedged());
-        let started = Instant::now();
-        let response = service
-            .oneshot(post(&upstream.url("/v1/chat/completions")))
-            .await
-            .unwrap();
-        assert!(started.elapsed() >= Duration::from_millis(1_500), "{at}");
+        let (response, waited) = stack
+            .call(protocol, &upstream, RetryBudget::default(), hedged())
+            .await;
+        let response = response.unwrap();
+        assert!(waited >= Duration::from_millis(1_500), "{at}");
         assert_eq!(upstream.hits(), 2, "{at}");
         settle().await;
         assert_eq!(upstream.open_streams(), 1, "{at}: the hedge was closed");
         assert_eq!(stack.hedges("lost"), 1.0, "{at}");
         assert_eq!(stack.hedges("won"), 0.0, "{at}");
         drop(response);
-        settle().await;
-        stack.assert_idle(&at);
+        stack.assert_all_closed(&upstream, &at).await;
     }
 }
 
@@ -178,12 +200,10 @@ async fn no_hedge_starts_once_the_first_chunk_reached_the_caller() {
         // One token at once, then nothing, ever.
         let upstream = Upstream::start(|_: &Hit| Reply::faulty(3, Fault::StallAfter(1))).await;
         let stack = Stack::new();
-        let service = stack.service(protocol, RetryBudget::default(), hedged());
-        let response = service
-            .oneshot(post(&upstream.url("/v1/chat/completions")))
-            .await
-            .unwrap();
-        let mut body = response.into_body();
+        let (response, _) = stack
+            .call(protocol, &upstream, RetryBudget::default(), hedged())
+            .await;
+        let mut body = response.unwrap().into_body();
         let first = http_body_util::BodyExt::frame(&mut body).await;
         assert!(matches!(first, Some(Ok(_))), "{at}: the first token");
         // Long past the hedge's delay, the stream still stalled.
@@ -191,9 +211,7 @@ async fn no_hedge_starts_once_the_first_chunk_reached_the_caller() {
         assert_eq!(upstream.hits(), 1, "{at}: no hedge after the first chunk");
         assert_eq!(stack.hedges("won") + stack.hedges("lost"), 0.0, "{at}");
         drop(body);
-        settle().await;
-        assert_eq!(upstream.open_streams(), 0, "{at}");
-        stack.assert_idle(&at);
+        stack.assert_all_closed(&upstream, &at).await;
     }
 }
 
@@ -206,11 +224,8 @@ async fn a_budget_of_zero_means_no_hedge() {
         // No reserve and no share of calls: it refuses every withdrawal.
         let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.0);
         let policy = hedged().first_chunk_timeout(Duration::from_secs(5));
-        let service = stack.service(protocol, budget, policy);
-        let error = service
-            .oneshot(post(&upstream.url("/v1/chat/completions")))
-            .await
-            .expect_err("the stall times out, and no retry either");
+        let (outcome, _) = stack.call(protocol, &upstream, budget, policy).await;
+        let error = outcome.expect_err("the stall times out, and no retry either");
         let error = error
             .downcast_ref::<FirstChunkError>()
             .expect("a first-chunk error");
@@ -219,9 +234,7 @@ async fn a_budget_of_zero_means_no_hedge() {
         assert_eq!(upstream.hits(), 1, "{at}: neither a hedge nor a retry");
         assert_eq!(stack.hedges("budget_exhausted"), 1.0, "{at}");
         assert_eq!(stack.hedges("won") + stack.hedges("lost"), 0.0, "{at}");
-        settle().await;
-        assert_eq!(upstream.open_streams(), 0, "{at}");
-        stack.assert_idle(&at);
+        stack.assert_all_closed(&upstream, &at).await;
     }
 }
 
@@ -235,13 +248,10 @@ async fn an_attempt_that_fails_beside_a_hedge_is_retried_without_ending_the_call
         let upstream = Upstream::start(in_turn(vec![Reply::Hang, slow, Reply::tokens(3)])).await;
         let stack = Stack::new();
         let policy = hedged().first_chunk_timeout(Duration::from_secs(3));
-        let service = stack.service(protocol, RetryBudget::default(), policy);
-        let started = Instant::now();
-        let response = service
-            .oneshot(post(&upstream.url("/v1/chat/completions")))
-            .await
-            .unwrap();
-        let waited = started.elapsed();
+        let (response, waited) = stack
+            .call(protocol, &upstream, RetryBudget::default(), policy)
+            .await;
+        let response = response.unwrap();
         assert!(
             waited >= Duration::from_secs(3) && waited < Duration::from_millis(3_100),
             "{at}: the retry answered right after the timeout, not {waited:?}"
@@ -258,9 +268,7 @@ async fn an_attempt_that_fails_beside_a_hedge_is_retried_without_ending_the_call
         };
         assert_eq!(retries("success"), 1.0, "{at}: the retry delivered");
         assert_eq!(stack.hedges("lost"), 1.0, "{at}: the hedge was dropped");
-        settle().await;
-        assert_eq!(upstream.open_streams(), 0, "{at}");
-        stack.assert_idle(&at);
+        stack.assert_all_closed(&upstream, &at).await;
     }
 }
 
@@ -273,14 +281,12 @@ async fn hedges_count_against_max_attempts() {
         let policy = hedged()
             .max_attempts(2)
             .first_chunk_timeout(Duration::from_secs(5));
-        let service = stack.service(protocol, RetryBudget::default(), policy);
-        let started = Instant::now();
-        let error = service
-            .oneshot(post(&upstream.url("/v1/chat/completions")))
-            .await
-            .expect_err("both attempts stall");
+        let (outcome, waited) = stack
+            .call(protocol, &upstream, RetryBudget::default(), policy)
+            .await;
+        let error = outcome.expect_err("both attempts stall");
         // The call waits for the hedge's own timeout, 5 s after it started at 1 s.
-        assert!(started.elapsed() >= Duration::from_secs(6), "{at}");
+        assert!(waited >= Duration::from_secs(6), "{at}");
         let error = error
             .downcast_ref::<FirstChunkError>()
             .expect("a first-chunk error");
@@ -294,9 +300,7 @@ async fn hedges_count_against_max_attempts() {
             &[TEST, ("outcome", "exhausted"), ("reason", "timeout")],
         );
         assert_eq!(exhausted, 1.0, "{at}: the call gave up once");
-        settle().await;
-        assert_eq!(upstream.open_streams(), 0, "{at}");
-        stack.assert_idle(&at);
+        stack.assert_all_closed(&upstream, &at).await;
     }
 }
 
@@ -357,8 +361,7 @@ async fn the_percentile_delay_follows_a_shifting_latency() {
             0.0,
             "{at}: the originals answered first"
         );
-        settle().await;
-        stack.assert_idle(&at);
+        stack.assert_all_closed(&upstream, &at).await;
     }
 }
 
@@ -441,10 +444,7 @@ async fn check(protocol: Protocol, point: Point) {
         hits_at_give_up, expected_hits,
         "{at}: hits when the caller gave up"
     );
-    settle().await;
-
-    stack.assert_idle(&at);
-    assert_eq!(upstream.open_streams(), 0, "{at}: upstream open streams");
+    stack.assert_all_closed(&upstream, &at).await;
     assert_eq!(
         upstream.hits(),
         hits_at_give_up,
