@@ -104,7 +104,7 @@ const fn case(
     }
 }
 
-fn cases() -> [Case; 10] {
+fn cases() -> [Case; 11] {
     [
         // Retried by the primary's own retry layer, then a FirstChunkError.
         case("connection refused", None, 0, Some("first_chunk"), 200),
@@ -138,6 +138,20 @@ fn cases() -> [Case; 10] {
         // Retried by the primary, which then hands the last one back.
         case("503", Some(|_| Reply::status(503)), 2, Some("status"), 200),
         case("429", Some(|_| Reply::status(429)), 2, Some("status"), 200),
+        // A 200 whose first event says the provider is overloaded, retried by the
+        // primary, which then hands it back marked as given up on.
+        case(
+            "overloaded in band after 200",
+            Some(|_| {
+                Reply::chunks(
+                    "text/event-stream",
+                    vec![support::upstream::anthropic_overloaded()],
+                )
+            }),
+            2,
+            Some("in_band_error"),
+            200,
+        ),
         // The caller's own: no fallback.
         case("400", Some(|_| Reply::status(400)), 1, None, 400),
         case("healthy", Some(|_| Reply::tokens(3)), 1, None, 200),

@@ -10,10 +10,10 @@ use tokio::time::Instant;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::service::{Shared, Target};
+use super::service::{Shared, Statuses, Target};
 use super::{Reason, ServedBy, cooldown};
 use crate::park::Parked;
-use crate::retry::NotReplayable;
+use crate::retry::{FirstChunkError, GaveUp, NotReplayable, StopReason};
 
 pin_project! {
     /// Response future of [`Fallback`](super::Fallback).
@@ -84,19 +84,52 @@ pin_project! {
     }
 }
 
-/// What made the target at hand fail: an error, or a response in the fallback set.
+/// What made the target at hand fail: an error, or a response that is a failure (a
+/// status in the fallback set, or an in-band error the target's retry layer gave up
+/// on).
 enum Failure<B> {
     Error(BoxError),
-    Status(Response<B>),
+    Response(Response<B>, Reason),
 }
 
 impl<B> Failure<B> {
     fn reason(&self) -> Reason {
         match self {
             Failure::Error(error) => Reason::of(&**error),
-            Failure::Status(_) => Reason::Status,
+            Failure::Response(_, reason) => *reason,
         }
     }
+
+    /// Whether another target may be tried: not after a failure that the target's
+    /// retry layer would not retry because the upstream may have processed the
+    /// request (`retry_maybe_processed(false)`), which another provider would repeat.
+    fn may_go_elsewhere(&self) -> bool {
+        let error = match self {
+            Failure::Error(error) => error,
+            Failure::Response(response, _) => {
+                let gave_up = response.extensions().get::<GaveUp>();
+                return gave_up.is_none_or(|g| g.stop_reason() != StopReason::MaybeProcessed);
+            }
+        };
+        let chain =
+            std::iter::successors(Some(&**error as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            });
+        !chain
+            .filter_map(|e| e.downcast_ref::<FirstChunkError>())
+            .any(|e| e.stop_reason() == StopReason::MaybeProcessed)
+    }
+}
+
+/// Whether a response is a failure to fall back from, and why.
+fn failed_response<B>(statuses: &Statuses, response: &Response<B>) -> Option<Reason> {
+    if statuses.contains(response.status()) {
+        return Some(Reason::Status);
+    }
+    let gave_up = response.extensions().get::<GaveUp>();
+    gave_up
+        .is_some_and(GaveUp::is_in_band_error)
+        .then_some(Reason::InBandError)
 }
 
 impl<S, ReqBody> ResponseFuture<S, ReqBody>
@@ -173,17 +206,17 @@ where
                     Err(error) => Failure::Error(error.into()),
                 },
                 StateProj::Calling { future } => match ready!(future.poll(cx)) {
-                    Ok(response) if this.shared.statuses.contains(response.status()) => {
-                        Failure::Status(response)
-                    }
-                    Ok(response) => {
-                        let target = &this.targets[*this.at];
-                        if this.shared.cooldown.is_some() {
-                            target.health.succeeded();
+                    Ok(response) => match failed_response(&this.shared.statuses, &response) {
+                        Some(reason) => Failure::Response(response, reason),
+                        None => {
+                            let target = &this.targets[*this.at];
+                            if this.shared.cooldown.is_some() {
+                                target.health.succeeded();
+                            }
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(served_by(response, &target.name)));
                         }
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(served_by(response, &target.name)));
-                    }
+                    },
                     Err(error) => Failure::Error(error.into()),
                 },
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
@@ -203,13 +236,14 @@ where
                 }
             }
             let healths = this.targets.iter().map(|target| &target.health);
-            let next = cooldown::next(healths, *this.at, shared.cooldown.as_ref());
+            let next = cooldown::next(healths, *this.at, shared.cooldown.as_ref())
+                .filter(|_| failure.may_go_elsewhere());
             let (Some(next), Some(request)) = (next, this.request.take()) else {
                 // Nowhere else to go: the caller gets this failure as it is.
                 this.state.set(State::Done);
                 return Poll::Ready(match failure {
                     Failure::Error(error) => Err(error),
-                    Failure::Status(response) => Ok(served_by(response, &from.name)),
+                    Failure::Response(response, _) => Ok(served_by(response, &from.name)),
                 });
             };
             let to = &this.targets[next];
@@ -225,7 +259,7 @@ where
                     %error,
                     "falling back to the next target"
                 ),
-                Failure::Status(response) => tracing::info!(
+                Failure::Response(response, _) => tracing::info!(
                     %provider,
                     from = %from.name,
                     to = %to.name,

@@ -31,11 +31,18 @@
 //!   retries ran out, it stalled, its body ended before the first chunk), a transport
 //!   error, or a [`Rejected`] from its concurrency limit, so that a
 //!   full provider spills over to the next. An error of a response future always means
-//!   nothing reached the caller, so every one is a failure;
+//!   nothing reached the caller, so every one is a failure, but one: a
+//!   [`FirstChunkError`] whose stop reason is
+//!   [`MaybeProcessed`](crate::retry::StopReason::MaybeProcessed) (its retry layer has
+//!   `retry_maybe_processed(false)`) goes back at once, since another provider would
+//!   do the work again;
 //! - **a response whose status is in the fallback set**: 408, 429 and every 5xx by
 //!   default, [`fallback_on`](Fallback::fallback_on) to change it. The response is
 //!   dropped (and its body with it, releasing the target's slot) before the next
-//!   target is called.
+//!   target is called;
+//! - **a `2xx` whose first chunk is a transient in-band error** (an overloaded
+//!   provider's `event: error` after `200 OK`) that the target's retry layer gave up
+//!   on: it marks such a response [`GaveUp`](crate::retry::GaveUp).
 //!
 //! Any other response goes to the caller, with the [`ServedBy`] extension naming the
 //! target that answered. When every target has failed, the caller gets the last
@@ -55,7 +62,8 @@
 //! must be `Clone` (`Full<Bytes>`, or a proxy's body made replayable by
 //! [`BufferRequestBodyLayer`](crate::BufferRequestBodyLayer) above the fallback). A
 //! request marked [`NotReplayable`](crate::retry::NotReplayable) (a body over the
-//! buffer's cap) goes to one target only: its first.
+//! buffer's cap) goes to one target only: the first the call tries (the first not
+//! cooling down).
 //!
 //! # Cooldown
 //!
@@ -117,6 +125,7 @@
 //! | `first_chunk` | failed before its first chunk: a [`FirstChunkError`] |
 //! | `error` | failed with any other error (a transport error, an error from `poll_ready`) |
 //! | `status` | answered with a status in the fallback set |
+//! | `in_band_error` | answered `2xx` with a transient in-band error its retry layer gave up on |
 //! | `cooldown` | was cooling down: the call started at `to`, skipping `from` (the first target) |
 //!
 //! Each fallback is an `INFO` event (`falling back to the next target`, with `from`,
@@ -258,6 +267,9 @@ pub(crate) enum Reason {
     Error,
     /// A status in the fallback set.
     Status,
+    /// A `2xx` whose first chunk is a transient in-band error the target's retry layer
+    /// gave up on ([`GaveUp`](crate::retry::GaveUp)).
+    InBandError,
     /// The target was cooling down.
     Cooldown,
 }
@@ -269,6 +281,7 @@ impl Reason {
             Reason::FirstChunk => "first_chunk",
             Reason::Error => "error",
             Reason::Status => "status",
+            Reason::InBandError => "in_band_error",
             Reason::Cooldown => "cooldown",
         }
     }

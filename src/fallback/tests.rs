@@ -477,3 +477,46 @@ async fn a_budget_above_deposits_once_and_bounds_every_targets_retries() {
     assert_eq!(calls.load(Ordering::SeqCst), 3, "a: 2 attempts, b: 1");
     assert_eq!(budget.available(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn nothing_goes_elsewhere_that_the_targets_retry_layer_says_may_have_been_processed() {
+    // A 502 may have been processed; a 503 refuses the work.
+    for (status, fell_back) in [(502, false), (503, true)] {
+        let (primary, backup) = (
+            Scripted::new(Answer::Status(status)),
+            Scripted::new(Answer::Status(200)),
+        );
+        let policy = RetryPolicy::default()
+            .retry_maybe_processed(false)
+            .backoff(Duration::ZERO, Duration::ZERO);
+        let layer = FirstChunkRetryLayer::new(policy);
+        let client = Fallback::new([
+            ("primary", layer.layer(primary.clone())),
+            ("backup", layer.layer(backup.clone())),
+        ])
+        .expect("targets");
+        let request = Request::new(Full::<Bytes>::default());
+        let response = client.oneshot(request).await.unwrap();
+        let at = format!("{status}");
+        if fell_back {
+            assert_eq!(served_by(&response), "backup", "{at}");
+            assert_eq!(
+                (primary.calls(), backup.calls()),
+                (3, 1),
+                "{at}: retried, then moved"
+            );
+        } else {
+            assert_eq!(
+                response.status(),
+                status,
+                "{at}: the primary's answer, as it is"
+            );
+            assert_eq!(served_by(&response), "primary", "{at}");
+            assert_eq!(
+                (primary.calls(), backup.calls()),
+                (1, 0),
+                "{at}: sent once, nowhere else"
+            );
+        }
+    }
+}

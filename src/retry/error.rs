@@ -261,3 +261,72 @@ pub enum StopReason {
     /// ([`retry_maybe_processed(false)`](super::RetryPolicy::retry_maybe_processed)).
     MaybeProcessed,
 }
+
+/// A response extension: the retry layer gave up on the call and hands its last
+/// failure back as a response, not as an error. That is a response with a retryable
+/// status (`503`, `429`, ...), or a `2xx` whose first chunk is a transient in-band error
+/// (Anthropic's `overloaded_error` after `200 OK`), once no attempt is left or the
+/// budget refused one.
+///
+/// The caller gets the upstream's bytes as they came; this says that they are a
+/// failure, for a layer above that decides on responses, such as
+/// [`Fallback`](crate::fallback::Fallback), which moves such a call to its next target.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use tower::{service_fn, Layer, ServiceExt};
+/// use tower_stream_backpressure::retry::{GaveUp, StopReason};
+/// use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
+///
+/// let upstream = service_fn(|_: http::Request<()>| async {
+///     http::Response::builder().status(503).body(Full::new(Bytes::from("busy")))
+/// });
+/// let client = FirstChunkRetryLayer::new(RetryPolicy::default().max_attempts(2))
+///     .layer(upstream);
+/// # tokio::runtime::Builder::new_current_thread()
+/// #     .enable_all()
+/// #     .start_paused(true)
+/// #     .build()?
+/// #     .block_on(async {
+/// let response = client.oneshot(http::Request::new(())).await?;
+/// let gave_up = response.extensions().get::<GaveUp>().expect("the last failure");
+/// assert_eq!(gave_up.stop_reason(), StopReason::AttemptsExhausted);
+/// assert_eq!(gave_up.attempts(), 2);
+/// assert!(!gave_up.is_in_band_error());
+/// # Ok::<(), tower::BoxError>(())
+/// # })?;
+/// # Ok::<(), tower::BoxError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GaveUp {
+    stop: StopReason,
+    attempts: u32,
+    in_band: bool,
+}
+
+impl GaveUp {
+    pub(super) fn new(stop: StopReason, attempts: u32, in_band: bool) -> Self {
+        Self {
+            stop,
+            attempts,
+            in_band,
+        }
+    }
+
+    /// Why there was no further attempt.
+    pub fn stop_reason(&self) -> StopReason {
+        self.stop
+    }
+
+    /// Attempts made, the first included.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Whether the failure is a transient in-band error in the first chunk of a `2xx`
+    /// (else it is a retryable status).
+    pub fn is_in_band_error(&self) -> bool {
+        self.in_band
+    }
+}

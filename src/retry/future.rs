@@ -353,6 +353,7 @@ where
                         // The others are dropped now: their streams are closed.
                         this.lead.as_mut().stop();
                         this.extra.clear();
+                        *this.next = None;
                         return Poll::Ready(Ok(response));
                     }
                     Settled::Failed(failure) => {
@@ -370,14 +371,20 @@ where
                     Poll::Pending => {}
                     Poll::Ready(Ok(())) => {
                         *this.next = None;
-                        this.start(retry);
+                        // A hedge takes its attempt and its unit of budget now that
+                        // it can start; a retry took them when it was decided.
+                        if retry.is_some() || this.attempts.hedge() {
+                            this.start(retry);
+                        }
                         continue;
                     }
                     Poll::Ready(Err(error)) => {
                         let error = error.into();
                         *this.next = None;
                         // The attempt never started, and no other will.
-                        this.attempts.attempt -= 1;
+                        if retry.is_some() {
+                            this.attempts.attempt -= 1;
+                        }
                         this.attempts.hedge_after = None;
                         if !this.is_running() {
                             let Some(last) = this.last.take() else {
@@ -459,9 +466,6 @@ where
             return None;
         }
         next.at = None;
-        if next.retry.is_none() && !self.attempts.hedge() {
-            *self.next = None;
-        }
         None
     }
 
@@ -659,8 +663,9 @@ where
         }
     }
 
-    /// A hedge is due: whether it may start. It withdraws from the budget like a
-    /// retry, and a budget that refuses stops hedging the call.
+    /// A hedge is due and the service ready for it: whether it may start. It
+    /// withdraws from the budget like a retry, and a budget that refuses stops hedging
+    /// the call.
     fn hedge(&mut self) -> bool {
         let provider = self.metrics.provider();
         if !self.budgets.is_empty() && !self.budgets.withdraw() {
@@ -690,11 +695,12 @@ where
     where
         S: Service<Request<ReqBody>>,
     {
-        if self.attempt == 2 {
-            if let Some(request) = &mut self.request {
-                // Marked once, at the first retry, and carried by the copies of later
-                // ones: layers below count it as the same call (a budget layer there
-                // deposits nothing). It costs the request a map, on retries only.
+        if let Some(request) = &mut self.request {
+            if request.extensions().get::<RetryAttempt>().is_none() {
+                // Marked once, at the first attempt after the first (a retry or a
+                // hedge), and carried by the copies of later ones: layers below count
+                // it as the same call (a budget layer there deposits nothing). It costs
+                // the request a map, on retries only.
                 request.extensions_mut().insert(RetryAttempt);
             }
         }
@@ -718,8 +724,11 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let inner = &self.inner;
-        let lead = &inner.lead;
-        let phase = match (lead.call.is_some(), lead.peek.is_some(), &inner.next) {
+        let attempts = std::iter::once(&inner.lead).chain(inner.extra.iter().map(|a| &**a));
+        let (calling, reading) = attempts.fold((false, false), |(calling, reading), a| {
+            (calling || a.call.is_some(), reading || a.peek.is_some())
+        });
+        let phase = match (calling, reading, &inner.next) {
             (true, _, _) => "calling",
             (_, true, _) => "reading for the first chunk",
             (_, _, Some(Start { at: Some(_), .. })) => "backing off",

@@ -13,8 +13,9 @@
 //! The window is a log-linear histogram of 1,184 counters (microseconds, 32 steps per
 //! power of two, so a value is rounded up by at most 3 %), and the delay is its
 //! bucket's upper end: at least `p` of the recorded calls had their first chunk by
-//! then. It is computed once per window, at rotation; a call reads it under a lock it
-//! shares with the recording, held for a few instructions.
+//! then. It is computed once per window, at rotation (a pass over the counters, under
+//! the lock); otherwise a call holds the lock it shares with the recording for a few
+//! instructions, to read the delay or count its latency.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -109,7 +110,8 @@ impl Hedge {
     }
 
     /// Attempts of one call in flight beside the first, at most (default 1, at least
-    /// 1). Each also counts against `max_attempts`.
+    /// 1). Each also counts against `max_attempts`, so with the default 3 attempts,
+    /// `max_extra(2)` leaves no retry.
     ///
     /// ```
     /// use std::time::Duration;
@@ -439,5 +441,13 @@ mod tests {
         let window = Hedge::percentile(0.9).window(Duration::ZERO);
         assert_eq!(setting(window), Err("hedge.window".into()));
         assert_eq!(setting(Hedge::percentile(0.9)), Ok(()));
+        // A hedge sends the request again while the first attempt may be processing it.
+        let policy = crate::RetryPolicy::default()
+            .hedge(Hedge::after(Duration::from_secs(1)))
+            .retry_maybe_processed(false);
+        let error = policy
+            .validate()
+            .expect_err("hedging what may be processed");
+        assert_eq!(error.setting(), "hedge");
     }
 }

@@ -12,7 +12,7 @@ use tower::BoxError;
 use super::ResponseBody;
 use super::body::{BodyGuard, CallGuard};
 use super::classify::is_unprocessed;
-use super::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
+use super::error::{FirstChunkError, FirstChunkErrorKind, GaveUp, StopReason};
 use super::future::Attempts;
 use super::in_band::InBand;
 use super::peek::{Held, Peek};
@@ -231,8 +231,8 @@ where
     }
 
     /// After a failure: the delay before the next attempt, or why there is none. With
-    /// `others_running` (hedged attempts), running out of attempts does not end the
-    /// call yet, and is neither counted nor logged.
+    /// `others_running` (hedged attempts), running out of attempts or budget does not
+    /// end the call yet, and is neither counted nor logged.
     pub(super) fn after_failure<B: Body>(
         &mut self,
         failure: Failure<B>,
@@ -285,13 +285,15 @@ where
                 StopReason::AttemptsExhausted
             }
             Some(reason) if !self.budgets.is_empty() && !self.budgets.withdraw() => {
-                self.metrics.retry(RetryOutcome::BudgetExhausted, reason);
-                tracing::warn!(
-                    %provider,
-                    attempt = self.attempt,
-                    reason = reason.label(),
-                    "retry budget exhausted: the failure goes back without a retry"
-                );
+                if !others_running {
+                    self.metrics.retry(RetryOutcome::BudgetExhausted, reason);
+                    tracing::warn!(
+                        %provider,
+                        attempt = self.attempt,
+                        reason = reason.label(),
+                        "retry budget exhausted: the failure goes back without a retry"
+                    );
+                }
                 StopReason::BudgetExhausted
             }
             Some(reason) => {
@@ -328,7 +330,17 @@ where
         attempts: u32,
     ) -> Output<B> {
         let (kind, source) = match failure {
-            Failure::Status(held, _) | Failure::InBand(held) => {
+            Failure::Status(mut held, _) => {
+                held.head
+                    .extensions
+                    .insert(GaveUp::new(stop, attempts, false));
+                let call = CallGuard::new(self.metrics.clone());
+                return Ok(held.into_response(self.guard(call)));
+            }
+            Failure::InBand(mut held) => {
+                held.head
+                    .extensions
+                    .insert(GaveUp::new(stop, attempts, true));
                 let call = CallGuard::new(self.metrics.clone());
                 return Ok(held.into_response(self.guard(call)));
             }

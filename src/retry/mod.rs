@@ -51,6 +51,9 @@
 //! as it is, and other failures as a [`FirstChunkError`] saying what happened and after
 //! how many attempts.
 //!
+//! A response that is the last failure (a retryable status, a transient in-band error)
+//! carries the extension [`GaveUp`], for a layer above that decides on responses.
+//!
 //! A response is never retried once it has been handed to the caller: from then on
 //! this layer only counts.
 //!
@@ -149,8 +152,8 @@
 //! With `max_attempts(1)` (retry disabled) nothing is counted.
 //!
 //! With hedging, `stream_hedges_total{outcome}` counts each hedge once: `won` (it
-//! delivered the first chunk), `lost` (another attempt did, or none did, or the
-//! caller gave up), or `budget_exhausted` (the budget refused it, and it never
+//! delivered the call's answer: its first chunk, or a response that is not retried),
+//! `lost` (another attempt did, or none did, or the caller gave up), or `budget_exhausted` (the budget refused it, and it never
 //! started). `stream_first_chunk_latency_seconds` is per call, from its start, and
 //! so is what [`Hedge::percentile`] measures.
 
@@ -173,7 +176,7 @@ mod timer;
 pub use self::attempt::RetryAttempt;
 pub use self::body::ResponseBody;
 pub use self::classify::{is_transient, is_unprocessed};
-pub use self::error::{FirstChunkError, FirstChunkErrorKind, StopReason};
+pub use self::error::{FirstChunkError, FirstChunkErrorKind, GaveUp, StopReason};
 pub use self::future::ResponseFuture;
 pub use self::hedge::Hedge;
 pub use self::in_band::{InBand, InBandErrors};

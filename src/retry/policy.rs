@@ -449,13 +449,17 @@ impl RetryPolicy {
     /// its first chunk wins. The others are dropped at once (their HTTP/2 stream reset,
     /// or their HTTP/1.1 connection closed), so that the upstream stops generating.
     ///
-    /// A hedge is an attempt like a retry: it counts against `max_attempts`, carries
+    /// A hedge is an attempt like a retry: it counts against `max_attempts` (so at most
+    /// `max_attempts - 1` hedges start, whatever [`Hedge::max_extra`] says), carries
     /// [`RetryAttempt`](super::RetryAttempt), and withdraws a unit from the retry budget;
     /// a budget that refuses stops hedging the call, so an overloaded upstream is not
     /// sent more work. An attempt that fails while another runs does not end the call:
     /// the next starts after the backoff or the server's hint, as a retry would. Each
     /// attempt counts in `provider_calls_in_flight`; a concurrency slot above stays one
-    /// per call, so a hedge briefly holds a second upstream stream on it.
+    /// per call, so a hedge briefly holds a second upstream stream on it. A hedge sends
+    /// the request while the first attempt may be processing it: it cannot go with
+    /// [`retry_maybe_processed(false)`](Self::retry_maybe_processed), and
+    /// [`validate`](Self::validate) says so.
     ///
     /// ```
     /// use std::sync::atomic::{AtomicUsize, Ordering};
@@ -571,6 +575,13 @@ impl RetryPolicy {
         }
         if let Some(hedge) = &self.hedge {
             hedge.validate()?;
+            if !self.retry_maybe_processed {
+                return Err(ConfigError::new(
+                    "hedge",
+                    "cannot go with retry_maybe_processed(false): a hedge sends the \
+                     request again while the upstream may be processing it",
+                ));
+            }
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
-use tower::{BoxError, Layer, Service, ServiceExt};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 
 use super::{FirstChunkError, FirstChunkErrorKind, FirstChunkRetryLayer, RetryPolicy, StopReason};
 use crate::RetryBudget;
@@ -849,4 +849,37 @@ async fn max_extra_bounds_the_hedges_in_flight_and_each_carries_the_retry_mark()
             assert_eq!(marks, [false, true, true]);
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_takes_its_attempt_and_budget_only_once_the_service_is_ready_for_it() {
+    use super::Hedge;
+    // One request at a time below: the hedge waits for the stalled first attempt's
+    // permit, which its first-chunk timeout frees; the failure's retry goes instead.
+    let seen = Arc::default();
+    let upstream = tower::limit::ConcurrencyLimit::new(stalling_until(1, &seen), 1);
+    let budget = RetryBudget::new(Duration::from_secs(60), 0, 1.0);
+    budget.deposit();
+    let policy = policy()
+        .max_attempts(2)
+        .first_chunk_timeout(Duration::from_secs(5))
+        .hedge(Hedge::after(Duration::from_secs(1)));
+    let service = ServiceBuilder::new()
+        .layer(crate::RetryBudgetLayer::new(budget.clone()))
+        .layer(FirstChunkRetryLayer::new(policy))
+        .service(upstream);
+    let response = service
+        .oneshot(request())
+        .await
+        .expect("the retry answered");
+    assert_eq!(response.status(), 200);
+    let seen = seen.lock().unwrap();
+    let marks: Vec<_> = seen.iter().map(|(_, retry)| *retry).collect();
+    assert_eq!(
+        marks,
+        [false, true],
+        "the first attempt, then its retry, marked"
+    );
+    // Two deposits (the primed one and the call's), one withdrawal: the retry's.
+    assert_eq!(budget.available(), 1);
 }
