@@ -25,7 +25,9 @@
 //!   to the next upstream, each with a stack of its own, when the one before is down,
 //!   refuses the call (a 408, 429 or 5xx after its own retries) or is full (no slot
 //!   within `--max-wait`), and never once the first event went to the client. An
-//!   upstream that failed 3 calls in a row is skipped for 30 s.
+//!   upstream that failed 3 calls in a row is skipped for 30 s. The client's headers,
+//!   its `Authorization` or `x-api-key` among them, go to whichever upstream serves the
+//!   call: give as fallbacks only upstreams that the same key is meant for.
 //!
 //! The errors the proxy answers itself are in the route's own shape, which its SDK
 //! parses: OpenAI's `{"error": {"message", "type", "param", "code"}}` (any path but
@@ -101,7 +103,8 @@ Flags (default in brackets):
                                 [--upstream]
   --fallback URL                a base URL to answer from when the upstream before it
                                 is down, refuses the call or is full; repeatable,
-                                tried in order, for both routes [none]
+                                tried in order, for both routes; it gets the client's
+                                credentials, as the upstream does [none]
   --anthropic-fallback URL      the fallbacks of /v1/messages, instead; repeatable
                                 [--fallback]
   --roots webpki|platform       the CAs that https:// upstreams may chain to: Mozilla's,
@@ -165,7 +168,7 @@ fn parse_args() -> Result<Option<(SocketAddr, Option<String>, Settings)>, String
 }
 
 /// `", then A, B"` for fallbacks A and B, nothing for none.
-fn then(fallbacks: &[String]) -> String {
+fn then_fallbacks(fallbacks: &[String]) -> String {
     match fallbacks {
         [] => String::new(),
         _ => format!(", then {}", fallbacks.join(", ")),
@@ -215,8 +218,8 @@ async fn main() {
         "forwarding /v1/chat/completions to {}{}, /v1/messages to {anthropic}{} (limit {}, \
          max wait {:?}); metrics on http://{addr}/metrics",
         settings.upstream,
-        then(&settings.fallbacks),
-        then(anthropic_fallbacks.unwrap_or(&settings.fallbacks)),
+        then_fallbacks(&settings.fallbacks),
+        then_fallbacks(anthropic_fallbacks.unwrap_or(&settings.fallbacks)),
         settings.limit,
         settings.max_wait,
     );

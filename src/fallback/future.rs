@@ -197,9 +197,8 @@ where
         let mut this = self.project();
         loop {
             let failure = match this.state.as_mut().project() {
-                StateProj::Readying { call } => match ready!(call.poll_ready(cx)) {
-                    Ok(()) => {
-                        let future = call.call();
+                StateProj::Readying { call } => match ready!(call.poll_call(cx)) {
+                    Ok(future) => {
                         this.state.set(State::Calling { future });
                         continue;
                     }
