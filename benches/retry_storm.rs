@@ -200,13 +200,11 @@ impl Args {
                 "--outage-start" => args.outage_start = value(p, &flag, 0, 3600)?,
                 "--outage-end" => args.outage_end = value(p, &flag, 0, 3600)?,
                 "--capacity" => args.capacity = value(p, &flag, 0, 1_000_000)?,
-                "--out-dir" => {
-                    args.out_dir = p.value().map_err(|e| e.to_string())?.into();
+                _ => {
+                    if !flags::bench_flag(p, &flag, &mut args.out_dir)? {
+                        return Ok(None);
+                    }
                 }
-                "--help" => return Ok(None),
-                // What `cargo bench` passes to every benchmark.
-                "--bench" => {}
-                _ => return Err(format!("invalid option '{flag}'")),
             }
         }
         if args.outage_start >= args.outage_end {
@@ -683,14 +681,8 @@ fn svg(args: &Args, runs: &[Run]) -> String {
     }
 
     // The legend, in a row under the title.
-    let entries: Vec<(&str, &str, &str)> = runs
-        .iter()
-        .map(|run| {
-            let (colour, dash) = run.contender.stroke();
-            (run.contender.label(), colour, dash)
-        })
-        .collect();
-    FRAME.legend(&mut s, &entries);
+    let legend = runs.iter().map(|run| run.contender);
+    FRAME.legend(&mut s, legend.map(|c| (c.label(), c.stroke())));
     FRAME.close(&mut s);
     s
 }
@@ -699,18 +691,13 @@ fn svg(args: &Args, runs: &[Run]) -> String {
 async fn main() {
     let args = flags::parse_or_exit("retry_storm", HELP, Args::parse);
     let wall = std::time::Instant::now();
-    let mut runs = Vec::new();
-    for contender in Contender::ALL {
-        eprint!("{:<6} ", contender.name());
-        let run = run(contender, &args).await;
-        eprintln!(
-            "{} calls, {} upstream attempts, {:.2} s",
-            run.calls.sum(0..run.seconds()),
-            run.hits,
-            run.wall.as_secs_f64()
-        );
-        runs.push(run);
-    }
+    let runs = sim::run_each(
+        Contender::ALL,
+        |contender| format!("{:<6}", contender.name()),
+        |contender| run(contender, &args),
+        |run| (run.calls.sum(0..run.seconds()), run.hits, run.wall),
+    )
+    .await;
     print_summary(&args, &runs);
 
     sim::write_files(

@@ -36,6 +36,31 @@ where
     calls
 }
 
+/// Runs each of `contenders` in turn, and says on stderr how each went: its `name`,
+/// then the calls, upstream attempts and wall time `tally` reads from its run.
+pub async fn run_each<C, R, Fut>(
+    contenders: impl IntoIterator<Item = C>,
+    name: impl Fn(&C) -> String,
+    mut run: impl FnMut(C) -> Fut,
+    tally: impl Fn(&R) -> (u64, u64, Duration),
+) -> Vec<R>
+where
+    Fut: Future<Output = R>,
+{
+    let mut runs = Vec::new();
+    for contender in contenders {
+        eprint!("{} ", name(&contender));
+        let done = run(contender).await;
+        let (calls, attempts, wall) = tally(&done);
+        eprintln!(
+            "{calls} calls, {attempts} upstream attempts, {:.2} s",
+            wall.as_secs_f64()
+        );
+        runs.push(done);
+    }
+    runs
+}
+
 /// Writes each `(name, text)` of `files` into `dir` (created if need be) and says so on
 /// stdout; on an error, says which file on stderr, prefixed with `program`, and ends the
 /// process with status 1.
@@ -182,18 +207,24 @@ impl Frame {
         );
     }
 
-    /// The legend, one `(label, colour, dash)` entry after another in a row centred
+    /// The legend, one `(label, (colour, dash))` entry after another in a row centred
     /// over the plotting area, 22 px above it.
-    pub fn legend(&self, s: &mut String, entries: &[(&str, &str, &str)]) {
+    pub fn legend<'a, L: AsRef<str>>(
+        &self,
+        s: &mut String,
+        entries: impl IntoIterator<Item = (L, (&'a str, &'a str))>,
+    ) {
+        let entries: Vec<(L, (&str, &str))> = entries.into_iter().collect();
         // Text widths estimated at 7 px a character.
         let width_of = |label: &str| 34.0 + 7.0 * label.chars().count() as f64;
         let total: f64 = entries
             .iter()
-            .map(|(label, _, _)| width_of(label))
+            .map(|(label, _)| width_of(label.as_ref()))
             .sum::<f64>()
             + 24.0 * (entries.len().max(1) - 1) as f64;
         let mut lx = self.left + (self.plot_w() - total) / 2.0;
-        for (label, colour, dash) in entries {
+        for (label, (colour, dash)) in &entries {
+            let label = label.as_ref();
             let row = self.top - 22.0;
             let _ = writeln!(
                 s,
