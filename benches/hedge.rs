@@ -84,8 +84,11 @@
 //! start or first chunk at least a window after its own start): the calls it recorded
 //! (those whose first chunk came in it), how many of them at the fast latency, their
 //! quantile (the delay the layer takes for the next window, rounded up by its histogram
-//! by at most 3 %), and the hedge delay the upstream saw for the calls started in the
-//! window: the arrival of a call's second attempt minus the call's start.
+//! by at most 3 %), the hedge delay the upstream saw for the calls started in the
+//! window (the arrival of a call's second attempt minus the call's start), and whether
+//! that is the delay the window before called for (`expected`: within that quantile
+//! rounded up by 1/32 and to the timer's millisecond, or no hedge when it is no sooner
+//! than the slow attempts; a warning counts the windows where it is not).
 //!
 //! # Output
 //!
