@@ -121,6 +121,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tower_stream_backpressure_testkit::flags::{self, next_flag, value};
+use tower_stream_backpressure_testkit::sim::{self, Frame};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -199,13 +200,11 @@ impl Args {
                 "--outage-start" => args.outage_start = value(p, &flag, 0, 3600)?,
                 "--outage-end" => args.outage_end = value(p, &flag, 0, 3600)?,
                 "--capacity" => args.capacity = value(p, &flag, 0, 1_000_000)?,
-                "--out-dir" => {
-                    args.out_dir = p.value().map_err(|e| e.to_string())?.into();
+                _ => {
+                    if !flags::bench_flag(p, &flag, &mut args.out_dir)? {
+                        return Ok(None);
+                    }
                 }
-                "--help" => return Ok(None),
-                // What `cargo bench` passes to every benchmark.
-                "--bench" => {}
-                _ => return Err(format!("invalid option '{flag}'")),
             }
         }
         if args.outage_start >= args.outage_end {
@@ -422,13 +421,11 @@ where
     B: Body<Data = Bytes> + Send + 'static,
 {
     let total = args.rate * args.duration;
-    let mut calls = Vec::with_capacity(total as usize);
-    for k in 0..total {
-        // Call `k` starts at exactly k / rate seconds: `rate` calls in every second.
-        tokio::time::sleep_until(start + Duration::from_nanos(k * 1_000_000_000 / args.rate)).await;
+    let calls = sim::spawn_steady(start, args.rate, total, |_| {
         let (service, url) = (service.clone(), url.to_owned());
-        calls.push(tokio::spawn(async move { call(service, &url).await }));
-    }
+        async move { call(service, &url).await }
+    })
+    .await;
     let mut started = PerSecond::default();
     let mut succeeded = PerSecond::default();
     let mut failed = PerSecond::default();
@@ -588,36 +585,19 @@ fn csv(runs: &[Run]) -> String {
     text
 }
 
-/// A "nice" tick step (1, 2 or 5 times a power of ten) giving at most `max_ticks`
-/// intervals up to `max`.
-fn tick_step(max: f64, max_ticks: f64) -> f64 {
-    let rough = (max / max_ticks).max(1e-9);
-    let power = 10f64.powf(rough.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * power)
-        .find(|&step| step >= rough)
-        .unwrap_or(10.0 * power)
-}
-
-/// A `stroke-dasharray` attribute, with its leading space; none for a solid line.
-fn dasharray(dash: &str) -> String {
-    if dash.is_empty() {
-        String::new()
-    } else {
-        format!(r#" stroke-dasharray="{dash}""#)
-    }
-}
-
 /// The plot: upstream attempts per second against time, one line per contender.
 fn svg(args: &Args, runs: &[Run]) -> String {
-    const WIDTH: f64 = 800.0;
-    const HEIGHT: f64 = 400.0;
-    const LEFT: f64 = 70.0;
-    const RIGHT: f64 = 20.0;
-    const TOP: f64 = 72.0;
-    const BOTTOM: f64 = 50.0;
-    let (plot_w, plot_h) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
+    const FRAME: Frame = Frame {
+        width: 800.0,
+        height: 400.0,
+        left: 70.0,
+        right: 20.0,
+        top: 72.0,
+        bottom: 50.0,
+    };
+    const LEFT: f64 = FRAME.left;
+    const TOP: f64 = FRAME.top;
+    let (plot_w, plot_h) = (FRAME.plot_w(), FRAME.plot_h());
 
     let seconds = runs.iter().map(Run::seconds).max().unwrap_or(1).max(1) as f64;
     let peak = runs
@@ -627,28 +607,19 @@ fn svg(args: &Args, runs: &[Run]) -> String {
         .copied()
         .unwrap_or(1)
         .max(1) as f64;
-    let y_step = tick_step(peak * 1.05, 6.0);
+    let y_step = sim::tick_step(peak * 1.05, 6.0);
     let y_max = (peak * 1.05 / y_step).ceil() * y_step;
-    let x_step = tick_step(seconds, 8.0).max(1.0);
+    let x_step = sim::tick_step(seconds, 8.0).max(1.0);
     let x = |t: f64| LEFT + t / seconds * plot_w;
     let y = |v: f64| TOP + plot_h - v / y_max * plot_h;
 
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="Helvetica, Arial, sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(
-        s,
-        r##"<rect width="{WIDTH}" height="{HEIGHT}" fill="#ffffff"/>"##
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="{}" y="26" text-anchor="middle" font-size="16" font-weight="bold" fill="#222">Retry storm: upstream attempts per second ({} calls/s, outage {}–{} s)</text>"##,
-        WIDTH / 2.0,
-        args.rate,
-        args.outage_start,
-        args.outage_end
+    FRAME.open(
+        &mut s,
+        &format!(
+            "Retry storm: upstream attempts per second ({} calls/s, outage {}–{} s)",
+            args.rate, args.outage_start, args.outage_end
+        ),
     );
 
     // The outage, shaded, under everything else.
@@ -668,54 +639,15 @@ fn svg(args: &Args, runs: &[Run]) -> String {
     // Grid lines and ticks.
     let mut v = 0.0;
     while v <= y_max + 1e-9 {
-        let py = y(v);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#e0e0e0" stroke-width="1"/>"##,
-            LEFT + plot_w
-        );
-        let _ = writeln!(
-            s,
-            r##"<text x="{:.1}" y="{:.1}" text-anchor="end" fill="#444">{v}</text>"##,
-            LEFT - 8.0,
-            py + 4.0
-        );
+        FRAME.grid_y(&mut s, y(v), v);
         v += y_step;
     }
     let mut t = 0.0;
     while t <= seconds + 1e-9 {
-        let px = x(t);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{px:.1}" y1="{:.1}" x2="{px:.1}" y2="{:.1}" stroke="#444" stroke-width="1"/>"##,
-            TOP + plot_h,
-            TOP + plot_h + 5.0
-        );
-        let _ = writeln!(
-            s,
-            r##"<text x="{px:.1}" y="{:.1}" text-anchor="middle" fill="#444">{t}</text>"##,
-            TOP + plot_h + 19.0
-        );
+        FRAME.tick_x(&mut s, x(t), t);
         t += x_step;
     }
-    // Axes.
-    let _ = writeln!(
-        s,
-        r##"<path d="M{LEFT},{TOP} V{:.1} H{:.1}" fill="none" stroke="#444" stroke-width="1"/>"##,
-        TOP + plot_h,
-        LEFT + plot_w
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13" fill="#222">time (s)</text>"##,
-        LEFT + plot_w / 2.0,
-        HEIGHT - 10.0
-    );
-    let _ = writeln!(
-        s,
-        r##"<text transform="translate(18 {:.1}) rotate(-90)" text-anchor="middle" font-size="13" fill="#222">upstream attempts per second</text>"##,
-        TOP + plot_h / 2.0
-    );
+    FRAME.axes(&mut s, "time (s)", "upstream attempts per second");
 
     // The original calls' rate, which every line would follow without retries. Labelled
     // under the lines: no second has fewer attempts than calls started.
@@ -745,47 +677,13 @@ fn svg(args: &Args, runs: &[Run]) -> String {
     };
     for run in runs {
         let (colour, dash) = run.contender.stroke();
-        let dash = dasharray(dash);
-        let _ = writeln!(
-            s,
-            r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2" stroke-linejoin="round"{dash}/>"#,
-            steps(&run.attempts).trim_end()
-        );
+        FRAME.polyline(&mut s, steps(&run.attempts).trim_end(), colour, dash);
     }
 
     // The legend, in a row under the title.
-    let entries: Vec<(&str, &str, &str)> = runs
-        .iter()
-        .map(|run| {
-            let (colour, dash) = run.contender.stroke();
-            (run.contender.label(), colour, dash)
-        })
-        .collect();
-    // Text widths estimated at 7 px a character.
-    let width_of = |label: &str| 34.0 + 7.0 * label.chars().count() as f64;
-    let total: f64 = entries
-        .iter()
-        .map(|(label, _, _)| width_of(label))
-        .sum::<f64>()
-        + 24.0 * (entries.len().max(1) - 1) as f64;
-    let mut lx = LEFT + (plot_w - total) / 2.0;
-    for (label, colour, dash) in entries {
-        let row = TOP - 22.0;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{lx:.1}" y1="{row:.1}" x2="{:.1}" y2="{row:.1}" stroke="{colour}" stroke-width="2.5"{}/>"#,
-            lx + 28.0,
-            dasharray(dash)
-        );
-        let _ = writeln!(
-            s,
-            r##"<text x="{:.1}" y="{:.1}" fill="#222">{label}</text>"##,
-            lx + 34.0,
-            row + 4.0
-        );
-        lx += width_of(label) + 24.0;
-    }
-    s.push_str("</svg>\n");
+    let legend = runs.iter().map(|run| run.contender);
+    FRAME.legend(&mut s, legend.map(|c| (c.label(), c.stroke())));
+    FRAME.close(&mut s);
     s
 }
 
@@ -793,36 +691,22 @@ fn svg(args: &Args, runs: &[Run]) -> String {
 async fn main() {
     let args = flags::parse_or_exit("retry_storm", HELP, Args::parse);
     let wall = std::time::Instant::now();
-    let mut runs = Vec::new();
-    for contender in Contender::ALL {
-        eprint!("{:<6} ", contender.name());
-        let run = run(contender, &args).await;
-        eprintln!(
-            "{} calls, {} upstream attempts, {:.2} s",
-            run.calls.sum(0..run.seconds()),
-            run.hits,
-            run.wall.as_secs_f64()
-        );
-        runs.push(run);
-    }
+    let runs = sim::run_each(
+        Contender::ALL,
+        |contender| format!("{:<6}", contender.name()),
+        |contender| run(contender, &args),
+        |run| (run.calls.sum(0..run.seconds()), run.hits, run.wall),
+    )
+    .await;
     print_summary(&args, &runs);
 
-    if let Err(error) = std::fs::create_dir_all(&args.out_dir) {
-        eprintln!("retry_storm: {}: {error}", args.out_dir.display());
-        std::process::exit(1);
-    }
-    for (name, text) in [
-        ("retry_storm.csv", csv(&runs)),
-        ("retry_storm.svg", svg(&args, &runs)),
-    ] {
-        let path = args.out_dir.join(name);
-        match std::fs::write(&path, text) {
-            Ok(()) => println!("wrote {}", path.display()),
-            Err(error) => {
-                eprintln!("retry_storm: {}: {error}", path.display());
-                std::process::exit(1);
-            }
-        }
-    }
+    sim::write_files(
+        "retry_storm",
+        &args.out_dir,
+        &[
+            ("retry_storm.csv", csv(&runs)),
+            ("retry_storm.svg", svg(&args, &runs)),
+        ],
+    );
     println!("wall time {:.2} s", wall.elapsed().as_secs_f64());
 }

@@ -1,6 +1,7 @@
 //! Command-line values for the examples, checked to be in range.
 
 use std::fmt::Display;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 /// The value of `flag`, parsed and checked to be within `min..=max`; errors name the
@@ -31,6 +32,24 @@ pub fn next_flag(parser: &mut lexopt::Parser) -> Result<Option<String>, String> 
         Short('h') => Ok(Some("--help".to_owned())),
         _ => Err(arg.unexpected().to_string()),
     }
+}
+
+/// The flags every simulation benchmark takes beside its own, for a `flag` that is none
+/// of its own: `--out-dir DIR` (into `out_dir`), `--help`, and `--bench` (which `cargo
+/// bench` passes to every benchmark, ignored). `Ok(false)` for `--help`, `Ok(true)` to
+/// go on, or an error for any other flag.
+pub fn bench_flag(
+    parser: &mut lexopt::Parser,
+    flag: &str,
+    out_dir: &mut PathBuf,
+) -> Result<bool, String> {
+    match flag {
+        "--out-dir" => *out_dir = parser.value().map_err(|e| e.to_string())?.into(),
+        "--help" => return Ok(false),
+        "--bench" => {}
+        _ => return Err(format!("invalid option '{flag}'")),
+    }
+    Ok(true)
 }
 
 /// The flags `parse` reads; or, after printing `help` for `--help` (exit status 0) or

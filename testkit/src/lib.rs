@@ -2,9 +2,10 @@
 //! which needs the crate itself: a fault-injecting mock LLM upstream ([`upstream`]), an
 //! HTTP/2 server on `h2` directly ([`raw_h2`]), a test certificate authority ([`tls`]),
 //! hyper-util clients for both protocols, request builders, metrics read back through
-//! the SDK and through Prometheus, the examples' flag parsing ([`flags`]), and the
+//! the SDK and through Prometheus, the examples' flag parsing ([`flags`]), the
 //! stacks from tower and tower-http the benchmarks measure ours against
-//! ([`contenders`]).
+//! ([`contenders`]), and what the paused-clock simulations share: steady arrivals, their
+//! output files and plots ([`sim`]).
 //!
 //! Dev-only: never published.
 
@@ -12,6 +13,7 @@ pub mod contenders;
 pub mod flags;
 pub mod process;
 pub mod raw_h2;
+pub mod sim;
 pub mod tls;
 pub mod upstream;
 

@@ -65,6 +65,8 @@ pub struct Stream {
     pub content_type: &'static str,
     /// `: keep-alive` comments sent before anything else.
     pub keepalives: usize,
+    /// Pause before the first event, after the headers and keep-alives.
+    pub first_delay: Duration,
     /// The body's pieces: for SSE, complete events (each ending in a blank line).
     pub events: Vec<Bytes>,
     /// Pause before each event.
@@ -99,6 +101,7 @@ impl Reply {
         Reply::Stream(Stream {
             content_type,
             keepalives: 0,
+            first_delay: Duration::ZERO,
             events: chunks,
             gap: Duration::ZERO,
             fault: Fault::None,
@@ -138,6 +141,15 @@ impl Reply {
     pub fn gap(mut self, gap: Duration) -> Self {
         if let Reply::Stream(stream) = &mut self {
             stream.gap = gap;
+        }
+        self
+    }
+
+    /// Sets the pause before the first event (of a `Stream` reply): the headers go out
+    /// at once, the first event after `delay`, and the others as `gap` says.
+    pub fn first_event_after(mut self, delay: Duration) -> Self {
+        if let Reply::Stream(stream) = &mut self {
+            stream.first_delay = delay;
         }
         self
     }
@@ -496,6 +508,9 @@ fn plan(stream: Stream) -> VecDeque<Step> {
     let mut steps = VecDeque::new();
     for _ in 0..stream.keepalives {
         steps.push_back(Step::Send(Bytes::from_static(b": keep-alive\n\n")));
+    }
+    if !stream.first_delay.is_zero() {
+        steps.push_back(Step::Pause(stream.first_delay));
     }
     let cut = match stream.fault {
         Fault::StallBeforeFirst | Fault::ResetBeforeFirst | Fault::KeepAlivesForever(_) => 0,
