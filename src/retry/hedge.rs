@@ -75,6 +75,13 @@ impl Hedge {
     /// in the last full [`window`](Self::window) had their first chunk. Until a window
     /// holds [`min_samples`](Self::min_samples) calls, no call is hedged.
     ///
+    /// Pick `p` below the share of calls that have their first chunk in the usual time:
+    /// a hedged call's time includes its delay, so a quantile that falls among the
+    /// hedged calls moves the next window's delay up by a usual call's time. With 5 % of
+    /// attempts slow, `percentile(0.9)` keeps the delay just above the fast attempts'
+    /// time, and `percentile(0.95)` flips between that and more (the README's hedging
+    /// simulation shows both).
+    ///
     /// ```
     /// use tower_stream_backpressure::retry::Hedge;
     ///
