@@ -16,6 +16,7 @@
 //! | `stream_retries_total{outcome,reason}` | counter | see [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer); nothing when retry is disabled |
 //! | `stream_hedges_total{outcome}` | counter | hedged attempts ([`RetryPolicy::hedge`](crate::RetryPolicy::hedge)): `won` (it delivered the first chunk), `lost` (it did not), `budget_exhausted` (the budget refused it) |
 //! | `stream_retry_budget_available` | gauge | the budget's [`available()`](crate::RetryBudget::available), read at collection: one series per budget and meter (the first layer's `provider`), none once the budget is dropped |
+//! | `stream_concurrency_limit` | gauge | the limit in force: fixed, or where [`StreamConcurrencyLayer::adaptive`](crate::StreamConcurrencyLayer::adaptive) moved it |
 //! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded`, `queue_full` or `context_canceled` |
 //! | `stream_concurrency_wait_seconds` | histogram | time waited for a slot, granted or not (0 when granted at once) |
 //! | `http_client_open_connections` | gauge | +1 when a connector wrapped by `ConnectionGaugeLayer` (feature `connection-gauge`) connects, -1 when that connection's IO is dropped |
@@ -149,6 +150,15 @@ pub const STREAM_HEDGES: &str = "stream_hedges";
 /// assert_eq!(STREAM_RETRY_BUDGET_AVAILABLE, "stream_retry_budget_available");
 /// ```
 pub const STREAM_RETRY_BUDGET_AVAILABLE: &str = "stream_retry_budget_available";
+/// Observable gauge of a concurrency layer's limit in force: the fixed one, or where an
+/// adaptive one has moved.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::STREAM_CONCURRENCY_LIMIT;
+///
+/// assert_eq!(STREAM_CONCURRENCY_LIMIT, "stream_concurrency_limit");
+/// ```
+pub const STREAM_CONCURRENCY_LIMIT: &str = "stream_concurrency_limit";
 /// Counter of calls that got no concurrency slot, attribute `reason`.
 ///
 /// ```
@@ -649,6 +659,26 @@ impl ConnectionMetrics {
 /// so the callback holds no budget, only a weak handle: once every handle on the budget
 /// is gone (a configuration reload dropped the old stack), its counts are freed and it
 /// reports no series.
+/// The gauge of a concurrency layer's limit in force, read at collection, for as long
+/// as the layer lives.
+pub(crate) fn observe_limit(
+    meter: &Meter,
+    provider: KeyValue,
+    shared: std::sync::Weak<crate::concurrency::Shared>,
+) {
+    let provider = [provider];
+    meter
+        .i64_observable_gauge(STREAM_CONCURRENCY_LIMIT)
+        .with_description("The concurrency limit in force: fixed, or where an adaptive one moved")
+        .with_callback(move |observer| {
+            if let Some(shared) = shared.upgrade() {
+                let limit = i64::try_from(shared.current_limit()).unwrap_or(i64::MAX);
+                observer.observe(limit, &provider);
+            }
+        })
+        .build();
+}
+
 pub(crate) fn observe_budget(meter: &Meter, provider: KeyValue, budget: &crate::RetryBudget) {
     if !budget.first_gauge_on(meter) {
         return;

@@ -32,8 +32,8 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 use tower_stream_backpressure::metrics::{
     CONCURRENCY_WAIT_BUCKETS, FIRST_CHUNK_LATENCY_BUCKETS, PROVIDER_CALLS_IN_FLIGHT,
-    STREAM_CONCURRENCY_REJECTIONS, STREAM_CONCURRENCY_WAIT, STREAM_FIRST_CHUNK_LATENCY,
-    STREAM_RETRIES, STREAM_RETRY_BUDGET_AVAILABLE, STREAMS_IN_FLIGHT,
+    STREAM_CONCURRENCY_LIMIT, STREAM_CONCURRENCY_REJECTIONS, STREAM_CONCURRENCY_WAIT,
+    STREAM_FIRST_CHUNK_LATENCY, STREAM_RETRIES, STREAM_RETRY_BUDGET_AVAILABLE, STREAMS_IN_FLIGHT,
 };
 use tower_stream_backpressure::{Rejected, RetryBudget, RetryPolicy, StreamConcurrencyLayer};
 
@@ -371,6 +371,11 @@ async fn every_metric_arrives_over_otlp_http() {
     );
     assert_eq!(budget.available(), 1);
     assert_eq!(gauge(&export, STREAM_RETRY_BUDGET_AVAILABLE), 1.0);
+    assert_eq!(
+        gauge(&export, STREAM_CONCURRENCY_LIMIT),
+        1.0,
+        "the fixed limit"
+    );
     let latency = histogram(
         &export,
         STREAM_FIRST_CHUNK_LATENCY,
@@ -384,7 +389,7 @@ async fn every_metric_arrives_over_otlp_http() {
     assert_eq!(wait.count, 3, "every call, granted or not");
     assert_eq!(wait.sum, Some(0.0), "no call waited");
 
-    // Exactly the seven instruments, all in the one scope of the meter.
+    // Exactly the eight instruments, all in the one scope of the meter.
     let mut names: Vec<&str> = export
         .resource_metrics
         .iter()
@@ -397,6 +402,7 @@ async fn every_metric_arrives_over_otlp_http() {
         names,
         [
             PROVIDER_CALLS_IN_FLIGHT,
+            STREAM_CONCURRENCY_LIMIT,
             STREAM_CONCURRENCY_REJECTIONS,
             STREAM_CONCURRENCY_WAIT,
             STREAM_FIRST_CHUNK_LATENCY,

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tower::BoxError;
 use tower_service::Service;
 
+use super::adaptive::Limiter;
 use super::idle::Sweep;
 use super::service::Shared;
 use super::{Rejected, ResponseBody};
@@ -37,6 +38,8 @@ pub(crate) struct Slot {
 pub(crate) struct Slots {
     pub(crate) semaphore: Arc<Semaphore>,
     pub(crate) metrics: Arc<ConcurrencyMetrics>,
+    /// The moving limit, when the layer is adaptive.
+    pub(crate) limiter: Option<Arc<Limiter>>,
 }
 
 impl Slot {
@@ -45,12 +48,48 @@ impl Slot {
         slots.metrics.slot_taken(waited);
         Self { slots }
     }
+
+    /// An attempt of the call holding this slot met an overload signal: an adaptive
+    /// limit decreases.
+    pub(crate) fn overloaded(&self) {
+        if let Some(limiter) = &self.slots.limiter {
+            limiter.overloaded(Instant::now());
+        }
+    }
+
+    /// An attempt of the call holding this slot produced its first chunk `latency`
+    /// after it started: an adaptive limit learns from it.
+    pub(crate) fn answered(&self, latency: Duration) {
+        if let Some(limiter) = &self.slots.limiter {
+            limiter.answered(Instant::now(), Some(latency));
+        }
+    }
+
+    /// The call holding this slot, with no retry layer below to say more, got this
+    /// response head or error: an overload status (`429`, `503`, `529`) or HTTP/2
+    /// refusal, or an answer whose time says nothing of its first chunk.
+    fn judge<B>(&self, result: &Result<Response<B>, BoxError>) {
+        let Some(limiter) = &self.slots.limiter else {
+            return;
+        };
+        let overload = match result {
+            Ok(response) => matches!(response.status().as_u16(), 429 | 503 | 529),
+            Err(error) => crate::retry::is_overload(&**error),
+        };
+        match overload {
+            true => limiter.overloaded(Instant::now()),
+            false => limiter.answered(Instant::now(), None),
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.slots.metrics.slot_released();
-        self.slots.semaphore.add_permits(1);
+        match &self.slots.limiter {
+            Some(limiter) => limiter.release(),
+            None => self.slots.semaphore.add_permits(1),
+        }
     }
 }
 
@@ -332,13 +371,15 @@ where
                     let result = ready!(future.poll(cx));
                     let slot = slot.take();
                     this.state.set(State::Done);
-                    return Poll::Ready(match result {
-                        Ok(response) => {
-                            Ok(response
-                                .map(|body| ResponseBody::new(body, slot, this.sweep.as_ref())))
-                        }
-                        Err(error) => Err(error.into()),
-                    });
+                    let result = result.map_err(Into::into);
+                    // Still holding the slot: no retry layer below carries it, and
+                    // the response head is all this layer sees of the call.
+                    if let Some(slot) = &slot {
+                        slot.judge(&result);
+                    }
+                    return Poll::Ready(result.map(|response| {
+                        response.map(|body| ResponseBody::new(body, slot, this.sweep.as_ref()))
+                    }));
                 }
                 StateProj::Rejected { error } => {
                     let Some(error) = error.take() else {

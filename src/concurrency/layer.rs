@@ -7,10 +7,11 @@ use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
 use super::StreamConcurrency;
+use super::adaptive::Limiter;
 use super::idle::Sweep;
 use super::service::Shared;
 use crate::ConfigError;
-use crate::metrics::{ConcurrencyMetrics, Telemetry};
+use crate::metrics::{ConcurrencyMetrics, Telemetry, observe_limit};
 
 /// Applies [`StreamConcurrency`] to a service: at most `limit` streams open at once,
 /// each holding its slot until its response body ends.
@@ -96,9 +97,67 @@ impl StreamConcurrencyLayer {
                 max_wait: None,
                 max_queued: None,
                 sweep: None,
+                limiter: None,
             }),
             telemetry: Telemetry::default(),
         })
+    }
+
+    /// A limit that moves with what the upstream says: down on overload signals (`429`,
+    /// `503`, `529`, in-band overload errors, first-chunk timeouts, HTTP/2
+    /// `REFUSED_STREAM` and `ENHANCE_YOUR_CALM`), up while calls reach it and answer
+    /// fast. See [`Adaptive`](super::Adaptive) and its module docs for the algorithms.
+    ///
+    /// Everything the fixed limit does holds: FIFO, `max_wait`, `max_queued`, the
+    /// rejection reasons, a slot held to the end of its stream. A smaller limit never
+    /// revokes a slot: streams drain, new calls wait. The signals come from each
+    /// attempt, through the slot that a [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer)
+    /// below carries (so attempts it retried count too); without one, from each
+    /// response's status and its headers' time.
+    ///
+    /// # Panics
+    ///
+    /// When a setting of `adaptive` is out of range (see
+    /// [`Adaptive::validate`](super::Adaptive::validate)); use
+    /// [`try_adaptive`](Self::try_adaptive) for settings read from configuration.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::concurrency::Adaptive;
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let layer = StreamConcurrencyLayer::adaptive(Adaptive::default().max(100));
+    /// assert_eq!(layer.current_limit(), 20, "the initial limit");
+    /// ```
+    pub fn adaptive(adaptive: super::Adaptive) -> Self {
+        Self::try_adaptive(adaptive)
+            .unwrap_or_else(|error| panic!("StreamConcurrencyLayer: {error}"))
+    }
+
+    /// [`adaptive`](Self::adaptive), with settings out of range as an error.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::concurrency::Adaptive;
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let error = StreamConcurrencyLayer::try_adaptive(Adaptive::default().min(0)).unwrap_err();
+    /// assert_eq!(error.setting(), "adaptive.min");
+    /// ```
+    pub fn try_adaptive(adaptive: super::Adaptive) -> Result<Self, ConfigError> {
+        adaptive.validate()?;
+        let layer = Self::try_new(adaptive.get_initial())?;
+        let limiter = Limiter::new(adaptive, layer.shared.semaphore.clone());
+        Ok(layer.with(|shared| shared.limiter = Some(Arc::new(limiter))))
+    }
+
+    /// The limit in force now: the fixed one, or where an adaptive one has moved.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// assert_eq!(StreamConcurrencyLayer::new(8).current_limit(), 8);
+    /// ```
+    pub fn current_limit(&self) -> usize {
+        self.shared.current_limit()
     }
 
     /// How long a call may wait for a slot before it fails with
@@ -261,6 +320,7 @@ impl StreamConcurrencyLayer {
             max_wait: self.shared.max_wait,
             max_queued: self.shared.max_queued,
             sweep: self.shared.sweep.clone(),
+            limiter: self.shared.limiter.clone(),
         };
         change(&mut shared);
         Self {
@@ -385,7 +445,11 @@ impl<S> Layer<S> for StreamConcurrencyLayer {
     type Service = StreamConcurrency<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let metrics = self.telemetry.instruments(ConcurrencyMetrics::new);
+        let shared = Arc::downgrade(&self.shared);
+        let metrics = self.telemetry.instruments(|meter, provider| {
+            observe_limit(meter, provider.clone(), shared);
+            ConcurrencyMetrics::new(meter, provider)
+        });
         StreamConcurrency::new(inner, self.shared.clone(), metrics)
     }
 }

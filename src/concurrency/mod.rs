@@ -43,6 +43,52 @@
 //! pattern). A call that finds a slot free at once uses the service it was called on,
 //! made ready by [`StreamConcurrency`]'s own `poll_ready`.
 //!
+//! # Adaptive limit
+//!
+//! An LLM upstream's capacity is not a number a caller can know: it changes with the
+//! provider's load, the model, the deployment and the account's rate limits. Adaptive
+//! limits elsewhere (Netflix's concurrency-limits, Vector's adaptive request
+//! concurrency, Envoy's adaptive concurrency filter) measure a call at its response
+//! headers or at the end of its body. For a stream neither is the load signal: the
+//! headers come at once whatever the load, and a stream's length is the number of
+//! tokens asked for. The time to the first chunk is the signal, and the overload
+//! answers (`429`, `503`, `529`, an in-band overload error, a stall before the first
+//! chunk, an HTTP/2 `REFUSED_STREAM` or `ENHANCE_YOUR_CALM`).
+//!
+//! [`StreamConcurrencyLayer::adaptive`] moves the limit in one of two ways, both with
+//! the same overload rule ([`Adaptive`] for the settings):
+//!
+//! - **AIMD** ([`Adaptive::default`]): the limit is multiplied by 0.9 on an overload
+//!   signal, and grows by 1 at the end of each window in which it was reached without
+//!   one (TCP's congestion avoidance; Netflix's `AIMDLimit` backs off by the same
+//!   0.9). A window is the recent time to first chunk, so the limit grows by about one
+//!   per round trip of a stream's start.
+//! - **Gradient** ([`Adaptive::gradient`]): after each first chunk, the limit follows
+//!   the ratio of the long-term time to first chunk (an average over 600 samples) to
+//!   the latest one: `gradient = clamp(1.5 * long / latest, 0.5, 1.0)`, `new = limit *
+//!   gradient + 4`, smoothed as `limit = 0.8 * limit + 0.2 * new` (Netflix's
+//!   `Gradient2Limit`: its tolerance 1.5, queue size 4 and smoothing 0.2). While fewer
+//!   than half the slots are in use, it does not move: the calls say nothing of the
+//!   capacity. When the long-term average is more than twice the latest, it decays
+//!   toward it (by 5 % a sample), so that it recovers after a slow spell.
+//!
+//! **One decrease per window.** A burst of overload signals within one window is one
+//! congestion event (TCP's rule: one per round trip), so thirty streams timing out
+//! together shrink the limit once, not thirty times.
+//!
+//! **Shrinking never revokes a slot.** A smaller limit takes free slots away at once,
+//! and the slots still held are not given back when they are released, until the
+//! count is down to the new limit: the streams drain, new calls wait.
+//!
+//! **Where the signals come from.** Each attempt's outcome reaches the limiter: a
+//! [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer) below carries the call's slot
+//! (see "One body wrapper"), and tells it of every attempt it makes, the ones it
+//! retries included, with the attempt's own time to first chunk. Without a retry layer
+//! below, this layer sees the response head only: an overload status, or an answer
+//! whose time says nothing of its first chunk (AIMD then still grows on it, the
+//! gradient does not move). The gauge `stream_concurrency_limit` shows the limit in
+//! force, fixed or adaptive, and [`StreamConcurrencyLayer::current_limit`] reads it.
+//!
 //! # Stalled readers
 //!
 //! The slot is released when the stream ends, so a body that its consumer neither
@@ -117,6 +163,7 @@
 //!
 //! [`ConcurrencyLimit`]: https://docs.rs/tower/0.5/tower/limit/struct.ConcurrencyLimit.html
 
+mod adaptive;
 mod body;
 mod error;
 mod future;
@@ -126,6 +173,7 @@ mod service;
 
 use std::time::Duration;
 
+pub use self::adaptive::Adaptive;
 pub use self::body::ResponseBody;
 pub use self::error::{IdleTimeout, RejectReason, Rejected};
 pub use self::future::ResponseFuture;
@@ -133,6 +181,7 @@ pub use self::layer::StreamConcurrencyLayer;
 pub use self::service::StreamConcurrency;
 
 pub(crate) use self::future::Slot;
+pub(crate) use self::service::Shared;
 
 /// A request extension that overrides the layer's
 /// [`max_wait`](StreamConcurrencyLayer::max_wait) for one call.

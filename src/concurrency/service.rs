@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 use tower::BoxError;
 use tower_service::Service;
 
+use super::adaptive::Limiter;
 use super::future::{Slots, Wait, reject, reject_queue_full};
 use super::idle::Sweep;
 use super::{MaxWait, ResponseBody, ResponseFuture, Slot};
@@ -59,6 +60,17 @@ pub(crate) struct Shared {
     pub(crate) queued: Arc<AtomicUsize>,
     /// The idle sweep, with `idle_timeout`.
     pub(crate) sweep: Option<Arc<Sweep>>,
+    /// The moving limit of an adaptive layer.
+    pub(crate) limiter: Option<Arc<Limiter>>,
+}
+
+impl Shared {
+    /// The limit in force: the adaptive one's now, or the fixed one.
+    pub(crate) fn current_limit(&self) -> usize {
+        self.limiter
+            .as_ref()
+            .map_or(self.limit, |limiter| limiter.limit())
+    }
 }
 
 impl<S: Clone> Clone for StreamConcurrency<S> {
@@ -74,10 +86,15 @@ impl<S: Clone> Clone for StreamConcurrency<S> {
 impl<S> StreamConcurrency<S> {
     pub(crate) fn new(inner: S, shared: Arc<Shared>, metrics: Arc<ConcurrencyMetrics>) -> Self {
         let semaphore = shared.semaphore.clone();
+        let limiter = shared.limiter.clone();
         Self {
             inner,
             shared,
-            slots: Arc::new(Slots { semaphore, metrics }),
+            slots: Arc::new(Slots {
+                semaphore,
+                metrics,
+                limiter,
+            }),
         }
     }
 
@@ -104,6 +121,28 @@ impl<S> StreamConcurrency<S> {
     /// ```
     pub fn available_slots(&self) -> usize {
         self.shared.semaphore.available_permits()
+    }
+
+    /// The limit in force now, shared with every service of the same layer: the fixed
+    /// one, or where an [adaptive](super::StreamConcurrencyLayer::adaptive) one has
+    /// moved.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer};
+    /// use tower_stream_backpressure::concurrency::Adaptive;
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let inner = service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("data"))))
+    /// });
+    /// let layer = StreamConcurrencyLayer::adaptive(Adaptive::default().initial(8));
+    /// assert_eq!(layer.layer(inner).current_limit(), 8);
+    /// ```
+    pub fn current_limit(&self) -> usize {
+        self.shared.current_limit()
     }
 
     /// The inner service.

@@ -112,6 +112,12 @@ fn chain<'a>(error: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn 
     })
 }
 
+/// Whether `error` is the upstream saying it is overloaded: an HTTP/2 `REFUSED_STREAM`
+/// or `ENHANCE_YOUR_CALM` (its 429) anywhere in the chain. Read by an adaptive limit.
+pub(crate) fn is_overload(error: &(dyn Error + 'static)) -> bool {
+    chain(error).any(reasons::overload)
+}
+
 /// What hyper's, h2's and hyper-util's errors say (feature `hyper-errors`). Without the
 /// feature they say nothing, and only `io::Error` kinds are read.
 #[cfg(feature = "hyper-errors")]
@@ -138,6 +144,16 @@ mod reasons {
         // runtime, sent or not; a runtime that is going away retries nothing.
         let error = error.downcast_ref::<hyper::Error>()?;
         Some(error.is_canceled())
+    }
+
+    /// An h2 error by which the server refuses more work.
+    pub(super) fn overload(error: &(dyn Error + 'static)) -> bool {
+        error.downcast_ref::<h2::Error>().is_some_and(|error| {
+            matches!(
+                error.reason(),
+                Some(h2::Reason::REFUSED_STREAM | h2::Reason::ENHANCE_YOUR_CALM)
+            )
+        })
     }
 
     /// Whether an h2 or hyper error is transient; `None` for another error.
@@ -178,6 +194,10 @@ mod reasons {
 
     pub(super) fn transient(_: &(dyn Error + 'static)) -> Option<bool> {
         None
+    }
+
+    pub(super) fn overload(_: &(dyn Error + 'static)) -> bool {
+        false
     }
 }
 

@@ -128,8 +128,8 @@ pin_project! {
         // A 2xx response, read for its first chunk. Kept apart from the call, so that
         // moving on from one to the other moves a word, not the response.
         peek: Option<Peek<B, D>>,
-        // Its first-chunk deadline, from its start.
-        deadline: Instant,
+        // When it started: its first-chunk deadline is `first_chunk_timeout` on.
+        started: Instant,
         // Why it is a retry (`None` for the first attempt and for hedges).
         retried_for: Option<RetryReason>,
         hedge: HedgeTicket,
@@ -283,9 +283,8 @@ where
             at: Some(deadline::from(started, after)),
             retry: None,
         });
-        let deadline = deadline::from(started, shared.policy.get_first_chunk_timeout());
         Self {
-            lead: Attempt::new(future, call, deadline, None, HedgeTicket(None)),
+            lead: Attempt::new(future, call, started, None, HedgeTicket(None)),
             extra: Vec::new(),
             timer: Timer::new(),
             next,
@@ -433,8 +432,9 @@ where
     /// The earliest first-chunk deadline of an attempt in flight, or the time of the
     /// next start, if sooner.
     fn earliest(&self) -> Option<Instant> {
-        let lead = self.lead.is_running().then_some(self.lead.deadline);
-        let extra = self.extra.iter().map(|attempt| attempt.deadline);
+        let timeout = self.attempts.shared.policy.get_first_chunk_timeout();
+        let lead = self.lead.is_running().then(|| self.lead.deadline(timeout));
+        let extra = self.extra.iter().map(|attempt| attempt.deadline(timeout));
         let next = self.next.as_ref().and_then(|next| next.at);
         lead.into_iter().chain(extra).chain(next).min()
     }
@@ -442,7 +442,8 @@ where
     /// The timer went off at `now`: attempts past their deadline fail, and the next
     /// start comes due.
     fn elapsed(&mut self, now: Instant) -> Option<Output<ResBody>> {
-        if self.lead.is_running() && self.lead.deadline <= now {
+        let timeout = self.attempts.shared.policy.get_first_chunk_timeout();
+        if self.lead.is_running() && self.lead.deadline(timeout) <= now {
             let (retried_for, _) = self.lead.as_mut().stop();
             if let Some(output) = self.failed(Failure::Timeout, retried_for) {
                 return Some(output);
@@ -450,7 +451,7 @@ where
         }
         let mut index = 0;
         while index < self.extra.len() {
-            if self.extra[index].deadline > now {
+            if self.extra[index].deadline(timeout) > now {
                 index += 1;
                 continue;
             }
@@ -477,6 +478,11 @@ where
         failure: Failure<ResBody>,
         retried_for: Option<RetryReason>,
     ) -> Option<Output<ResBody>> {
+        if failure.is_overload() {
+            if let Some(slot) = &self.attempts.slot {
+                slot.overloaded();
+            }
+        }
         let retry_due = self.next.as_ref().is_some_and(|next| next.retry.is_some());
         if retry_due {
             // An earlier failure called for the next attempt already: this one only
@@ -525,9 +531,8 @@ where
         *self.last = None;
         let (future, call) = self.attempts.start();
         let now = Instant::now();
-        let timeout = self.attempts.shared.policy.get_first_chunk_timeout();
         let hedge = HedgeTicket(retry.is_none().then(|| self.attempts.metrics.clone()));
-        let attempt = Attempt::new(future, call, deadline::from(now, timeout), retry, hedge);
+        let attempt = Attempt::new(future, call, now, retry, hedge);
         if self.lead.is_running() {
             self.extra.push(Box::pin(attempt));
         } else {
@@ -559,7 +564,7 @@ where
     fn new(
         call: F,
         guard: CallGuard,
-        deadline: Instant,
+        started: Instant,
         retried_for: Option<RetryReason>,
         hedge: HedgeTicket,
     ) -> Self {
@@ -567,7 +572,7 @@ where
             call: Some(call),
             guard: Some(guard),
             peek: None,
-            deadline,
+            started,
             retried_for,
             hedge,
         }
@@ -575,6 +580,11 @@ where
 
     fn is_running(&self) -> bool {
         self.call.is_some() || self.peek.is_some()
+    }
+
+    /// Its first-chunk deadline, `timeout` after its start.
+    fn deadline(&self, timeout: Duration) -> Instant {
+        deadline::from(self.started, timeout)
     }
 
     /// Ends the attempt, dropping what is in flight (its stream is closed); returns
@@ -627,7 +637,7 @@ where
                     ));
                 }
             };
-            match attempts.judge(response, guard, *this.retried_for) {
+            match attempts.judge(response, guard, *this.retried_for, *this.started) {
                 Judged::Failure(failure) => return Poll::Ready(Settled::Failed(failure)),
                 Judged::Return(response) => return Poll::Ready(Settled::Answered(response)),
                 Judged::Peek(peek) => *this.peek = Some(peek),
@@ -641,9 +651,11 @@ where
         let Some(peek) = this.peek.take() else {
             unreachable!("read for the first chunk")
         };
-        let retried_for = *this.retried_for;
+        let (retried_for, started) = (*this.retried_for, *this.started);
         Poll::Ready(
-            match found.and_then(|body_done| attempts.first_chunk(peek, body_done, retried_for)) {
+            match found
+                .and_then(|body_done| attempts.first_chunk(peek, body_done, retried_for, started))
+            {
                 Ok(response) => Settled::Answered(response),
                 Err(failure) => Settled::Failed(failure),
             },

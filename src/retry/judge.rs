@@ -54,6 +54,23 @@ impl<B: Body> Failure<B> {
 }
 
 impl<B: Body> Failure<B> {
+    /// Whether the failure says the upstream is overloaded, for an adaptive limit: a
+    /// `429`, `503` or `529`, a transient in-band error (overloaded, rate limited,
+    /// unavailable), a stall before the first chunk, or an HTTP/2 `REFUSED_STREAM` or
+    /// `ENHANCE_YOUR_CALM`.
+    pub(super) fn is_overload(&self) -> bool {
+        match self {
+            Failure::Status(held, _) => matches!(held.head.status.as_u16(), 429 | 503 | 529),
+            Failure::InBand(_) | Failure::Timeout => true,
+            Failure::Upstream(error) => super::classify::is_overload(&**error),
+            Failure::NotTransient(_)
+            | Failure::Body(_)
+            | Failure::EndOfStream
+            | Failure::BufferLimit
+            | Failure::Malformed(_) => false,
+        }
+    }
+
     /// Whether the upstream may have processed the request (see
     /// [`RetryPolicy::retry_maybe_processed`](super::RetryPolicy::retry_maybe_processed)).
     pub(super) fn maybe_processed(&self) -> bool {
@@ -134,6 +151,7 @@ where
         response: Response<B>,
         call: CallGuard,
         retried_for: Option<RetryReason>,
+        started: Instant,
     ) -> Judged<B, D>
     where
         B: Body,
@@ -183,7 +201,7 @@ where
         }
         // Empty by its head: the detector says whether that is an answer.
         let failure = match peek.detector.empty() {
-            Progress::Found => match self.first_chunk(peek, true, retried_for) {
+            Progress::Found => match self.first_chunk(peek, true, retried_for, started) {
                 Ok(response) => return Judged::Return(response),
                 Err(failure) => failure,
             },
@@ -200,6 +218,7 @@ where
         peek: Peek<B, D>,
         body_done: bool,
         retried_for: Option<RetryReason>,
+        started: Instant,
     ) -> Result<Response<ResponseBody<B>>, Failure<B>> {
         let verdict = peek
             .detector
@@ -215,6 +234,10 @@ where
             return Err(Failure::InBand(Box::new(response)));
         }
         let now = Instant::now();
+        if let Some(slot) = &self.slot {
+            // The attempt's own time: what the upstream took to start this stream.
+            slot.answered(now.saturating_duration_since(started));
+        }
         let latency = now.saturating_duration_since(self.started);
         self.metrics.first_chunk(latency);
         if let Some(hedging) = &self.shared.hedging {

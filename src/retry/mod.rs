@@ -175,6 +175,7 @@ mod timer;
 
 pub use self::attempt::RetryAttempt;
 pub use self::body::ResponseBody;
+pub(crate) use self::classify::is_overload;
 pub use self::classify::{is_transient, is_unprocessed};
 pub use self::error::{FirstChunkError, FirstChunkErrorKind, GaveUp, StopReason};
 pub use self::future::ResponseFuture;
