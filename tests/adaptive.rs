@@ -50,6 +50,17 @@ fn stack(
     )
 }
 
+/// OpenAI's answer to an account whose quota is spent: a limit on spending, not load.
+fn quota_spent() -> Reply {
+    Reply::Status {
+        status: http::StatusCode::TOO_MANY_REQUESTS,
+        headers: vec![("content-type", "application/json".into())],
+        body: bytes::Bytes::from_static(QUOTA_SPENT),
+    }
+}
+
+const QUOTA_SPENT: &[u8] = br#"{"error":{"message":"You exceeded your current quota.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+
 fn gauge(metrics: &Metrics) -> f64 {
     metrics.snapshot().count(STREAM_CONCURRENCY_LIMIT, &[TEST])
 }
@@ -57,8 +68,9 @@ fn gauge(metrics: &Metrics) -> f64 {
 #[tokio::test(start_paused = true)]
 async fn each_overload_signal_moves_the_limit_down_and_other_failures_do_not() {
     // The first attempt of each call meets the failure; the retry answers.
-    let cases: [(&str, Reply, bool); 7] = [
+    let cases: [(&str, Reply, bool); 8] = [
         ("429", Reply::status(429), true),
+        ("429, the quota spent", quota_spent(), false),
         ("503", Reply::status(503), true),
         ("529", Reply::status(529), true),
         (
@@ -270,5 +282,35 @@ async fn a_shrink_revokes_no_held_slot_and_new_calls_wait_for_the_streams_to_dra
             3,
             "{at}: every slot back, at the new limit"
         );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_read_for_what_it_says_reaches_the_caller_byte_for_byte() {
+    for protocol in BOTH {
+        let at = format!("{protocol:?}");
+        let upstream = Upstream::start(|_: &Hit| quota_spent()).await;
+        let metrics = Metrics::new();
+        let limit = StreamConcurrencyLayer::adaptive(Adaptive::default());
+        let service = full_stack(
+            client(protocol),
+            &metrics.meter(),
+            limit.clone(),
+            RetryBudget::default(),
+            policy().max_attempts(1),
+        );
+        let response = service
+            .oneshot(post(&upstream.url("/v1/chat/completions")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 429, "{at}");
+        let body = read_to_end(response.into_body()).await.unwrap();
+        assert_eq!(
+            &body[..],
+            QUOTA_SPENT,
+            "{at}: the body as the upstream sent it"
+        );
+        assert_eq!(limit.current_limit(), 20, "{at}: no overload");
+        assert_eq!(upstream.hits(), 1, "{at}");
     }
 }

@@ -49,6 +49,11 @@ impl Slot {
         Self { slots }
     }
 
+    /// Whether the slot's layer has an adaptive limit, which learns from attempts.
+    pub(crate) fn is_adaptive(&self) -> bool {
+        self.slots.limiter.is_some()
+    }
+
     /// An attempt of the call holding this slot met an overload signal: an adaptive
     /// limit decreases.
     pub(crate) fn overloaded(&self) {

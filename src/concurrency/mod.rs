@@ -53,7 +53,10 @@
 //! headers come at once whatever the load, and a stream's length is the number of
 //! tokens asked for. The time to the first chunk is the signal, and the overload
 //! answers (`429`, `503`, `529`, an in-band overload error, a stall before the first
-//! chunk, an HTTP/2 `REFUSED_STREAM` or `ENHANCE_YOUR_CALM`).
+//! chunk, an HTTP/2 `REFUSED_STREAM` or `ENHANCE_YOUR_CALM`). Not a `429` whose body
+//! says the account's quota is spent (`insufficient_quota`): fewer streams would not
+//! lift a spending cap. The retry layer reads such a body (up to 8 KiB) before it
+//! decides, and only under an adaptive limit; the caller still gets it byte for byte.
 //!
 //! [`StreamConcurrencyLayer::adaptive`] moves the limit in one of two ways, both with
 //! the same overload rule ([`Adaptive`] for the settings):

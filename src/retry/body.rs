@@ -106,7 +106,7 @@ impl<T> Replay<T> {
     }
 
     /// The data of the frames to replay.
-    fn data(&self) -> impl Iterator<Item = &T> {
+    pub(crate) fn data(&self) -> impl Iterator<Item = &T> {
         let rest = self.rest.iter().flat_map(|rest| rest.iter());
         self.first.iter().chain(rest.filter_map(Frame::data_ref))
     }

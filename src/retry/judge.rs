@@ -4,6 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use bytes::Buf;
 use http::{Response, StatusCode};
 use http_body::Body;
 use tokio::time::Instant;
@@ -17,6 +18,7 @@ use super::future::Attempts;
 use super::in_band::InBand;
 use super::peek::{Held, Peek};
 use super::retry_after::retry_after;
+use crate::concurrency::Slot;
 use crate::frame::{Detector, Malformed, Progress};
 use crate::metrics::{RetryOutcome, RetryReason};
 
@@ -60,7 +62,11 @@ impl<B: Body> Failure<B> {
     /// `ENHANCE_YOUR_CALM`.
     pub(super) fn is_overload(&self) -> bool {
         match self {
-            Failure::Status(held, _) => matches!(held.head.status.as_u16(), 429 | 503 | 529),
+            Failure::Status(held, _) => match held.head.status.as_u16() {
+                429 => !says_quota_spent(held),
+                503 | 529 => true,
+                _ => false,
+            },
             Failure::InBand(_) | Failure::Timeout => true,
             Failure::Upstream(error) => super::classify::is_overload(&**error),
             Failure::NotTransient(_)
@@ -87,6 +93,16 @@ impl<B: Body> Failure<B> {
             | Failure::Malformed(_) => true,
         }
     }
+}
+
+/// Whether a `429`'s body, as far as it was read, says that the account's quota is spent
+/// (OpenAI's `insufficient_quota`): a limit on spending, which fewer streams would not
+/// lift, and so no overload.
+fn says_quota_spent<B: Body>(held: &Held<B>) -> bool {
+    let finder = memchr::memmem::Finder::new(b"insufficient_quota");
+    held.frames
+        .data()
+        .any(|data| finder.find(data.chunk()).is_some())
 }
 
 /// A response by which the server refuses the work, so that a retry cannot repeat it:
@@ -169,6 +185,21 @@ where
         };
         if retry_status {
             let hint = retry_after(response.headers(), SystemTime::now());
+            // An adaptive limit above must tell a spent quota from an overload: the
+            // body says which.
+            let adaptive = self.slot.as_ref().is_some_and(Slot::is_adaptive);
+            if adaptive
+                && status == StatusCode::TOO_MANY_REQUESTS
+                && !response.body().is_end_stream()
+            {
+                return Judged::Peek(Peek {
+                    response: Held::new(response),
+                    buffered: 0,
+                    detector: self.shared.detector.clone(),
+                    call,
+                    refusal: Some(hint),
+                });
+            }
             drop(call);
             return Judged::Failure(Failure::Status(Box::new(Held::new(response)), hint));
         }
@@ -195,6 +226,7 @@ where
             buffered: 0,
             detector,
             call,
+            refusal: None,
         };
         if !peek.response.body.is_end_stream() {
             return Judged::Peek(peek);
@@ -220,6 +252,14 @@ where
         retried_for: Option<RetryReason>,
         started: Instant,
     ) -> Result<Response<ResponseBody<B>>, Failure<B>> {
+        if let Some(hint) = peek.refusal {
+            // A refusal read for what it says: the failure it always was.
+            let held = Held {
+                body_done,
+                ..peek.response
+            };
+            return Err(Failure::Status(Box::new(held), hint));
+        }
         let verdict = peek
             .detector
             .first_chunk()

@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::Buf;
 use http::Response;
 use http_body::{Body, Frame};
 use tower::BoxError;
@@ -53,7 +54,15 @@ pub(super) struct Peek<B: Body, D> {
     pub(super) buffered: usize,
     pub(super) detector: D,
     pub(super) call: CallGuard,
+    /// A `429` read to its end (up to [`REFUSAL_BODY`] bytes) rather than for a first
+    /// chunk, with the server's hint: its body says whether the account's quota is
+    /// spent, which is no overload (see `Failure::is_overload`).
+    pub(super) refusal: Option<Option<std::time::Duration>>,
 }
+
+/// The most of a `429`'s body read to tell a spent quota from an overload: an error
+/// object is a few hundred bytes.
+pub(super) const REFUSAL_BODY: usize = 8 * 1024;
 
 impl<B, D> Peek<B, D>
 where
@@ -69,6 +78,9 @@ where
         cx: &mut Context<'_>,
         limit: usize,
     ) -> Poll<Result<bool, Failure<B>>> {
+        if self.refusal.is_some() {
+            return self.poll_refusal(cx);
+        }
         for _ in 0..FRAMES_PER_POLL {
             // Already at its end (`Content-Length: 0`, or an exact length all read): the
             // detector judges the end without another poll, which may never come back.
@@ -111,6 +123,39 @@ where
             }
         }
         // Bounded work per poll: yield, and let the caller check the deadline.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<B, D> Peek<B, D>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Reads a refusal's body to its end, or up to [`REFUSAL_BODY`] bytes. `Ok(true)`
+    /// means it ended.
+    fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Failure<B>>> {
+        for _ in 0..FRAMES_PER_POLL {
+            if self.response.body.is_end_stream() {
+                return Poll::Ready(Ok(true));
+            }
+            if self.buffered >= REFUSAL_BODY {
+                return Poll::Ready(Ok(false));
+            }
+            let frame = match ready!(Pin::new(&mut self.response.body).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => return Poll::Ready(Err(Failure::Body(error.into()))),
+                None => return Poll::Ready(Ok(true)),
+            };
+            let held = frame.data_ref().map_or(0, |data| data.remaining());
+            self.buffered = self.buffered.saturating_add(held);
+            let trailers = frame.is_trailers();
+            self.response.frames.push_back(frame);
+            if trailers {
+                return Poll::Ready(Ok(true));
+            }
+        }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
