@@ -1,5 +1,49 @@
 //! Rate-limit pacing: when a provider's response says new calls may go out again.
 //!
+//! # Why
+//!
+//! LLM providers limit each account's requests and tokens per window, and say in every
+//! response how much of the window is left and when it resets. Once nothing is left,
+//! each call before the reset is refused with a 429. Sent anyway, every one of them
+//! learns that for itself: a round trip to hear what the last response already said, a
+//! retry attempt and a unit of retry budget spent on it, and at OpenAI a refused
+//! request still counts against the per-minute limit, so a herd of them pushes the
+//! reset further out. Pacing reads the signal once and holds new calls at the layer
+//! until the reset: a caller that can wait waits there, one that cannot is turned away
+//! at once, and no HTTP call is made to be refused.
+//!
+//! # What is read
+//!
+//! [`hold`] reads a response head and says how long new calls must wait:
+//!
+//! | provider | when | the wait |
+//! |---|---|---|
+//! | OpenAI | `x-ratelimit-remaining-requests: 0` | `x-ratelimit-reset-requests`, a Go duration (`1s`, `6m0s`, `20ms`) |
+//! | OpenAI | `x-ratelimit-remaining-tokens: 0` | `x-ratelimit-reset-tokens`, the same |
+//! | Anthropic | `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-remaining: 0` | the matching `...-reset`, an RFC 3339 time, less now |
+//! | any | a 429 with `retry-after-ms` or `Retry-After` | that hint, read as the retry layer reads it |
+//!
+//! A remaining count above zero holds nothing. When several say so at once, the longest
+//! wait holds. Anthropic says its limits refill continuously (a token bucket), and
+//! OpenAI's own example (59 of 60 requests left, reset in 1 s) reads the same way: a
+//! reset is when the limit is full again, so with nothing left the next call could often
+//! go out sooner. Holding until the reset errs on the side of not earning a 429; a
+//! 429's `Retry-After` is the provider's own figure for the next call.
+//!
+//! # What is ignored
+//!
+//! - A remaining count that is not a plain number, a reset not in its provider's
+//!   format, a zero count without its reset, and a wait above [`LONGEST_HOLD`]: each is
+//!   ignored with a `DEBUG` event naming the header and its value, and the other
+//!   headers still count. No bytes make it panic.
+//! - A zero wait or a reset already past: nothing to hold.
+//! - `Retry-After` on any status but 429: a 503's hint is about that server, which the
+//!   retry layer reads, not about the account's limit.
+//!
+//! Anthropic's resets are times, read against this host's clock: a clock behind the
+//! provider's holds calls longer than needed (bounded by [`LONGEST_HOLD`]), one ahead
+//! holds them shorter.
+//!
 //! # Parsing by hand
 //!
 //! OpenAI writes its resets as Go durations (`6m0s`), Anthropic as RFC 3339 times.
@@ -16,13 +60,214 @@
 //!
 //! A header is machine-written: its parser should take what the grammar allows and
 //! refuse the rest, so that a garbled value is reported rather than read as something
-//! else. Both grammars are small, and the two strict parsers here take fewer lines
-//! than the notes it would take to fence the lax ones.
+//! else. Both grammars are small enough to parse strictly here, each parser tested
+//! against its grammar, and the calendar against `httpdate`'s.
+//!
+//! # Sources
+//!
+//! - OpenAI, "Rate limits", section "Rate limits in headers":
+//!   <https://platform.openai.com/docs/guides/rate-limits>; and "How can I solve 429:
+//!   'Too Many Requests' errors?" (refused requests count against the per-minute
+//!   limit): <https://help.openai.com/en/articles/5955604>
+//! - Anthropic, "Rate limits", section "Response headers" (RFC 3339 resets, the token
+//!   bucket, `retry-after` on a 429): <https://docs.anthropic.com/en/api/rate-limits>
+//! - Go's duration grammar: <https://pkg.go.dev/time#ParseDuration>
+//! - RFC 3339, section 5.6: <https://www.rfc-editor.org/rfc/rfc3339#section-5.6>
+//! - RFC 9110, section 10.2.3 (`Retry-After`):
+//!   <https://www.rfc-editor.org/rfc/rfc9110#section-10.2.3>
 
 // Not wired into the concurrency layer yet: only the tests use these for now.
 #![cfg_attr(not(test), allow(dead_code))]
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio::time::Instant;
+
+use crate::retry_after::retry_after;
+
+/// The longest wait a header is believed for: one hour.
+///
+/// Per-minute limits reset within the minute, and a 429's hint is seconds. A longer
+/// wait is a daily quota, a garbled value or a clock far off: holding every call of a
+/// layer for hours on one header would take the service down on a misreading, and a
+/// quota that long is better told to callers by the provider's own 429s.
+pub(crate) const LONGEST_HOLD: Duration = Duration::from_secs(3600);
+
+/// OpenAI's (remaining, reset) pairs; the resets are Go durations.
+const OPENAI: [(&str, &str); 2] = [
+    (
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ),
+    ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+];
+
+/// Anthropic's (remaining, reset) pairs; the resets are RFC 3339 times.
+const ANTHROPIC: [(&str, &str); 4] = [
+    (
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+    ),
+    (
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-ratelimit-tokens-reset",
+    ),
+    (
+        "anthropic-ratelimit-input-tokens-remaining",
+        "anthropic-ratelimit-input-tokens-reset",
+    ),
+    (
+        "anthropic-ratelimit-output-tokens-remaining",
+        "anthropic-ratelimit-output-tokens-reset",
+    ),
+];
+
+/// What a 429's hint is named in events: `Retry-After` or `retry-after-ms`, whichever
+/// [`retry_after`] read.
+const RETRY_AFTER: &str = "retry-after";
+
+/// New calls must wait: for how long, and which header said so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hold {
+    /// Above zero, at most [`LONGEST_HOLD`].
+    pub(crate) wait: Duration,
+    /// The header the wait was read from: a reset, or `retry-after`.
+    pub(crate) by: &'static str,
+}
+
+impl Hold {
+    /// When the hold ends, for a wait that starts at `now`.
+    pub(crate) fn until(&self, now: Instant) -> Instant {
+        crate::deadline::from(now, self.wait)
+    }
+}
+
+/// How long new calls must wait after a response with this head, or `None`.
+///
+/// `now` is the time the response came, for Anthropic's resets and an HTTP-date
+/// `Retry-After`; `provider` names the layer in the `DEBUG` events for ignored values.
+/// See the [module docs](self) for what is read and what is ignored.
+pub(crate) fn hold(
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: SystemTime,
+    provider: &str,
+) -> Option<Hold> {
+    let openai = OPENAI.iter().filter_map(|&(remaining, reset)| {
+        reset_wait(headers, remaining, reset, provider, parse_go_duration)
+    });
+    let anthropic = ANTHROPIC.iter().filter_map(|&(remaining, reset)| {
+        reset_wait(headers, remaining, reset, provider, |text| {
+            let at = parse_rfc3339(text)?;
+            // A reset already past holds nothing.
+            Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+        })
+    });
+    let retry = (status == StatusCode::TOO_MANY_REQUESTS)
+        .then(|| too_many_requests(headers, now, provider))
+        .flatten();
+    openai
+        .chain(anthropic)
+        .chain(retry)
+        .max_by_key(|hold| hold.wait)
+}
+
+/// The wait of one (remaining, reset) pair: `None` unless the remaining count is zero
+/// and the reset, read by `parse`, is a credible wait.
+fn reset_wait(
+    headers: &HeaderMap,
+    remaining: &'static str,
+    reset: &'static str,
+    provider: &str,
+    parse: impl FnOnce(&str) -> Option<Duration>,
+) -> Option<Hold> {
+    let count = headers.get(remaining)?;
+    let digits = count
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()));
+    let Some(digits) = digits else {
+        tracing::debug!(
+            provider,
+            header = remaining,
+            value = ?count,
+            "rate-limit count not understood: ignored"
+        );
+        return None;
+    };
+    if digits.bytes().any(|b| b != b'0') {
+        return None;
+    }
+    let Some(value) = headers.get(reset) else {
+        tracing::debug!(
+            provider,
+            header = remaining,
+            missing = reset,
+            "rate limit at zero without its reset: ignored"
+        );
+        return None;
+    };
+    let Some(wait) = value.to_str().ok().map(str::trim).and_then(parse) else {
+        tracing::debug!(
+            provider,
+            header = reset,
+            value = ?value,
+            "rate-limit reset not understood: ignored"
+        );
+        return None;
+    };
+    credible(wait, reset, value, provider)
+}
+
+/// A 429's `retry-after-ms` or `Retry-After`, read as the retry layer reads it.
+fn too_many_requests(headers: &HeaderMap, now: SystemTime, provider: &str) -> Option<Hold> {
+    let (ms, secs) = (headers.get("retry-after-ms"), headers.get(RETRY_AFTER));
+    let Some(wait) = retry_after(headers, now) else {
+        if ms.is_some() || secs.is_some() {
+            tracing::debug!(
+                provider,
+                retry_after_ms = ?ms,
+                retry_after = ?secs,
+                "429 hint zero, past or not understood: ignored"
+            );
+        }
+        return None;
+    };
+    // Never zero: `retry_after` says so.
+    if wait > LONGEST_HOLD {
+        tracing::debug!(
+            provider,
+            retry_after_ms = ?ms,
+            retry_after = ?secs,
+            "429 hint longer than an hour: ignored"
+        );
+        return None;
+    }
+    Some(Hold {
+        wait,
+        by: RETRY_AFTER,
+    })
+}
+
+/// A reset's `wait` as a hold, unless it is zero (nothing to hold) or above
+/// [`LONGEST_HOLD`].
+fn credible(wait: Duration, by: &'static str, value: &HeaderValue, provider: &str) -> Option<Hold> {
+    if wait.is_zero() {
+        return None;
+    }
+    if wait > LONGEST_HOLD {
+        tracing::debug!(
+            provider,
+            header = by,
+            value = ?value,
+            "rate-limit wait longer than an hour: ignored"
+        );
+        return None;
+    }
+    Some(Hold { wait, by })
+}
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
 
@@ -191,8 +436,405 @@ fn days_from_civil(year: u32, month: u32, day: u32) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
     use proptest::prelude::*;
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Level, Metadata, Subscriber};
+
+    use super::*;
+
+    /// One event of this crate, as recorded: level, message and the other fields.
+    #[derive(Debug)]
+    struct Seen {
+        level: Level,
+        message: String,
+        fields: BTreeMap<&'static str, String>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<Seen>>>);
+
+    impl Recorder {
+        fn take(&self) -> Vec<Seen> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    impl Visit for Seen {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            match field.name() {
+                "message" => self.message = format!("{value:?}"),
+                name => _ = self.fields.insert(name, format!("{value:?}")),
+            }
+        }
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.fields.insert(field.name(), value.to_owned());
+        }
+    }
+
+    impl Subscriber for Recorder {
+        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+            metadata.target().starts_with("tower_stream_backpressure")
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            let mut seen = Seen {
+                level: *event.metadata().level(),
+                message: String::new(),
+                fields: BTreeMap::new(),
+            };
+            event.record(&mut seen);
+            self.0.lock().unwrap().push(seen);
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    /// What `f` returns, and the events it emitted.
+    fn recorded<T>(f: impl FnOnce() -> T) -> (T, Vec<Seen>) {
+        let recorder = Recorder::default();
+        let out = tracing::subscriber::with_default(recorder.clone(), f);
+        (out, recorder.take())
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_str(value).unwrap());
+        }
+        headers
+    }
+
+    /// 2026-12-02T10:00:00Z, the time the responses below come.
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_796_205_600)
+    }
+
+    fn hold_of(status: u16, pairs: &[(&'static str, &str)]) -> Option<Hold> {
+        let status = StatusCode::from_u16(status).unwrap();
+        hold(status, &headers(pairs), now(), "test")
+    }
+
+    fn held(secs: f64, by: &'static str) -> Option<Hold> {
+        Some(Hold {
+            wait: Duration::from_secs_f64(secs),
+            by,
+        })
+    }
+
+    #[test]
+    fn openai_at_zero_holds_until_the_reset() {
+        for (reset, secs) in [
+            ("6m0s", 360.0),
+            ("1s", 1.0),
+            ("20ms", 0.02),
+            ("2m3.5s", 123.5),
+            ("1h0m0s", 3600.0),
+        ] {
+            assert_eq!(
+                hold_of(
+                    200,
+                    &[
+                        ("x-ratelimit-remaining-requests", "0"),
+                        ("x-ratelimit-reset-requests", reset),
+                    ]
+                ),
+                held(secs, "x-ratelimit-reset-requests"),
+                "{reset}"
+            );
+        }
+        assert_eq!(
+            hold_of(
+                200,
+                &[
+                    ("x-ratelimit-remaining-tokens", " 0 "),
+                    ("x-ratelimit-reset-tokens", " 0.5s "),
+                ]
+            ),
+            held(0.5, "x-ratelimit-reset-tokens")
+        );
+        // A 429 holds the same way.
+        assert_eq!(
+            hold_of(
+                429,
+                &[
+                    ("x-ratelimit-remaining-tokens", "000"),
+                    ("x-ratelimit-reset-tokens", "2s"),
+                ]
+            ),
+            held(2.0, "x-ratelimit-reset-tokens")
+        );
+    }
+
+    #[test]
+    fn a_count_above_zero_or_a_zero_wait_holds_nothing() {
+        for remaining in ["1", "59", "0010", "99999999999999999999999999"] {
+            assert_eq!(
+                hold_of(
+                    200,
+                    &[
+                        ("x-ratelimit-remaining-requests", remaining),
+                        ("x-ratelimit-reset-requests", "6m0s"),
+                        ("anthropic-ratelimit-requests-remaining", remaining),
+                        ("anthropic-ratelimit-requests-reset", "2026-12-02T10:00:30Z"),
+                    ]
+                ),
+                None,
+                "{remaining}"
+            );
+        }
+        // The reset is not read, so a garbled one says nothing either.
+        let (hold, events) = recorded(|| {
+            hold_of(
+                200,
+                &[
+                    ("x-ratelimit-remaining-requests", "3"),
+                    ("x-ratelimit-reset-requests", "soon"),
+                ],
+            )
+        });
+        assert_eq!(hold, None);
+        assert!(events.is_empty(), "{events:?}");
+        // A reset that is now, or past, holds nothing and is no error.
+        let (hold, events) = recorded(|| {
+            hold_of(
+                200,
+                &[
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "0s"),
+                    ("anthropic-ratelimit-tokens-remaining", "0"),
+                    ("anthropic-ratelimit-tokens-reset", "2026-12-02T10:00:00Z"),
+                    ("anthropic-ratelimit-requests-remaining", "0"),
+                    ("anthropic-ratelimit-requests-reset", "2026-12-02T09:59:00Z"),
+                ],
+            )
+        });
+        assert_eq!(hold, None);
+        assert!(events.is_empty(), "{events:?}");
+        assert_eq!(hold_of(200, &[]), None);
+    }
+
+    #[test]
+    fn anthropic_resets_are_times_less_now() {
+        for (remaining, reset) in ANTHROPIC {
+            for (at, secs) in [
+                ("2026-12-02T10:00:30Z", 30.0),
+                ("2026-12-02T10:00:00.25Z", 0.25),
+                ("2026-12-02T11:01:00+01:00", 60.0),
+                ("2026-12-02T04:30:05.5-05:30", 5.5),
+            ] {
+                assert_eq!(
+                    hold_of(200, &[(remaining, "0"), (reset, at)]),
+                    held(secs, reset),
+                    "{reset}: {at}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_429_hint_holds_and_other_statuses_do_not() {
+        assert_eq!(
+            hold_of(429, &[("retry-after", "5")]),
+            held(5.0, "retry-after")
+        );
+        assert_eq!(
+            hold_of(429, &[("retry-after-ms", "250"), ("retry-after", "9")]),
+            held(0.25, "retry-after")
+        );
+        assert_eq!(
+            hold_of(429, &[("retry-after", "Wed, 02 Dec 2026 10:00:40 GMT")]),
+            held(40.0, "retry-after")
+        );
+        for status in [200, 408, 500, 503, 529] {
+            assert_eq!(hold_of(status, &[("retry-after", "5")]), None, "{status}");
+        }
+        assert_eq!(hold_of(429, &[]), None);
+    }
+
+    #[test]
+    fn a_hold_ends_its_wait_after_now() {
+        let now = Instant::now();
+        let hold = held(1.5, "retry-after").unwrap();
+        assert_eq!(hold.until(now), now + Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn the_longest_wait_holds() {
+        let pairs = [
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "1s"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+            ("anthropic-ratelimit-output-tokens-remaining", "0"),
+            (
+                "anthropic-ratelimit-output-tokens-reset",
+                "2026-12-02T10:00:30Z",
+            ),
+            ("retry-after", "20"),
+        ];
+        assert_eq!(
+            hold_of(429, &pairs),
+            held(360.0, "x-ratelimit-reset-tokens")
+        );
+        assert_eq!(
+            hold_of(429, &[pairs[0], pairs[1], pairs[4], pairs[5], pairs[6]]),
+            held(30.0, "anthropic-ratelimit-output-tokens-reset")
+        );
+        assert_eq!(
+            hold_of(429, &[pairs[0], pairs[1], pairs[6]]),
+            held(20.0, "retry-after")
+        );
+    }
+
+    #[test]
+    fn malformed_and_absurd_values_are_ignored_with_a_debug_event() {
+        // Status, headers, and the header and value the event names.
+        type Case = (
+            u16,
+            &'static [(&'static str, &'static str)],
+            &'static str,
+            &'static str,
+        );
+        let cases: &[Case] = &[
+            (
+                200,
+                &[("x-ratelimit-remaining-requests", "none")],
+                "x-ratelimit-remaining-requests",
+                "\"none\"",
+            ),
+            (
+                200,
+                &[("x-ratelimit-remaining-tokens", "-1")],
+                "x-ratelimit-remaining-tokens",
+                "\"-1\"",
+            ),
+            (
+                200,
+                &[("anthropic-ratelimit-tokens-remaining", "0.0")],
+                "anthropic-ratelimit-tokens-remaining",
+                "\"0.0\"",
+            ),
+            (
+                200,
+                &[("anthropic-ratelimit-requests-remaining", "")],
+                "anthropic-ratelimit-requests-remaining",
+                "\"\"",
+            ),
+            (
+                200,
+                &[
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "6 minutes"),
+                ],
+                "x-ratelimit-reset-requests",
+                "\"6 minutes\"",
+            ),
+            (
+                200,
+                &[
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "-1s"),
+                ],
+                "x-ratelimit-reset-requests",
+                "\"-1s\"",
+            ),
+            (
+                200,
+                &[
+                    ("x-ratelimit-remaining-tokens", "0"),
+                    ("x-ratelimit-reset-tokens", "2h"),
+                ],
+                "x-ratelimit-reset-tokens",
+                "\"2h\"",
+            ),
+            (
+                200,
+                &[
+                    ("anthropic-ratelimit-input-tokens-remaining", "0"),
+                    (
+                        "anthropic-ratelimit-input-tokens-reset",
+                        "2026-12-02 10:00:30",
+                    ),
+                ],
+                "anthropic-ratelimit-input-tokens-reset",
+                "\"2026-12-02 10:00:30\"",
+            ),
+            (
+                200,
+                &[
+                    ("anthropic-ratelimit-requests-remaining", "0"),
+                    ("anthropic-ratelimit-requests-reset", "2026-12-03T10:00:00Z"),
+                ],
+                "anthropic-ratelimit-requests-reset",
+                "\"2026-12-03T10:00:00Z\"",
+            ),
+        ];
+        for (status, pairs, header, value) in cases {
+            let (hold, events) = recorded(|| hold_of(*status, pairs));
+            assert_eq!(hold, None, "{pairs:?}");
+            let [event] = &events[..] else {
+                panic!("one event for {pairs:?}, not {events:?}")
+            };
+            assert_eq!(event.level, Level::DEBUG, "{event:?}");
+            assert!(event.message.contains("ignored"), "{event:?}");
+            assert_eq!(event.fields["provider"], "test", "{event:?}");
+            assert_eq!(event.fields["header"], *header, "{event:?}");
+            assert_eq!(event.fields["value"], *value, "{event:?}");
+        }
+
+        // A zero count without its reset names the reset it missed.
+        let (hold, events) = recorded(|| hold_of(200, &[("x-ratelimit-remaining-requests", "0")]));
+        assert_eq!(hold, None);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].fields["missing"], "x-ratelimit-reset-requests");
+
+        // Bytes that are not text.
+        let mut bytes = HeaderMap::new();
+        bytes.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_bytes(b"\xff0").unwrap(),
+        );
+        let (hold, events) = recorded(|| super::hold(StatusCode::OK, &bytes, now(), "test"));
+        assert_eq!(hold, None);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].fields["value"], "\"\\xff0\"");
+
+        // A 429's hint garbled, or longer than an hour.
+        for value in ["soon", "7200", "Thu, 03 Dec 2026 10:00:00 GMT"] {
+            let (hold, events) = recorded(|| hold_of(429, &[("retry-after", value)]));
+            assert_eq!(hold, None, "{value}");
+            assert_eq!(events.len(), 1, "{events:?}");
+            assert_eq!(events[0].level, Level::DEBUG);
+            assert_eq!(events[0].fields["retry_after"], format!("Some({value:?})"));
+        }
+    }
+
+    #[test]
+    fn an_ignored_value_leaves_the_others_counting() {
+        let (hold, events) = recorded(|| {
+            hold_of(
+                429,
+                &[
+                    ("x-ratelimit-remaining-requests", "garbage"),
+                    ("x-ratelimit-remaining-tokens", "0"),
+                    ("x-ratelimit-reset-tokens", "3s"),
+                    ("anthropic-ratelimit-tokens-remaining", "0"),
+                    ("anthropic-ratelimit-tokens-reset", "tomorrow"),
+                    ("retry-after", "99999"),
+                ],
+            )
+        });
+        assert_eq!(hold, held(3.0, "x-ratelimit-reset-tokens"));
+        assert_eq!(events.len(), 3, "{events:?}");
+    }
 
     fn ms(ms: u64) -> Option<Duration> {
         Some(Duration::from_millis(ms))
@@ -335,6 +977,14 @@ mod tests {
         }
     }
 
+    /// Every header [`hold`] reads.
+    fn all_headers() -> Vec<&'static str> {
+        let pairs = OPENAI.iter().chain(&ANTHROPIC);
+        let mut names: Vec<_> = pairs.flat_map(|&(a, b)| [a, b]).collect();
+        names.extend(["retry-after", "retry-after-ms"]);
+        names
+    }
+
     /// `httpdate`'s calendar, which parses and prints HTTP dates, as the reference
     /// for ours: the same instant, written both ways.
     fn rfc3339_from_http_date(http: &str) -> String {
@@ -370,6 +1020,39 @@ mod tests {
             let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
             let text = format!("{h}h{m}m{s}.{nanos:09}s");
             prop_assert_eq!(parse_go_duration(&text), Some(Duration::new(secs, nanos)));
+        }
+
+        #[test]
+        fn no_header_bytes_make_it_panic(
+            status in prop::sample::select(vec![200u16, 429, 503]),
+            values in prop::collection::vec(
+                (
+                    prop::sample::select(all_headers()),
+                    prop_oneof![
+                        prop::collection::vec(any::<u8>(), 0..24),
+                        "[0-9]{0,3}".prop_map(String::into_bytes),
+                        "[0-9.hmsuµμn-]{0,12}".prop_map(String::into_bytes),
+                        // Credible waits, so that holds come out too.
+                        "[0-9]{1,2}(ms|s|m)".prop_map(String::into_bytes),
+                        "2026-12-02T10:[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,3})?Z".prop_map(String::into_bytes),
+                        "20[0-9]{2}-1[0-2]-0[1-9]T[0-2][0-9]:[0-5][0-9]:[0-6][0-9](\\.[0-9]{1,12})?(Z|[+-][0-2][0-9]:[0-5][0-9])"
+                            .prop_map(String::into_bytes),
+                    ],
+                ),
+                0..12,
+            ),
+        ) {
+            let mut headers = HeaderMap::new();
+            for (name, value) in values {
+                if let Ok(value) = HeaderValue::from_bytes(&value) {
+                    headers.append(name, value);
+                }
+            }
+            let status = StatusCode::from_u16(status).unwrap();
+            if let Some(hold) = hold(status, &headers, now(), "test") {
+                prop_assert!(!hold.wait.is_zero() && hold.wait <= LONGEST_HOLD, "{:?}", hold);
+                prop_assert!(headers.contains_key(hold.by) || hold.by == RETRY_AFTER, "{:?}", hold);
+            }
         }
 
         #[test]
