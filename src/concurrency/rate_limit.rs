@@ -44,6 +44,14 @@
 //! provider's holds calls longer than needed (bounded by [`LONGEST_HOLD`]), one ahead
 //! holds them shorter.
 //!
+//! # The gate
+//!
+//! A layer keeps one [`Gate`], shared by its service's clones: closed until the latest
+//! reset it was told of. A later reset moves it, an earlier one does nothing, so the
+//! responses of calls that were in flight when the limit ran out cannot open it early.
+//! Looking costs one atomic load. Closing it is an `INFO` event with the wait and the
+//! header that said so, and so is the first look that finds it open again.
+//!
 //! # Parsing by hand
 //!
 //! OpenAI writes its resets as Go durations (`6m0s`), Anthropic as RFC 3339 times.
@@ -79,6 +87,7 @@
 // Not wired into the concurrency layer yet: only the tests use these for now.
 #![cfg_attr(not(test), allow(dead_code))]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -267,6 +276,127 @@ fn credible(wait: Duration, by: &'static str, value: &HeaderValue, provider: &st
         return None;
     }
     Some(Hold { wait, by })
+}
+
+/// Whether new calls through one layer may go out, or must wait for a rate limit's
+/// reset.
+///
+/// One atomic word, so that each call looks at it for the price of a load: the instant
+/// the gate opens, in nanoseconds after the gate was made, or zero once the gate has
+/// been seen open (and before it ever closed). It is `Sync`: a layer's service clones
+/// share one behind their `Arc`.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    /// The instant `opens_at` counts from.
+    origin: Instant,
+    /// When the gate opens, in nanoseconds after `origin`; zero when seen open.
+    opens_at: AtomicU64,
+}
+
+// Relaxed throughout: the word publishes nothing but itself, and its read-modify-writes
+// (`fetch_max`, `compare_exchange`) act on the latest value whatever the ordering.
+impl Gate {
+    /// An open gate.
+    pub(crate) fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            opens_at: AtomicU64::new(0),
+        }
+    }
+
+    /// Closes the gate until `at`, or leaves it closed until later: a later reset wins,
+    /// an earlier one, or one not after `now`, does nothing. Whether it moved.
+    ///
+    /// The gate closing is an `INFO` event with the wait and the header that said so
+    /// (`by`). A closed gate's opening moved later is a `DEBUG` event: each call in
+    /// flight when the limit ran out may say so again.
+    pub(crate) fn close_until(
+        &self,
+        now: Instant,
+        at: Instant,
+        by: &'static str,
+        provider: &str,
+    ) -> bool {
+        if at <= now {
+            return false;
+        }
+        let nanos = self.nanos(at);
+        let before = self.opens_at.fetch_max(nanos, Ordering::Relaxed);
+        if before >= nanos {
+            return false;
+        }
+        let wait_ms = (at - now).as_millis() as u64;
+        if before == 0 || self.instant(before) <= now {
+            tracing::info!(
+                provider,
+                by,
+                wait_ms,
+                "rate limit reached: new calls wait for its reset"
+            );
+        } else {
+            tracing::debug!(
+                provider,
+                by,
+                wait_ms,
+                "rate limit: a later reset moves the gate's opening"
+            );
+        }
+        true
+    }
+
+    /// Whether a call may go out at `now`. The first look that finds the gate open
+    /// after a hold is an `INFO` event; the others are silent.
+    pub(crate) fn is_open(&self, now: Instant, provider: &str) -> bool {
+        let mut nanos = self.opens_at.load(Ordering::Relaxed);
+        loop {
+            if nanos == 0 {
+                return true;
+            }
+            if self.instant(nanos) > now {
+                return false;
+            }
+            // Open: the one look that swaps the reset for zero says so. A gate closed
+            // again meanwhile fails the swap and is looked at anew.
+            match self.opens_at.compare_exchange_weak(
+                nanos,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    tracing::info!(provider, "rate limit reset: new calls go out again");
+                    return true;
+                }
+                Err(current) => nanos = current,
+            }
+        }
+    }
+
+    /// When the gate opens: `None` once it has been seen open (or never closed),
+    /// otherwise the reset, which is past if no call has looked since.
+    pub(crate) fn opens_at(&self) -> Option<Instant> {
+        match self.opens_at.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(self.instant(nanos)),
+        }
+    }
+
+    /// `at` in nanoseconds after the origin, saturating, and at least 1 (zero is open;
+    /// an `at` before the origin comes with a `now` from before the gate was made).
+    fn nanos(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX).max(1)
+    }
+
+    fn instant(&self, nanos: u64) -> Instant {
+        crate::deadline::from(self.origin, Duration::from_nanos(nanos))
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
@@ -974,6 +1104,168 @@ mod tests {
             "1796205630",
         ] {
             assert_eq!(parse_rfc3339(text), None, "{text:?}");
+        }
+    }
+
+    fn secs(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_opens_at_the_reset() {
+        let gate = Gate::new();
+        let start = Instant::now();
+        assert!(gate.is_open(start, "test"));
+        assert_eq!(gate.opens_at(), None);
+
+        assert!(gate.close_until(start, start + secs(5), "retry-after", "test"));
+        assert!(!gate.is_open(Instant::now(), "test"));
+        assert_eq!(gate.opens_at(), Some(start + secs(5)));
+
+        tokio::time::advance(Duration::from_millis(4999)).await;
+        assert!(!gate.is_open(Instant::now(), "test"));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(gate.is_open(Instant::now(), "test"));
+        assert_eq!(gate.opens_at(), None);
+        assert!(gate.is_open(Instant::now(), "test"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_reset_moves_the_gate_and_an_earlier_one_does_nothing() {
+        let gate = Gate::default();
+        let start = Instant::now();
+        assert!(gate.close_until(start, start + secs(5), "x-ratelimit-reset-requests", "test"));
+        assert!(!gate.close_until(start, start + secs(3), "retry-after", "test"));
+        assert!(!gate.close_until(start, start + secs(5), "retry-after", "test"));
+        assert_eq!(gate.opens_at(), Some(start + secs(5)));
+        assert!(gate.close_until(start, start + secs(8), "x-ratelimit-reset-tokens", "test"));
+        assert_eq!(gate.opens_at(), Some(start + secs(8)));
+
+        tokio::time::advance(secs(5)).await;
+        assert!(
+            !gate.is_open(Instant::now(), "test"),
+            "the later reset holds"
+        );
+        tokio::time::advance(secs(3)).await;
+        assert!(gate.is_open(Instant::now(), "test"));
+
+        // A reset not after now closes nothing.
+        let now = Instant::now();
+        assert!(!gate.close_until(now, now, "retry-after", "test"));
+        assert!(!gate.close_until(now, start, "retry-after", "test"));
+        assert!(gate.is_open(now, "test"));
+        assert_eq!(gate.opens_at(), None);
+
+        // Nor can a far reset overflow: it holds, far off.
+        assert!(gate.close_until(now, now + secs(u64::from(u32::MAX)), "retry-after", "test"));
+        assert!(!gate.is_open(now + secs(3600), "test"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_closes_the_gate_for_its_wait() {
+        let gate = Gate::new();
+        let now = Instant::now();
+        let hold = hold_of(429, &[("retry-after", "2")]).unwrap();
+        assert!(gate.close_until(now, hold.until(now), hold.by, "test"));
+        assert_eq!(gate.opens_at(), Some(now + secs(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_says_when_it_closes_and_once_when_it_opens() {
+        let recorder = Recorder::default();
+        let _default = tracing::subscriber::set_default(recorder.clone());
+        let gate = Gate::new();
+        let start = Instant::now();
+
+        gate.close_until(
+            start,
+            start + secs(5),
+            "x-ratelimit-reset-requests",
+            "openai",
+        );
+        let events = recorder.take();
+        let [closed] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(closed.level, Level::INFO);
+        assert_eq!(
+            closed.message,
+            "rate limit reached: new calls wait for its reset"
+        );
+        assert_eq!(closed.fields["provider"], "openai");
+        assert_eq!(closed.fields["by"], "x-ratelimit-reset-requests");
+        assert_eq!(closed.fields["wait_ms"], "5000");
+
+        // Moved later: DEBUG. Earlier, or looked at while closed: nothing.
+        gate.close_until(start, start + secs(6), "retry-after", "openai");
+        gate.close_until(start, start + secs(1), "retry-after", "openai");
+        assert!(!gate.is_open(start, "openai"));
+        let events = recorder.take();
+        let [moved] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(moved.level, Level::DEBUG);
+        assert_eq!(moved.fields["wait_ms"], "6000");
+
+        tokio::time::advance(secs(6)).await;
+        for _ in 0..3 {
+            assert!(gate.is_open(Instant::now(), "openai"));
+        }
+        let events = recorder.take();
+        let [opened] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(opened.level, Level::INFO);
+        assert_eq!(opened.message, "rate limit reset: new calls go out again");
+        assert_eq!(opened.fields["provider"], "openai");
+
+        // A reset past but not yet seen: closing again is closing, not moving.
+        let now = Instant::now();
+        gate.close_until(now, now + secs(1), "retry-after", "openai");
+        tokio::time::advance(secs(2)).await;
+        let now = Instant::now();
+        gate.close_until(now, now + secs(1), "retry-after", "openai");
+        let events = recorder.take();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(events.iter().all(|e| e.level == Level::INFO), "{events:?}");
+    }
+
+    #[test]
+    fn threads_share_one_gate_and_one_opening() {
+        for _ in 0..50 {
+            let recorder = Recorder::default();
+            let gate = Gate::new();
+            let start = Instant::now();
+            std::thread::scope(|scope| {
+                for i in 1..=8 {
+                    let (gate, recorder) = (&gate, recorder.clone());
+                    scope.spawn(move || {
+                        let _default = tracing::subscriber::set_default(recorder);
+                        gate.close_until(start, start + secs(i), "retry-after", "test");
+                        assert!(!gate.is_open(start, "test"));
+                    });
+                }
+            });
+            assert_eq!(gate.opens_at(), Some(start + secs(8)), "the latest reset");
+            let closed = recorder.take();
+            assert_eq!(
+                closed.iter().filter(|e| e.level == Level::INFO).count(),
+                1,
+                "{closed:?}"
+            );
+
+            let later = start + secs(8);
+            std::thread::scope(|scope| {
+                for _ in 0..8 {
+                    let (gate, recorder) = (&gate, recorder.clone());
+                    scope.spawn(move || {
+                        let _default = tracing::subscriber::set_default(recorder);
+                        assert!(gate.is_open(later, "test"));
+                    });
+                }
+            });
+            let opened = recorder.take();
+            assert_eq!(opened.len(), 1, "{opened:?}");
         }
     }
 
