@@ -109,6 +109,7 @@ pub mod metrics;
 mod park;
 pub mod replay;
 pub mod retry;
+mod retry_after;
 
 pub use budget::{RetryBudget, RetryBudgetLayer};
 pub use concurrency::{RejectReason, Rejected, StreamConcurrencyLayer};

@@ -172,6 +172,7 @@ mod error;
 mod future;
 mod idle;
 mod layer;
+mod rate_limit;
 mod service;
 
 use std::time::Duration;

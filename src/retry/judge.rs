@@ -17,10 +17,10 @@ use super::error::{FirstChunkError, FirstChunkErrorKind, GaveUp, StopReason};
 use super::future::Attempts;
 use super::in_band::InBand;
 use super::peek::{Held, Peek};
-use super::retry_after::retry_after;
 use crate::concurrency::Slot;
 use crate::frame::{Detector, Malformed, Progress};
 use crate::metrics::{RetryOutcome, RetryReason};
+use crate::retry_after::retry_after;
 
 /// An attempt that failed before its first chunk.
 pub(super) enum Failure<B: Body> {

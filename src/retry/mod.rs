@@ -169,7 +169,6 @@ mod judge;
 mod layer;
 mod peek;
 mod policy;
-mod retry_after;
 mod service;
 mod timer;
 

@@ -1,4 +1,7 @@
-//! The server's hint of when to retry: `retry-after-ms`, then `Retry-After`.
+//! The server's hint of when to call again: `retry-after-ms`, then `Retry-After`.
+//!
+//! Read by the retry layer, for how long to wait before a retry, and by the concurrency
+//! layer's rate-limit pacing, for how long to hold new calls after a 429.
 
 use std::time::{Duration, SystemTime};
 
@@ -9,9 +12,9 @@ use http::HeaderMap;
 /// `retry-after-ms` (milliseconds, decimals allowed) comes first, as in the OpenAI and
 /// Anthropic SDKs, then `Retry-After` as delay-seconds (decimals allowed) or an HTTP
 /// date (relative to `now`). Negative, non-numeric and otherwise garbled values are
-/// ignored (the policy's backoff applies), and so are zero and a date in the past: a
-/// retry at once, in the same poll and without jitter, would turn every attempt of a
-/// herd of callers into one burst. A value too large for a `Duration` saturates, so it
+/// ignored (a retry then waits for the policy's backoff), and so are zero and a date in
+/// the past: a retry at once, in the same poll and without jitter, would turn every
+/// attempt of a herd of callers into one burst. A value too large for a `Duration` saturates, so it
 /// is above any `max_retry_after`.
 pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     any_hint(headers, now).filter(|hint| !hint.is_zero())
