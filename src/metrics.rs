@@ -17,7 +17,8 @@
 //! | `stream_hedges_total{outcome}` | counter | hedged attempts ([`RetryPolicy::hedge`](crate::RetryPolicy::hedge)): `won` (it delivered the first chunk), `lost` (it did not), `budget_exhausted` (the budget refused it) |
 //! | `stream_retry_budget_available` | gauge | the budget's [`available()`](crate::RetryBudget::available), read at collection: one series per budget and meter (the first layer's `provider`), none once the budget is dropped |
 //! | `stream_concurrency_limit` | gauge | the limit in force: fixed, or where [`StreamConcurrencyLayer::adaptive`](crate::StreamConcurrencyLayer::adaptive) moved it |
-//! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded`, `queue_full` or `context_canceled` |
+//! | `stream_concurrency_rejections_total{reason}` | counter | `deadline_exceeded`, `queue_full`, `rate_limited` or `context_canceled` |
+//! | `stream_rate_limit_wait_seconds` | histogram | time a call was held by a spent rate limit ([`pace_on_rate_limits`](crate::StreamConcurrencyLayer::pace_on_rate_limits)) |
 //! | `stream_concurrency_wait_seconds` | histogram | time waited for a slot, granted or not (0 when granted at once) |
 //! | `http_client_open_connections` | gauge | +1 when a connector wrapped by `ConnectionGaugeLayer` (feature `connection-gauge`) connects, -1 when that connection's IO is dropped |
 //! | `stream_fallbacks_total{from,to,reason}` | counter | a call moved from target `from` to target `to` of a [`Fallback`](crate::fallback::Fallback); `reason`: `rejected`, `first_chunk`, `error`, `status` or `cooldown` |
@@ -159,6 +160,17 @@ pub const STREAM_RETRY_BUDGET_AVAILABLE: &str = "stream_retry_budget_available";
 /// assert_eq!(STREAM_CONCURRENCY_LIMIT, "stream_concurrency_limit");
 /// ```
 pub const STREAM_CONCURRENCY_LIMIT: &str = "stream_concurrency_limit";
+/// Histogram of the time calls were held at a concurrency layer by a spent rate limit
+/// ([`pace_on_rate_limits`](crate::StreamConcurrencyLayer::pace_on_rate_limits)), in
+/// seconds, whether they were sent after or turned away.
+///
+/// ```
+/// use tower_stream_backpressure::metrics::STREAM_RATE_LIMIT_WAIT;
+///
+/// assert_eq!(STREAM_RATE_LIMIT_WAIT, "stream_rate_limit_wait");
+/// // Exported to Prometheus as `stream_rate_limit_wait_seconds`.
+/// ```
+pub const STREAM_RATE_LIMIT_WAIT: &str = "stream_rate_limit_wait";
 /// Counter of calls that got no concurrency slot, attribute `reason`.
 ///
 /// ```
@@ -381,9 +393,11 @@ pub(crate) struct ConcurrencyMetrics {
     in_flight: InFlight,
     rejections: Counter<u64>,
     wait: Histogram<f64>,
+    paced: Histogram<f64>,
     provider: [KeyValue; 1],
     deadline_exceeded: [KeyValue; 2],
     queue_full: [KeyValue; 2],
+    rate_limited: [KeyValue; 2],
     context_canceled: [KeyValue; 2],
 }
 
@@ -406,8 +420,15 @@ impl ConcurrencyMetrics {
                 .with_unit("s")
                 .with_boundaries(CONCURRENCY_WAIT_BUCKETS.to_vec())
                 .build(),
+            paced: meter
+                .f64_histogram(STREAM_RATE_LIMIT_WAIT)
+                .with_description("Time calls were held at the layer by a spent rate limit")
+                .with_unit("s")
+                .with_boundaries(CONCURRENCY_WAIT_BUCKETS.to_vec())
+                .build(),
             deadline_exceeded: with(&provider, "reason", RejectReason::DeadlineExceeded.as_str()),
             queue_full: with(&provider, "reason", RejectReason::QueueFull.as_str()),
+            rate_limited: with(&provider, "reason", RejectReason::RateLimited.as_str()),
             context_canceled: with(&provider, "reason", "context_canceled"),
             provider: [provider],
         }
@@ -432,9 +453,15 @@ impl ConcurrencyMetrics {
         let attributes = match reason {
             RejectReason::DeadlineExceeded => &self.deadline_exceeded,
             RejectReason::QueueFull => &self.queue_full,
+            RejectReason::RateLimited => &self.rate_limited,
         };
         self.rejections.add(1, attributes);
         self.wait.record(waited.as_secs_f64(), &self.provider);
+    }
+
+    /// A call was held by a spent rate limit for `held`, sent or not.
+    pub(crate) fn paced(&self, held: Duration) {
+        self.paced.record(held.as_secs_f64(), &self.provider);
     }
 
     /// The caller dropped the call while waiting.

@@ -36,6 +36,14 @@ impl Rejected {
         }
     }
 
+    pub(crate) fn rate_limited(limit: usize, waited: Duration) -> Self {
+        Self {
+            reason: RejectReason::RateLimited,
+            limit,
+            waited,
+        }
+    }
+
     pub(crate) fn queue_full(limit: usize) -> Self {
         Self {
             reason: RejectReason::QueueFull,
@@ -147,6 +155,13 @@ impl fmt::Display for Rejected {
                 self.waited,
                 self.reason.as_str()
             ),
+            RejectReason::RateLimited => write!(
+                f,
+                "the provider's rate limit is spent until after this call's max_wait, \
+                 waited {:?} ({})",
+                self.waited,
+                self.reason.as_str()
+            ),
         }
     }
 }
@@ -184,11 +199,16 @@ pub enum RejectReason {
     /// [`max_queued`](super::StreamConcurrencyLayer::max_queued) callers were already
     /// waiting for a slot: the call failed at once.
     QueueFull,
+    /// The provider said the account has no requests or tokens left until a reset
+    /// later than the call's `max_wait`
+    /// ([`pace_on_rate_limits`](super::StreamConcurrencyLayer::pace_on_rate_limits)):
+    /// the call failed without being sent.
+    RateLimited,
 }
 
 impl RejectReason {
-    /// The value of the metric attribute `reason`: `"deadline_exceeded"` or
-    /// `"queue_full"`.
+    /// The value of the metric attribute `reason`: `"deadline_exceeded"`,
+    /// `"queue_full"` or `"rate_limited"`.
     ///
     /// ```
     /// use tower_stream_backpressure::RejectReason;
@@ -200,6 +220,7 @@ impl RejectReason {
         match self {
             RejectReason::DeadlineExceeded => "deadline_exceeded",
             RejectReason::QueueFull => "queue_full",
+            RejectReason::RateLimited => "rate_limited",
         }
     }
 }

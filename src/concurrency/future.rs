@@ -16,6 +16,7 @@ use tower_service::Service;
 
 use super::adaptive::Limiter;
 use super::idle::Sweep;
+use super::rate_limit::Gate;
 use super::service::Shared;
 use super::{Rejected, ResponseBody};
 use crate::metrics::ConcurrencyMetrics;
@@ -40,6 +41,8 @@ pub(crate) struct Slots {
     pub(crate) metrics: Arc<ConcurrencyMetrics>,
     /// The moving limit, when the layer is adaptive.
     pub(crate) limiter: Option<Arc<Limiter>>,
+    /// The rate-limit gate, with `pace_on_rate_limits`.
+    pub(crate) gate: Option<Arc<Gate>>,
 }
 
 impl Slot {
@@ -47,6 +50,20 @@ impl Slot {
     pub(crate) fn new(slots: Arc<Slots>, waited: Duration) -> Self {
         slots.metrics.slot_taken(waited);
         Self { slots }
+    }
+
+    /// An attempt of the call holding this slot got this response head: one saying
+    /// that the account's rate limit is spent closes the layer's gate until its reset.
+    pub(crate) fn response_head(&self, status: http::StatusCode, headers: &http::HeaderMap) {
+        let Some(gate) = &self.slots.gate else {
+            return;
+        };
+        let provider = self.slots.metrics.provider();
+        let now = std::time::SystemTime::now();
+        if let Some(hold) = super::rate_limit::hold(status, headers, now, &provider) {
+            let now = Instant::now();
+            gate.close_until(now, hold.until(now), hold.by, &provider);
+        }
     }
 
     /// Whether the slot's layer has an adaptive limit, which learns from attempts.
@@ -74,6 +91,9 @@ impl Slot {
     /// response head or error: an overload status (`429`, `503`, `529`) or HTTP/2
     /// refusal, or an answer whose time says nothing of its first chunk.
     fn judge<B>(&self, result: &Result<Response<B>, BoxError>) {
+        if let Ok(response) = result {
+            self.response_head(response.status(), response.headers());
+        }
         let Some(limiter) = &self.slots.limiter else {
             return;
         };
@@ -164,6 +184,43 @@ pub(crate) fn reject(metrics: &ConcurrencyMetrics, limit: usize, waited: Duratio
     rejected
 }
 
+/// Waits for the rate-limit gate to open, as long as `deadline` allows: a gate that
+/// moves later while the call waits is waited for again. The time held is recorded
+/// when it opens; past the deadline, the rejection records it.
+async fn pass(
+    gate: &Gate,
+    deadline: Option<Instant>,
+    metrics: &ConcurrencyMetrics,
+) -> Result<(), super::RejectReason> {
+    let held = Instant::now();
+    while let Some(opens_at) = gate.opens_at().filter(|&at| at > Instant::now()) {
+        if let Some(deadline) = deadline.filter(|&deadline| opens_at > deadline) {
+            tokio::time::sleep_until(deadline).await;
+            return Err(super::RejectReason::RateLimited);
+        }
+        tokio::time::sleep_until(opens_at).await;
+    }
+    metrics.paced(held.elapsed());
+    Ok(())
+}
+
+/// A call that the rate-limit gate would hold past its deadline.
+pub(crate) fn reject_rate_limited(
+    metrics: &ConcurrencyMetrics,
+    limit: usize,
+    waited: Duration,
+) -> Rejected {
+    let rejected = Rejected::rate_limited(limit, waited);
+    metrics.rejected(rejected.reason(), waited);
+    metrics.paced(waited);
+    tracing::warn!(
+        provider = %metrics.provider(),
+        waited_ms = waited.as_millis() as u64,
+        "rejected: the provider's rate limit is spent until after max_wait"
+    );
+    rejected
+}
+
 /// A call that found the queue full.
 pub(crate) fn reject_queue_full(metrics: &ConcurrencyMetrics, limit: usize) -> Rejected {
     let rejected = Rejected::queue_full(limit);
@@ -187,7 +244,9 @@ fn offer<F>(slot: Slot, sweep: Option<&Arc<Sweep>>, call: impl FnOnce() -> F) ->
 }
 
 /// Resolves to a permit, or `None` once the call's deadline has passed.
-type Acquire = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
+/// A place in the queue: the permit, or why there is none by the deadline.
+type Acquire =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, super::RejectReason>> + Send>>;
 
 pin_project! {
     /// Response future of [`StreamConcurrency`](super::StreamConcurrency).
@@ -299,15 +358,30 @@ where
     }
 
     /// Queues for a slot with `service`, a clone nobody has polled ready.
-    pub(crate) fn waiting(wait: Wait, deadline: Option<Instant>, service: S, request: Req) -> Self {
+    /// Queues for a slot with `service`, a clone nobody has polled ready, after the
+    /// rate-limit `gate` if it was closed.
+    pub(crate) fn waiting(
+        wait: Wait,
+        deadline: Option<Instant>,
+        gate: Option<Arc<Gate>>,
+        service: S,
+        request: Req,
+    ) -> Self {
         let semaphore = wait.shared.semaphore.clone();
+        let metrics = wait.slots.metrics.clone();
         let acquire: Acquire = Box::pin(async move {
+            if let Some(gate) = gate {
+                pass(&gate, deadline, &metrics).await?;
+            }
             // The semaphore is never closed, so `acquire_owned` only ever succeeds.
             let permit = semaphore.acquire_owned();
-            match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, permit).await.ok()?.ok(),
-                None => permit.await.ok(),
-            }
+            let permit = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, permit).await.ok(),
+                None => Some(permit.await),
+            };
+            permit
+                .and_then(Result::ok)
+                .ok_or(super::RejectReason::DeadlineExceeded)
         });
         let sweep = wait.shared.sweep.clone();
         Self {
@@ -344,11 +418,21 @@ where
                         unreachable!("the wait is taken only when it is over")
                     };
                     let waited = wait.finish();
-                    let Some(permit) = permit else {
-                        let limit = wait.shared.limit;
-                        let error = Some(Box::new(reject(&wait.slots.metrics, limit, waited)));
-                        this.state.set(State::Rejected { error });
-                        continue;
+                    let permit = match permit {
+                        Ok(permit) => permit,
+                        Err(reason) => {
+                            let (metrics, limit) = (&wait.slots.metrics, wait.shared.limit);
+                            let error = match reason {
+                                super::RejectReason::RateLimited => {
+                                    reject_rate_limited(metrics, limit, waited)
+                                }
+                                _ => reject(metrics, limit, waited),
+                            };
+                            this.state.set(State::Rejected {
+                                error: Some(Box::new(error)),
+                            });
+                            continue;
+                        }
                     };
                     permit.forget();
                     let slot = Slot::new(wait.slots.clone(), waited);

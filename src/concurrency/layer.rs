@@ -9,6 +9,7 @@ use tower_layer::Layer;
 use super::StreamConcurrency;
 use super::adaptive::Limiter;
 use super::idle::Sweep;
+use super::rate_limit::Gate;
 use super::service::Shared;
 use crate::ConfigError;
 use crate::metrics::{ConcurrencyMetrics, Telemetry, observe_limit};
@@ -98,6 +99,7 @@ impl StreamConcurrencyLayer {
                 max_queued: None,
                 sweep: None,
                 limiter: None,
+                gate: None,
             }),
             telemetry: Telemetry::default(),
         })
@@ -146,7 +148,51 @@ impl StreamConcurrencyLayer {
         adaptive.validate()?;
         let layer = Self::try_new(adaptive.get_initial())?;
         let limiter = Limiter::new(adaptive, layer.shared.semaphore.clone());
-        Ok(layer.with(|shared| shared.limiter = Some(Arc::new(limiter))))
+        let layer = layer.with(|shared| shared.limiter = Some(Arc::new(limiter)));
+        Ok(layer.pace_on_rate_limits(true))
+    }
+
+    /// Holds new calls while the provider says the account's rate limit is spent (off
+    /// by default; on by default with [`adaptive`](Self::adaptive)).
+    ///
+    /// A response that says no requests or tokens are left (OpenAI's
+    /// `x-ratelimit-remaining-requests: 0` with `x-ratelimit-reset-requests: 6m0s`, or
+    /// `...-tokens`; Anthropic's `anthropic-ratelimit-requests-remaining: 0` with its
+    /// `...-reset` time, or the token limits), or a 429 with `Retry-After`, closes the
+    /// layer's gate until the reset: new calls wait there, under their `max_wait`,
+    /// instead of each earning its own 429. A call whose `max_wait` ends before the
+    /// reset fails at once with [`Rejected`](super::Rejected)
+    /// ([`RejectReason::RateLimited`](super::RejectReason::RateLimited)), counted as
+    /// `reason="rate_limited"`. The headers are read from every attempt of a
+    /// [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer) below, or from each response
+    /// head without one. Malformed or absurd values (a wait above an hour) are ignored
+    /// with a `DEBUG` event. `stream_rate_limit_wait_seconds` records the time calls
+    /// were held; the gate closing and opening are `INFO` events.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// let layer = StreamConcurrencyLayer::new(50)
+    ///     .max_wait(Duration::from_secs(30))
+    ///     .pace_on_rate_limits(true);
+    /// assert!(layer.get_pace_on_rate_limits());
+    /// ```
+    pub fn pace_on_rate_limits(self, pace: bool) -> Self {
+        self.with(|shared| shared.gate = pace.then(|| Arc::new(Gate::new())))
+    }
+
+    /// Whether [`pace_on_rate_limits`](Self::pace_on_rate_limits) is on.
+    ///
+    /// ```
+    /// use tower_stream_backpressure::concurrency::Adaptive;
+    /// use tower_stream_backpressure::StreamConcurrencyLayer;
+    ///
+    /// assert!(!StreamConcurrencyLayer::new(8).get_pace_on_rate_limits());
+    /// assert!(StreamConcurrencyLayer::adaptive(Adaptive::default()).get_pace_on_rate_limits());
+    /// ```
+    pub fn get_pace_on_rate_limits(&self) -> bool {
+        self.shared.gate.is_some()
     }
 
     /// The limit in force now: the fixed one, or where an adaptive one has moved.
@@ -321,6 +367,7 @@ impl StreamConcurrencyLayer {
             max_queued: self.shared.max_queued,
             sweep: self.shared.sweep.clone(),
             limiter: self.shared.limiter.clone(),
+            gate: self.shared.gate.clone(),
         };
         change(&mut shared);
         Self {

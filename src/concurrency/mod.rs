@@ -92,6 +92,24 @@
 //! gradient does not move). The gauge `stream_concurrency_limit` shows the limit in
 //! force, fixed or adaptive, and [`StreamConcurrencyLayer::current_limit`] reads it.
 //!
+//! # Rate-limit pacing
+//!
+//! A provider limits each account's requests and tokens per window, and says in every
+//! response how much is left and when it resets. Once nothing is left, every call
+//! before the reset earns a 429: a round trip, a retry attempt and a unit of budget
+//! spent to hear what the last response already said (and at OpenAI a refused request
+//! still counts against the limit). With
+//! [`pace_on_rate_limits`](StreamConcurrencyLayer::pace_on_rate_limits) (on by default
+//! with `adaptive`), the layer reads those headers from every attempt's response head
+//! (OpenAI's `x-ratelimit-remaining-*` and `x-ratelimit-reset-*` durations, Anthropic's
+//! `anthropic-ratelimit-*-remaining` and RFC 3339 `...-reset` times, a 429's
+//! `Retry-After`) and closes a gate until the latest reset: new calls wait there
+//! within their `max_wait`, and one that cannot wait long enough fails at once with
+//! [`RejectReason::RateLimited`], without a request. The parsers are strict (a garbled
+//! value is ignored with a `DEBUG` event, not read as something else), and a wait above
+//! an hour is not believed. A reset is when the limit is full again, so holding until
+//! it errs on the side of not earning a 429.
+//!
 //! # Stalled readers
 //!
 //! The slot is released when the stream ends, so a body that its consumer neither

@@ -84,9 +84,6 @@
 //! - RFC 9110, section 10.2.3 (`Retry-After`):
 //!   <https://www.rfc-editor.org/rfc/rfc9110#section-10.2.3>
 
-// Not wired into the concurrency layer yet: only the tests use these for now.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

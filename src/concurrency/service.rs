@@ -10,8 +10,9 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::adaptive::Limiter;
-use super::future::{Slots, Wait, reject, reject_queue_full};
+use super::future::{Slots, Wait, reject, reject_queue_full, reject_rate_limited};
 use super::idle::Sweep;
+use super::rate_limit::Gate;
 use super::{MaxWait, ResponseBody, ResponseFuture, Slot};
 use crate::metrics::ConcurrencyMetrics;
 
@@ -62,6 +63,9 @@ pub(crate) struct Shared {
     pub(crate) sweep: Option<Arc<Sweep>>,
     /// The moving limit of an adaptive layer.
     pub(crate) limiter: Option<Arc<Limiter>>,
+    /// The gate that holds new calls while the provider's rate limit is spent, with
+    /// `pace_on_rate_limits`.
+    pub(crate) gate: Option<Arc<Gate>>,
 }
 
 impl Shared {
@@ -87,6 +91,7 @@ impl<S> StreamConcurrency<S> {
     pub(crate) fn new(inner: S, shared: Arc<Shared>, metrics: Arc<ConcurrencyMetrics>) -> Self {
         let semaphore = shared.semaphore.clone();
         let limiter = shared.limiter.clone();
+        let gate = shared.gate.clone();
         Self {
             inner,
             shared,
@@ -94,6 +99,7 @@ impl<S> StreamConcurrency<S> {
                 semaphore,
                 metrics,
                 limiter,
+                gate,
             }),
         }
     }
@@ -244,9 +250,19 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let shared = &self.shared;
+        // While the provider's rate limit is spent, a call waits at the gate first.
+        let paced = shared.gate.as_ref().and_then(|gate| {
+            let provider = self.slots.metrics.provider();
+            let open = gate.is_open(tokio::time::Instant::now(), &provider);
+            (!open).then(|| gate.clone())
+        });
         // Fast path: a slot is free (never ahead of queued callers: the semaphore hands
         // released permits to waiters first), so the call starts at once.
-        if let Ok(permit) = shared.semaphore.try_acquire() {
+        let free = match paced {
+            None => shared.semaphore.try_acquire().ok(),
+            Some(_) => None,
+        };
+        if let Some(permit) = free {
             permit.forget();
             let slot = Slot::new(self.slots.clone(), Duration::ZERO);
             let sweep = shared.sweep.clone();
@@ -256,7 +272,16 @@ where
             .extensions()
             .get::<MaxWait>()
             .map_or(shared.max_wait, |max_wait| max_wait.get());
-        if max_wait == Some(Duration::ZERO) {
+        // Turned away at once when the gate opens after the call's deadline.
+        let opens_at = paced.as_ref().and_then(|gate| gate.opens_at());
+        let deadline = max_wait.map(crate::deadline::from_now);
+        if let (Some(opens_at), Some(deadline)) = (opens_at, deadline) {
+            if opens_at > deadline {
+                let error = reject_rate_limited(&self.slots.metrics, shared.limit, Duration::ZERO);
+                return ResponseFuture::rejected(error);
+            }
+        }
+        if paced.is_none() && max_wait == Some(Duration::ZERO) {
             let error = reject(&self.slots.metrics, shared.limit, Duration::ZERO);
             return ResponseFuture::rejected(error);
         }
@@ -266,8 +291,7 @@ where
         // Slow path: queue, with a clone of the inner service that is not ready (see
         // `park`). The ready one stays here, for this service's next call.
         let parked = self.inner.clone();
-        let deadline = max_wait.map(crate::deadline::from_now);
-        ResponseFuture::waiting(wait, deadline, parked, request)
+        ResponseFuture::waiting(wait, deadline, paced, parked, request)
     }
 }
 

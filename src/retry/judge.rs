@@ -173,6 +173,9 @@ where
         B: Body,
     {
         let status = response.status();
+        if let Some(slot) = &self.slot {
+            slot.response_head(status, response.headers());
+        }
         let policy = &self.shared.policy;
         let should_retry = response
             .headers()
