@@ -14,7 +14,7 @@ use support::{
 };
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
-use tower_stream_backpressure::concurrency::{IdleTimeout, MaxWait, ResponseBody};
+use tower_stream_backpressure::concurrency::{Adaptive, IdleTimeout, MaxWait, ResponseBody};
 use tower_stream_backpressure::{
     RejectReason, Rejected, RetryBudget, RetryPolicy, StreamConcurrencyLayer,
 };
@@ -238,12 +238,25 @@ async fn dropping_the_call_releases_the_slot() {
     }
 }
 
+/// A concurrency layer with a limit of `n`.
+type LayerOf = fn(usize) -> StreamConcurrencyLayer;
+
+/// A limit of `n`, fixed, and adaptive with `n` as its only value: what the fixed limit
+/// does, the adaptive one does too.
+const KINDS: [(&str, LayerOf); 2] = [
+    ("fixed", StreamConcurrencyLayer::new),
+    ("adaptive", |n| {
+        StreamConcurrencyLayer::adaptive(Adaptive::default().initial(n).min(n).max(n))
+    }),
+];
+
 #[tokio::test(start_paused = true)]
 async fn max_wait_rejects_with_deadline_exceeded_and_counts_it() {
-    for protocol in BOTH {
+    for (protocol, (kind, layer)) in BOTH.into_iter().flat_map(|p| KINDS.map(|k| (p, k))) {
+        let at = format!("{kind} over {protocol:?}");
         let upstream = Upstream::start(|_| Reply::faulty(3, Fault::StallAfter(1))).await;
         let metrics = Metrics::new();
-        let limit = StreamConcurrencyLayer::new(1)
+        let limit = layer(1)
             .max_wait(Duration::from_secs(2))
             .meter(metrics.meter())
             .provider("test");
@@ -256,7 +269,7 @@ async fn max_wait_rejects_with_deadline_exceeded_and_counts_it() {
         assert_eq!(rejection.reason(), RejectReason::DeadlineExceeded);
         assert_eq!(rejection.waited(), Duration::from_secs(2));
         assert_eq!(rejection.limit(), 1);
-        assert_eq!(started.elapsed(), Duration::from_secs(2), "{protocol:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(2), "{at}");
         assert!(error.to_string().contains("deadline_exceeded"));
 
         // A request extension overrides the layer's max_wait.
@@ -271,7 +284,7 @@ async fn max_wait_rejects_with_deadline_exceeded_and_counts_it() {
         assert_eq!(
             upstream.hits(),
             1,
-            "{protocol:?}: rejected calls never reached upstream"
+            "{at}: rejected calls never reached upstream"
         );
 
         let snapshot = metrics.snapshot();
@@ -341,6 +354,12 @@ async fn a_waiting_caller_that_gives_up_is_counted_and_leaks_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn waiters_get_slots_in_arrival_order() {
+    for (kind, layer) in KINDS {
+        waiters_in_order(kind, layer(1)).await;
+    }
+}
+
+async fn waiters_in_order(kind: &str, limit: StreamConcurrencyLayer) {
     let order = Arc::new(Mutex::new(Vec::new()));
     let upstream = {
         let order = order.clone();
@@ -350,7 +369,6 @@ async fn waiters_get_slots_in_arrival_order() {
         })
         .await
     };
-    let limit = StreamConcurrencyLayer::new(1);
     let service = limit.layer(client(Protocol::Http1));
     let held = call(&service, &upstream, "/held").await.unwrap();
 
@@ -367,15 +385,20 @@ async fn waiters_get_slots_in_arrival_order() {
     for waiter in waiters {
         waiter.await.unwrap().unwrap();
     }
-    assert_eq!(*order.lock().unwrap(), ["/held", "/a", "/b", "/c", "/d"]);
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["/held", "/a", "/b", "/c", "/d"],
+        "{kind}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn max_queued_rejects_at_once_when_the_queue_is_full() {
-    for protocol in BOTH {
+    for (protocol, (kind, layer)) in BOTH.into_iter().flat_map(|p| KINDS.map(|k| (p, k))) {
+        let at = format!("{kind} over {protocol:?}");
         let upstream = Upstream::start(|_| Reply::faulty(3, Fault::StallAfter(1))).await;
         let metrics = Metrics::new();
-        let limit = StreamConcurrencyLayer::new(1)
+        let limit = layer(1)
             .max_queued(2)
             .meter(metrics.meter())
             .provider("test");
@@ -395,7 +418,7 @@ async fn max_queued_rejects_at_once_when_the_queue_is_full() {
         assert_eq!(rejected(&error).reason(), RejectReason::QueueFull);
         assert_eq!(started.elapsed(), Duration::ZERO);
         assert!(error.to_string().contains("queue_full"), "{error}");
-        assert_eq!(upstream.hits(), 1, "{protocol:?}");
+        assert_eq!(upstream.hits(), 1, "{at}");
         let queue_full = [TEST, ("reason", "queue_full")];
         let snapshot = metrics.snapshot();
         assert_eq!(
@@ -408,7 +431,7 @@ async fn max_queued_rejects_at_once_when_the_queue_is_full() {
         for waiter in waiters {
             waiter.await.unwrap().unwrap();
         }
-        assert_eq!(upstream.hits(), 3, "{protocol:?}");
+        assert_eq!(upstream.hits(), 3, "{at}");
         drop(call(&service, &upstream, "/").await.unwrap());
         assert_eq!(limit.available_slots(), 1);
     }

@@ -192,3 +192,36 @@ async fn garbled_or_absurd_resets_hold_nothing() {
         assert_eq!(upstream.hits(), 3, "{reset}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_gives_up_at_the_gate_leaves_nothing_behind() {
+    for protocol in BOTH {
+        let at = format!("{protocol:?}");
+        let upstream = Upstream::start(|_: &Hit| answer(Some("1m0s"))).await;
+        let metrics = Metrics::new();
+        let limit = StreamConcurrencyLayer::new(4).pace_on_rate_limits(true);
+        let stack = full_stack(
+            client(protocol),
+            &metrics.meter(),
+            limit.clone(),
+            RetryBudget::default(),
+            RetryPolicy::default(),
+        );
+        let url = upstream.url("/v1/chat/completions");
+        let first = stack.clone().oneshot(post(&url)).await.unwrap();
+        read_to_end(first.into_body()).await.unwrap();
+        // No max_wait: the call waits at the gate until its caller gives up.
+        let call = stack.clone().oneshot(post(&url));
+        support::give_up(call, support::GiveUp::Waiting, &at).await;
+        support::settle().await;
+        assert_eq!(upstream.hits(), 1, "{at}: the call was never sent");
+        assert_eq!(limit.available_slots(), 4, "{at}: every slot free");
+        support::assert_nothing_in_flight(&metrics, &at);
+        let snapshot = metrics.snapshot();
+        let canceled = snapshot.count(
+            "stream_concurrency_rejections",
+            &[TEST, ("reason", "context_canceled")],
+        );
+        assert_eq!(canceled, 1.0, "{at}: counted as given up");
+    }
+}
