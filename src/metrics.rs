@@ -678,14 +678,6 @@ impl ConnectionMetrics {
     }
 }
 
-/// Registers the observable `stream_retry_budget_available` gauge for one budget, once
-/// per meter: a budget shared by several layers, renamed or given the meter again, is
-/// one series, named by the first layer that registered it.
-///
-/// The SDK keeps a callback as long as the meter provider lives and cannot forget one,
-/// so the callback holds no budget, only a weak handle: once every handle on the budget
-/// is gone (a configuration reload dropped the old stack), its counts are freed and it
-/// reports no series.
 /// The gauge of a concurrency layer's limit in force, read at collection, for as long
 /// as the layer lives.
 pub(crate) fn observe_limit(
@@ -706,6 +698,14 @@ pub(crate) fn observe_limit(
         .build();
 }
 
+/// Registers the observable `stream_retry_budget_available` gauge for one budget, once
+/// per meter: a budget shared by several layers, renamed or given the meter again, is
+/// one series, named by the first layer that registered it.
+///
+/// The SDK keeps a callback as long as the meter provider lives and cannot forget one,
+/// so the callback holds no budget, only a weak handle: once every handle on the budget
+/// is gone (a configuration reload dropped the old stack), its counts are freed and it
+/// reports no series.
 pub(crate) fn observe_budget(meter: &Meter, provider: KeyValue, budget: &crate::RetryBudget) {
     if !budget.first_gauge_on(meter) {
         return;

@@ -314,3 +314,43 @@ async fn a_refusal_read_for_what_it_says_reaches_the_caller_byte_for_byte() {
         assert_eq!(upstream.hits(), 1, "{at}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_overload_the_retry_layer_hands_back_unretried_counts_and_an_internal_error_does_not() {
+    // A 529 its server says not to retry; an in-band internal error, retried.
+    let api_error = Reply::chunks(
+        "text/event-stream",
+        vec![bytes::Bytes::from_static(
+            b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"Internal server error\"}}\n\n",
+        )],
+    );
+    let cases = [
+        (
+            "529, x-should-retry: false",
+            Reply::status(529).header("x-should-retry", "false"),
+            1,
+            18,
+        ),
+        ("in-band api_error", api_error, 2, 20),
+    ];
+    for protocol in BOTH {
+        for (what, failure, hits, expected) in &cases {
+            let at = format!("{what} over {protocol:?}");
+            let failure = failure.clone();
+            let upstream = Upstream::start(move |hit: &Hit| match hit.index {
+                0 => failure.clone(),
+                _ => Reply::tokens(1),
+            })
+            .await;
+            let metrics = Metrics::new();
+            let limit = StreamConcurrencyLayer::adaptive(Adaptive::default());
+            let response = stack(protocol, &metrics, &limit)
+                .oneshot(post(&upstream.url("/v1/chat/completions")))
+                .await
+                .unwrap_or_else(|e| panic!("{at}: {e}"));
+            read_to_end(response.into_body()).await.unwrap();
+            assert_eq!(upstream.hits(), *hits, "{at}");
+            assert_eq!(limit.current_limit(), *expected, "{at}");
+        }
+    }
+}

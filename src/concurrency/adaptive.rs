@@ -294,6 +294,7 @@ impl Limiter {
         }
         state.decreased = Some(now);
         let limit = ((state.limit as f64) * BACKOFF).floor() as usize;
+        let limit = limit.clamp(self.adaptive.min, self.adaptive.max);
         state.exact = limit as f64;
         self.set(&mut state, limit);
     }
@@ -309,11 +310,15 @@ impl Limiter {
             state.recent = Some(average(state.recent, sample, WINDOW_SAMPLES));
         }
         let in_use = self.in_use(state.limit);
-        if in_use >= state.limit {
+        // Reached by the calls it admits, not by streams still draining a shrink.
+        if in_use >= state.limit && self.debt.load(Ordering::Acquire) == 0 {
             state.reached = true;
         }
-        match self.adaptive.algorithm {
-            Algorithm::Aimd => {
+        match (self.adaptive.algorithm, sample) {
+            // The gradient needs the time to first chunk; without it (no retry layer
+            // below to measure it), it grows as AIMD does, so that it is not left only
+            // able to shrink.
+            (Algorithm::Aimd, _) | (Algorithm::Gradient, None) => {
                 let Some(ends) = state.window_ends else {
                     state.window_ends = Some(now + state.window());
                     return;
@@ -331,10 +336,7 @@ impl Limiter {
                     self.set(&mut state, limit);
                 }
             }
-            Algorithm::Gradient => {
-                let Some(sample) = sample else {
-                    return;
-                };
+            (Algorithm::Gradient, Some(sample)) => {
                 let mut long = average(state.long, sample, LONG_SAMPLES);
                 if sample > 0.0 && long / sample > 2.0 {
                     long *= 0.95;

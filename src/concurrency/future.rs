@@ -194,8 +194,8 @@ async fn pass(
 ) -> Result<(), super::RejectReason> {
     let held = Instant::now();
     while let Some(opens_at) = gate.opens_at().filter(|&at| at > Instant::now()) {
-        if let Some(deadline) = deadline.filter(|&deadline| opens_at > deadline) {
-            tokio::time::sleep_until(deadline).await;
+        if deadline.is_some_and(|deadline| opens_at > deadline) {
+            // It only moves later: the call cannot go out in time.
             return Err(super::RejectReason::RateLimited);
         }
         tokio::time::sleep_until(opens_at).await;
@@ -370,18 +370,26 @@ where
         let semaphore = wait.shared.semaphore.clone();
         let metrics = wait.slots.metrics.clone();
         let acquire: Acquire = Box::pin(async move {
-            if let Some(gate) = gate {
-                pass(&gate, deadline, &metrics).await?;
+            loop {
+                if let Some(gate) = &gate {
+                    pass(gate, deadline, &metrics).await?;
+                }
+                // The semaphore is never closed, so `acquire_owned` only ever succeeds.
+                let permit = semaphore.clone().acquire_owned();
+                let permit = match deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline, permit).await.ok(),
+                    None => Some(permit.await),
+                };
+                let permit = permit
+                    .and_then(Result::ok)
+                    .ok_or(super::RejectReason::DeadlineExceeded)?;
+                // A rate limit spent while the call waited for its slot: the slot goes
+                // to the next caller, and this one waits at the gate again.
+                let closed = gate.as_ref().and_then(|gate| gate.opens_at());
+                if closed.is_none_or(|at| at <= Instant::now()) {
+                    return Ok(permit);
+                }
             }
-            // The semaphore is never closed, so `acquire_owned` only ever succeeds.
-            let permit = semaphore.acquire_owned();
-            let permit = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, permit).await.ok(),
-                None => Some(permit.await),
-            };
-            permit
-                .and_then(Result::ok)
-                .ok_or(super::RejectReason::DeadlineExceeded)
         });
         let sweep = wait.shared.sweep.clone();
         Self {
@@ -421,7 +429,8 @@ where
                     let permit = match permit {
                         Ok(permit) => permit,
                         Err(reason) => {
-                            let (metrics, limit) = (&wait.slots.metrics, wait.shared.limit);
+                            let metrics = &wait.slots.metrics;
+                            let limit = wait.shared.current_limit();
                             let error = match reason {
                                 super::RejectReason::RateLimited => {
                                     reject_rate_limited(metrics, limit, waited)

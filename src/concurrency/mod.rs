@@ -87,10 +87,17 @@
 //! [`FirstChunkRetryLayer`](crate::FirstChunkRetryLayer) below carries the call's slot
 //! (see "One body wrapper"), and tells it of every attempt it makes, the ones it
 //! retries included, with the attempt's own time to first chunk. Without a retry layer
-//! below, this layer sees the response head only: an overload status, or an answer
-//! whose time says nothing of its first chunk (AIMD then still grows on it, the
-//! gradient does not move). The gauge `stream_concurrency_limit` shows the limit in
-//! force, fixed or adaptive, and [`StreamConcurrencyLayer::current_limit`] reads it.
+//! below, this layer sees the response head only: an overload status (a `429` then
+//! counts whatever its body says), or an answer whose time says nothing of its first
+//! chunk (both algorithms then grow as AIMD does). The same holds with
+//! [`idle_timeout`](StreamConcurrencyLayer::idle_timeout), under which the slot stays
+//! in this layer's body for the sweep to end. A failure the retry layer hands back
+//! without a retry (a `529` with `x-should-retry: false`) still counts. An in-band
+//! error counts when it says overloaded, rate limited, throttled or out of capacity,
+//! not when it is an internal error. The HTTP/2 refusals are read with the
+//! `hyper-errors` feature (on by default). The gauge `stream_concurrency_limit` shows
+//! the limit in force, fixed or adaptive, and [`StreamConcurrencyLayer::current_limit`]
+//! reads it.
 //!
 //! # Rate-limit pacing
 //!
@@ -108,7 +115,12 @@
 //! [`RejectReason::RateLimited`], without a request. The parsers are strict (a garbled
 //! value is ignored with a `DEBUG` event, not read as something else), and a wait above
 //! an hour is not believed. A reset is when the limit is full again, so holding until
-//! it errs on the side of not earning a 429.
+//! it errs on the side of not earning a 429. A call held at the gate is a waiting call:
+//! it counts against `max_queued`, its time is in `stream_concurrency_wait_seconds` as
+//! well as `stream_rate_limit_wait_seconds`, and a call that got its slot while the
+//! gate closed gives the slot to the next caller and waits at the gate again. Retries
+//! and hedges of a call already sent are the retry layer's, which reads the same
+//! hints.
 //!
 //! # Stalled readers
 //!

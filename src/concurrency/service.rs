@@ -277,16 +277,21 @@ where
         let deadline = max_wait.map(crate::deadline::from_now);
         if let (Some(opens_at), Some(deadline)) = (opens_at, deadline) {
             if opens_at > deadline {
-                let error = reject_rate_limited(&self.slots.metrics, shared.limit, Duration::ZERO);
+                let error = reject_rate_limited(
+                    &self.slots.metrics,
+                    shared.current_limit(),
+                    Duration::ZERO,
+                );
                 return ResponseFuture::rejected(error);
             }
         }
         if paced.is_none() && max_wait == Some(Duration::ZERO) {
-            let error = reject(&self.slots.metrics, shared.limit, Duration::ZERO);
+            let error = reject(&self.slots.metrics, shared.current_limit(), Duration::ZERO);
             return ResponseFuture::rejected(error);
         }
         let Some(wait) = Wait::enter(shared, &self.slots) else {
-            return ResponseFuture::rejected(reject_queue_full(&self.slots.metrics, shared.limit));
+            let limit = shared.current_limit();
+            return ResponseFuture::rejected(reject_queue_full(&self.slots.metrics, limit));
         };
         // Slow path: queue, with a clone of the inner service that is not ready (see
         // `park`). The ready one stays here, for this service's next call.

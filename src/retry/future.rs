@@ -443,7 +443,10 @@ where
     /// start comes due.
     fn elapsed(&mut self, now: Instant) -> Option<Output<ResBody>> {
         let timeout = self.attempts.shared.policy.get_first_chunk_timeout();
-        if self.lead.is_running() && self.lead.deadline(timeout) <= now {
+        if self.lead.is_running()
+            && self.lead.deadline(timeout) <= now
+            && !self.lead.as_mut().cut_refusal()
+        {
             let (retried_for, _) = self.lead.as_mut().stop();
             if let Some(output) = self.failed(Failure::Timeout, retried_for) {
                 return Some(output);
@@ -451,7 +454,8 @@ where
         }
         let mut index = 0;
         while index < self.extra.len() {
-            if self.extra[index].deadline(timeout) > now {
+            if self.extra[index].deadline(timeout) > now || self.extra[index].as_mut().cut_refusal()
+            {
                 index += 1;
                 continue;
             }
@@ -580,6 +584,19 @@ where
 
     fn is_running(&self) -> bool {
         self.call.is_some() || self.peek.is_some()
+    }
+
+    /// Its deadline passed while it read a `429` for what it says: the read ends with
+    /// what it has, at the next poll. `false` for any other attempt, which fails.
+    fn cut_refusal(self: Pin<&mut Self>) -> bool {
+        let this = self.project();
+        match this.peek.as_mut().and_then(|peek| peek.refusal.as_mut()) {
+            Some(refusal) if !refusal.cut => {
+                refusal.cut = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Its first-chunk deadline, `timeout` after its start.

@@ -16,7 +16,7 @@ use super::classify::is_unprocessed;
 use super::error::{FirstChunkError, FirstChunkErrorKind, GaveUp, StopReason};
 use super::future::Attempts;
 use super::in_band::InBand;
-use super::peek::{Held, Peek};
+use super::peek::{Held, Peek, Refusal};
 use crate::concurrency::Slot;
 use crate::frame::{Detector, Malformed, Progress};
 use crate::metrics::{RetryOutcome, RetryReason};
@@ -62,12 +62,13 @@ impl<B: Body> Failure<B> {
     /// `ENHANCE_YOUR_CALM`.
     pub(super) fn is_overload(&self) -> bool {
         match self {
-            Failure::Status(held, _) => match held.head.status.as_u16() {
-                429 => !says_quota_spent(held),
-                503 | 529 => true,
-                _ => false,
-            },
-            Failure::InBand(_) | Failure::Timeout => true,
+            Failure::Status(held, _) => {
+                is_overload_status(held.head.status)
+                    && !(held.head.status == StatusCode::TOO_MANY_REQUESTS
+                        && says_quota_spent(held))
+            }
+            Failure::InBand(held) => says_overloaded(held),
+            Failure::Timeout => true,
             Failure::Upstream(error) => super::classify::is_overload(&**error),
             Failure::NotTransient(_)
             | Failure::Body(_)
@@ -95,14 +96,47 @@ impl<B: Body> Failure<B> {
     }
 }
 
+/// `429`, `503` or `529`: the statuses by which an upstream says it has too much work.
+fn is_overload_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 503 | 529)
+}
+
 /// Whether a `429`'s body, as far as it was read, says that the account's quota is spent
 /// (OpenAI's `insufficient_quota`): a limit on spending, which fewer streams would not
 /// lift, and so no overload.
 fn says_quota_spent<B: Body>(held: &Held<B>) -> bool {
-    let finder = memchr::memmem::Finder::new(b"insufficient_quota");
-    held.frames
-        .data()
-        .any(|data| finder.find(data.chunk()).is_some())
+    held_bytes(held, |bytes| {
+        memchr::memmem::find(bytes, b"insufficient_quota").is_some()
+    })
+}
+
+/// Whether a transient in-band error says the upstream has too much work (Anthropic's
+/// `overloaded_error`, a rate limit, Bedrock's throttling, a capacity error), rather
+/// than an internal error or a model still loading.
+fn says_overloaded<B: Body>(held: &Held<B>) -> bool {
+    const MARKERS: [&[u8]; 6] = [
+        b"overloaded",
+        b"rate_limit",
+        b"rate limit",
+        b"throttling",
+        b"too many requests",
+        b"capacity",
+    ];
+    held_bytes(held, |bytes| {
+        let lower = bytes.to_ascii_lowercase();
+        MARKERS
+            .iter()
+            .any(|marker| memchr::memmem::find(&lower, marker).is_some())
+    })
+}
+
+/// `read` over the bytes of the frames held, joined.
+fn held_bytes<B: Body>(held: &Held<B>, read: impl FnOnce(&[u8]) -> bool) -> bool {
+    let mut joined = Vec::new();
+    for data in held.frames.data() {
+        joined.extend_from_slice(data.chunk());
+    }
+    read(&joined)
 }
 
 /// A response by which the server refuses the work, so that a retry cannot repeat it:
@@ -186,23 +220,26 @@ where
             Some("false") => false,
             _ => policy.retries_status(status),
         };
+        let hint = || retry_after(response.headers(), SystemTime::now());
+        // An adaptive limit above must tell a spent quota from an overload: the body
+        // says which, retried or not.
+        let adaptive = self.slot.as_ref().is_some_and(Slot::is_adaptive);
+        if adaptive && status == StatusCode::TOO_MANY_REQUESTS && !response.body().is_end_stream() {
+            let refusal = Refusal {
+                hint: hint(),
+                retried: retry_status,
+                cut: false,
+            };
+            return Judged::Peek(Peek {
+                response: Held::new(response),
+                buffered: 0,
+                detector: self.shared.detector.clone(),
+                call,
+                refusal: Some(refusal),
+            });
+        }
         if retry_status {
-            let hint = retry_after(response.headers(), SystemTime::now());
-            // An adaptive limit above must tell a spent quota from an overload: the
-            // body says which.
-            let adaptive = self.slot.as_ref().is_some_and(Slot::is_adaptive);
-            if adaptive
-                && status == StatusCode::TOO_MANY_REQUESTS
-                && !response.body().is_end_stream()
-            {
-                return Judged::Peek(Peek {
-                    response: Held::new(response),
-                    buffered: 0,
-                    detector: self.shared.detector.clone(),
-                    call,
-                    refusal: Some(hint),
-                });
-            }
+            let hint = hint();
             drop(call);
             return Judged::Failure(Failure::Status(Box::new(Held::new(response)), hint));
         }
@@ -213,6 +250,13 @@ where
                 StatusCode::NO_CONTENT | StatusCode::RESET_CONTENT | StatusCode::NOT_MODIFIED
             );
         if !status.is_success() || has_no_body {
+            // Not retried, but an overload all the same (its body unread: a `429` here
+            // is empty by its head, or no adaptive limit reads it).
+            if is_overload_status(status) {
+                if let Some(slot) = &self.slot {
+                    slot.overloaded();
+                }
+            }
             let outcome = if status.is_success() {
                 RetryOutcome::Success
             } else {
@@ -255,13 +299,23 @@ where
         retried_for: Option<RetryReason>,
         started: Instant,
     ) -> Result<Response<ResponseBody<B>>, Failure<B>> {
-        if let Some(hint) = peek.refusal {
-            // A refusal read for what it says: the failure it always was.
+        if let Some(refusal) = peek.refusal {
+            // A refusal read for what it says: the failure it always was, or, when it is
+            // not retried, the caller's answer, and an overload unless the quota is spent.
             let held = Held {
                 body_done,
                 ..peek.response
             };
-            return Err(Failure::Status(Box::new(held), hint));
+            if refusal.retried {
+                return Err(Failure::Status(Box::new(held), refusal.hint));
+            }
+            if !says_quota_spent(&held) {
+                if let Some(slot) = &self.slot {
+                    slot.overloaded();
+                }
+            }
+            self.retry_ended(retried_for, RetryOutcome::Failed);
+            return Ok(held.into_response(self.guard(peek.call)));
         }
         let verdict = peek
             .detector

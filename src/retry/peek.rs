@@ -55,9 +55,20 @@ pub(super) struct Peek<B: Body, D> {
     pub(super) detector: D,
     pub(super) call: CallGuard,
     /// A `429` read to its end (up to [`REFUSAL_BODY`] bytes) rather than for a first
-    /// chunk, with the server's hint: its body says whether the account's quota is
-    /// spent, which is no overload (see `Failure::is_overload`).
-    pub(super) refusal: Option<Option<std::time::Duration>>,
+    /// chunk: its body says whether the account's quota is spent, which is no overload
+    /// (see `Failure::is_overload`).
+    pub(super) refusal: Option<Refusal>,
+}
+
+/// A `429` being read for what its body says.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Refusal {
+    /// The server's hint.
+    pub(super) hint: Option<std::time::Duration>,
+    /// Whether it is retried (else it is the caller's answer, once read).
+    pub(super) retried: bool,
+    /// The attempt's deadline passed: the read ends with what it has.
+    pub(super) cut: bool,
 }
 
 /// The most of a `429`'s body read to tell a spent quota from an overload: an error
@@ -133,22 +144,32 @@ where
     B: Body + Unpin,
     B::Error: Into<BoxError>,
 {
-    /// Reads a refusal's body to its end, or up to [`REFUSAL_BODY`] bytes. `Ok(true)`
-    /// means it ended.
+    /// Reads a refusal's body to its end, up to [`REFUSAL_BODY`] bytes, or until its
+    /// deadline cut it. `Ok(true)` means it ended. A body that fails is taken as ended:
+    /// a refusal is what it was, whatever its body does.
     fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Failure<B>>> {
         for _ in 0..FRAMES_PER_POLL {
             if self.response.body.is_end_stream() {
                 return Poll::Ready(Ok(true));
             }
-            if self.buffered >= REFUSAL_BODY {
+            if self.buffered >= REFUSAL_BODY || self.refusal.is_some_and(|r| r.cut) {
                 return Poll::Ready(Ok(false));
             }
             let frame = match ready!(Pin::new(&mut self.response.body).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
-                Some(Err(error)) => return Poll::Ready(Err(Failure::Body(error.into()))),
+                Some(Err(error)) => {
+                    let error: BoxError = error.into();
+                    tracing::debug!(%error, "a 429's body failed while read: taken as ended");
+                    return Poll::Ready(Ok(true));
+                }
                 None => return Poll::Ready(Ok(true)),
             };
-            let held = frame.data_ref().map_or(0, |data| data.remaining());
+            let bytes = frame.data_ref().map(|data| data.remaining());
+            if bytes == Some(0) {
+                // Carries nothing: not held (see `poll_first_chunk`).
+                continue;
+            }
+            let held = bytes.unwrap_or(0) + std::mem::size_of::<Frame<B::Data>>();
             self.buffered = self.buffered.saturating_add(held);
             let trailers = frame.is_trailers();
             self.response.frames.push_back(frame);
