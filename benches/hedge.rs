@@ -153,7 +153,7 @@ use tower_stream_backpressure::metrics::{PROVIDER_CALLS_IN_FLIGHT, STREAM_HEDGES
 use tower_stream_backpressure::retry::Hedge;
 use tower_stream_backpressure::{FirstChunkRetryLayer, RetryPolicy};
 use tower_stream_backpressure_testkit::flags::{self, next_flag, value};
-use tower_stream_backpressure_testkit::sim::{self, Frame};
+use tower_stream_backpressure_testkit::sim::{self, Frame, met, quantile, show};
 use tower_stream_backpressure_testkit::{Metrics, Protocol, Reply, Upstream};
 
 /// Content events after the first chunk's (a `data: [DONE]` event follows them).
@@ -392,27 +392,6 @@ impl Run {
     }
 }
 
-/// The nearest-rank `p` quantile of `sorted`: the smallest value with at least `p` of
-/// them at or below it.
-fn quantile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-/// `200 ms`, `10 s`, `10.25 s`.
-fn show(duration: Duration) -> String {
-    let ms = duration.as_secs_f64() * 1000.0;
-    if ms < 999.5 {
-        format!("{ms:.0} ms")
-    } else {
-        let secs = format!("{:.2}", ms / 1000.0);
-        format!("{} s", secs.trim_end_matches('0').trim_end_matches('.'))
-    }
-}
-
 /// Runs `contender` against a fresh upstream.
 async fn run(contender: Contender, args: &Args) -> Run {
     let wall = std::time::Instant::now();
@@ -562,7 +541,6 @@ fn print_summary(args: &Args, runs: &[Run]) {
 
 /// Each goal against its threshold, and the floor no hedge of this upstream goes below.
 fn print_goals(args: &Args, runs: &[Run]) {
-    let met = |ok: bool| if ok { "met" } else { "NOT met" };
     let find = |contender| runs.iter().find(|run| run.contender == contender);
     if let Some(run) = find(Contender::P95) {
         let sorted = run.sorted();

@@ -1,6 +1,6 @@
-//! What the simulations on tokio's paused clock share (the retry storm and the hedging
-//! benchmarks): calls started at a steady rate, the files they write, and the pieces of
-//! their hand-written SVG plots.
+//! What the simulations on tokio's paused clock share (the retry storm, hedging and
+//! adaptive limit benchmarks): calls started at a steady rate, quantiles and how their
+//! figures print, the files they write, and the pieces of their hand-written SVG plots.
 //!
 //! The plots are written by hand rather than with a plotting crate: a few lines of SVG
 //! each, no dependency, and a file that reads well in a diff.
@@ -34,6 +34,32 @@ where
         calls.push(tokio::spawn(call(k)));
     }
     calls
+}
+
+/// The nearest-rank `p` quantile of `sorted`: the smallest value with at least `p` of
+/// them at or below it; zero for no values.
+pub fn quantile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// `200 ms`, `10 s`, `10.25 s`.
+pub fn show(duration: Duration) -> String {
+    let ms = duration.as_secs_f64() * 1000.0;
+    if ms < 999.5 {
+        format!("{ms:.0} ms")
+    } else {
+        let secs = format!("{:.2}", ms / 1000.0);
+        format!("{} s", secs.trim_end_matches('0').trim_end_matches('.'))
+    }
+}
+
+/// How a goal is marked: `met` or `NOT met`.
+pub fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
 }
 
 /// Runs each of `contenders` in turn, and says on stderr how each went: its `name`,

@@ -1,7 +1,9 @@
 //! A mock LLM upstream on 127.0.0.1: HTTP/1.1 and HTTP/2 (prior knowledge) on one
 //! port, or over TLS (HTTP/2 or HTTP/1.1 by ALPN), streaming SSE, with faults injected
 //! per request by a script, and its own count of what it saw (connections, hits, open
-//! streams, peak open streams).
+//! streams, peak open streams, answers by status). A script sees the streams open at a
+//! request's arrival, so that an upstream of limited capacity can answer from that
+//! count ([`Capacity`]).
 //!
 //! Shared by the integration tests, the examples and the benchmarks.
 #![allow(dead_code)]
@@ -36,6 +38,9 @@ pub struct Hit {
     pub method: Method,
     pub path: String,
     pub headers: HeaderMap,
+    /// Responses open on the upstream when this request arrived, this one not counted
+    /// (see [`Upstream::open_streams`]).
+    pub open: u64,
 }
 
 /// How the upstream answers one request.
@@ -63,6 +68,8 @@ pub enum Reply {
 #[derive(Debug, Clone)]
 pub struct Stream {
     pub content_type: &'static str,
+    /// Response headers beside the content type.
+    pub headers: Vec<(&'static str, String)>,
     /// `: keep-alive` comments sent before anything else.
     pub keepalives: usize,
     /// Pause before the first event, after the headers and keep-alives.
@@ -100,6 +107,7 @@ impl Reply {
     pub fn chunks(content_type: &'static str, chunks: Vec<Bytes>) -> Self {
         Reply::Stream(Stream {
             content_type,
+            headers: Vec::new(),
             keepalives: 0,
             first_delay: Duration::ZERO,
             events: chunks,
@@ -129,9 +137,9 @@ impl Reply {
         }
     }
 
-    /// Adds a response header (to a `Status` reply).
+    /// Adds a response header (to a `Status` or a `Stream` reply).
     pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
-        if let Reply::Status { headers, .. } = &mut self {
+        if let Reply::Status { headers, .. } | Reply::Stream(Stream { headers, .. }) = &mut self {
             headers.push((name, value.into()));
         }
         self
@@ -160,6 +168,215 @@ impl Reply {
             stream.keepalives = n;
         }
         self
+    }
+}
+
+/// An upstream of limited capacity, as a deployment that serves so many streams at once
+/// and queues the rest: how it answers a request follows from the streams open at the
+/// request's arrival ([`Hit::open`]), this one included, against the capacity `c` in
+/// force then.
+///
+/// - Up to `c` streams: the first event after `first_event`.
+/// - Beyond `c`, up to `refuse_over * c`: later in proportion to the excess, by
+///   `per_excess` for each `c` streams over (`n` streams: `first_event + per_excess *
+///   (n - c) / c`).
+/// - Beyond that: `429` with `Retry-After: 1`.
+///
+/// A stream then sends its other events `gap` apart: `tokens` content events in all and
+/// `data: [DONE]`, so it lasts `tokens * gap` past its first chunk.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_backpressure_testkit::upstream::{Capacity, Reply};
+///
+/// let capacity = Capacity {
+///     first_event: Duration::from_millis(200),
+///     per_excess: Duration::from_millis(1200),
+///     refuse_over: 1.5,
+///     tokens: 20,
+///     gap: Duration::from_millis(50),
+/// };
+/// // Within capacity: 200 ms.
+/// assert_eq!(capacity.first_event_delay(10, 9), Some(Duration::from_millis(200)));
+/// // The 15th stream at a capacity of 10 waits 200 ms + 1.2 s * 5 / 10.
+/// assert_eq!(capacity.first_event_delay(10, 14), Some(Duration::from_millis(800)));
+/// assert!(matches!(capacity.reply(10, 14), Reply::Stream(_)));
+/// // The 16th is over 1.5 times the capacity: refused.
+/// assert_eq!(capacity.first_event_delay(10, 15), None);
+/// assert!(matches!(capacity.reply(10, 15), Reply::Status { .. }));
+/// assert_eq!(capacity.stream_length(), Duration::from_millis(1200));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Capacity {
+    /// The first event's delay while the open streams are within capacity. At least
+    /// `gap`.
+    pub first_event: Duration,
+    /// Added to the first event's delay for each capacity's worth of streams over it.
+    pub per_excess: Duration,
+    /// Beyond this many times the capacity, a request gets `429` with `Retry-After: 1`.
+    pub refuse_over: f64,
+    /// Content events a stream sends, its first chunk included.
+    pub tokens: usize,
+    /// The pause before each event after the first.
+    pub gap: Duration,
+}
+
+impl Capacity {
+    /// The delay of the first event for a request that finds `open` streams open at a
+    /// capacity of `capacity` (0 counts as 1), or `None` when it is refused.
+    pub fn first_event_delay(&self, capacity: u64, open: u64) -> Option<Duration> {
+        let (n, c) = (open + 1, capacity.max(1));
+        if n as f64 > self.refuse_over * c as f64 {
+            return None;
+        }
+        let excess = self.per_excess.as_nanos() * u128::from(n.saturating_sub(c)) / u128::from(c);
+        Some(self.first_event + Duration::from_nanos(excess as u64))
+    }
+
+    /// The answer to a request that finds `open` streams open at a capacity of
+    /// `capacity`: a stream whose first event comes after
+    /// [`first_event_delay`](Self::first_event_delay), or the `429`.
+    pub fn reply(&self, capacity: u64, open: u64) -> Reply {
+        match self.first_event_delay(capacity, open) {
+            // The plan pauses `gap` before every event, the first included.
+            Some(delay) => Reply::tokens(self.tokens)
+                .gap(self.gap)
+                .first_event_after(delay.saturating_sub(self.gap)),
+            None => Reply::status(429).header("retry-after", "1"),
+        }
+    }
+
+    /// How long a stream lasts within capacity: its first event, then the others.
+    pub fn stream_length(&self) -> Duration {
+        self.first_event + self.gap * self.tokens as u32
+    }
+}
+
+/// A provider's limit on requests, as OpenAI reports it: `requests` in each fixed
+/// `window` from `start`. Every answer carries `x-ratelimit-limit-requests`,
+/// `x-ratelimit-remaining-requests` (what is left after this request) and
+/// `x-ratelimit-reset-requests` (the time to the window's end, as a Go duration: `6m0s`,
+/// `12.5s`, `20ms`); a request beyond the limit gets `429` with the same headers and
+/// `retry-after`, the whole seconds to the reset rounded up.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_backpressure_testkit::upstream::{RateLimit, Reply};
+///
+/// let limit = RateLimit::new(2, Duration::from_secs(60), tokio::time::Instant::now());
+/// let header = |headers: &[(&str, String)], name: &str| {
+///     headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone()).unwrap()
+/// };
+/// for remaining in ["1", "0"] {
+///     let Reply::Stream(stream) = limit.reply(Reply::tokens(1)) else { panic!("allowed") };
+///     assert_eq!(header(&stream.headers, "x-ratelimit-remaining-requests"), remaining);
+///     // A minute to the window's end, or just under: `59.99...s`.
+///     let reset = header(&stream.headers, "x-ratelimit-reset-requests");
+///     assert!(reset == "1m0s" || reset.starts_with("59."), "{reset}");
+/// }
+/// let Reply::Status { status, headers, .. } = limit.reply(Reply::tokens(1)) else {
+///     panic!("refused")
+/// };
+/// assert_eq!(status, 429);
+/// assert_eq!(header(&headers, "retry-after"), "60");
+/// assert_eq!(header(&headers, "x-ratelimit-remaining-requests"), "0");
+/// ```
+#[derive(Debug)]
+pub struct RateLimit {
+    requests: u64,
+    window: Duration,
+    start: tokio::time::Instant,
+    /// The current window's number from `start`, and the requests counted in it.
+    used: Mutex<(u64, u64)>,
+}
+
+impl RateLimit {
+    /// `requests` in each `window` from `start`.
+    pub fn new(requests: u64, window: Duration, start: tokio::time::Instant) -> Self {
+        Self {
+            requests,
+            window,
+            start,
+            used: Mutex::new((0, 0)),
+        }
+    }
+
+    /// Counts a request arriving now: `allowed` with the rate-limit headers added, or
+    /// the `429` when the window's requests are spent.
+    pub fn reply(&self, allowed: Reply) -> Reply {
+        let elapsed = self.start.elapsed();
+        let window = self.window.as_nanos().max(1);
+        let index = (elapsed.as_nanos() / window) as u64;
+        let ends = Duration::from_nanos(((u128::from(index) + 1) * window) as u64);
+        let reset = ends.saturating_sub(elapsed);
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if used.0 != index {
+            *used = (index, 0);
+        }
+        let admitted = used.1 < self.requests;
+        used.1 += u64::from(admitted);
+        let remaining = self.requests - used.1;
+        drop(used);
+        let reply = if admitted {
+            allowed
+        } else {
+            let secs = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
+            Reply::status(429).header("retry-after", secs.max(1).to_string())
+        };
+        reply
+            .header("x-ratelimit-limit-requests", self.requests.to_string())
+            .header("x-ratelimit-remaining-requests", remaining.to_string())
+            .header("x-ratelimit-reset-requests", go_duration(reset))
+    }
+}
+
+/// A duration as Go prints it (`time.Duration`'s `String`), as OpenAI's reset headers
+/// are.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_stream_backpressure_testkit::upstream::go_duration;
+///
+/// assert_eq!(go_duration(Duration::from_secs(360)), "6m0s");
+/// assert_eq!(go_duration(Duration::from_millis(12_500)), "12.5s");
+/// assert_eq!(go_duration(Duration::from_millis(3_723_500)), "1h2m3.5s");
+/// assert_eq!(go_duration(Duration::from_millis(20)), "20ms");
+/// assert_eq!(go_duration(Duration::from_micros(1_500)), "1.5ms");
+/// assert_eq!(go_duration(Duration::from_nanos(7)), "7ns");
+/// assert_eq!(go_duration(Duration::ZERO), "0s");
+/// ```
+pub fn go_duration(duration: Duration) -> String {
+    // `whole` units and `nanos` billionths of one (at most nine digits), trailing zeros
+    // dropped.
+    fn decimal(whole: u64, nanos: u32, digits: usize) -> String {
+        let fraction = format!("{nanos:09}");
+        let fraction = fraction[..digits].trim_end_matches('0');
+        match fraction {
+            "" => whole.to_string(),
+            fraction => format!("{whole}.{fraction}"),
+        }
+    }
+    let nanos = duration.as_nanos();
+    if nanos == 0 {
+        return "0s".to_owned();
+    }
+    if nanos < 1_000 {
+        return format!("{nanos}ns");
+    }
+    if nanos < 1_000_000 {
+        let fraction = ((nanos % 1_000) * 1_000_000) as u32;
+        return format!("{}µs", decimal((nanos / 1_000) as u64, fraction, 3));
+    }
+    if nanos < 1_000_000_000 {
+        let fraction = ((nanos % 1_000_000) * 1_000) as u32;
+        return format!("{}ms", decimal((nanos / 1_000_000) as u64, fraction, 6));
+    }
+    let secs = duration.as_secs();
+    let seconds = decimal(secs % 60, duration.subsec_nanos(), 9);
+    match (secs / 3600, secs / 60 % 60) {
+        (0, 0) => format!("{seconds}s"),
+        (0, minutes) => format!("{minutes}m{seconds}s"),
+        (hours, minutes) => format!("{hours}h{minutes}m{seconds}s"),
     }
 }
 
@@ -217,6 +434,18 @@ pub struct Stats {
     open: AtomicU64,
     peak: AtomicU64,
     completed: AtomicU64,
+    /// Answers by status, in the order each status was first sent.
+    statuses: Mutex<Vec<(StatusCode, u64)>>,
+}
+
+impl Stats {
+    fn answered(&self, status: StatusCode) {
+        let mut statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        match statuses.iter_mut().find(|(seen, _)| *seen == status) {
+            Some((_, count)) => *count += 1,
+            None => statuses.push((status, 1)),
+        }
+    }
 }
 
 /// A running mock upstream; stops when dropped.
@@ -297,6 +526,20 @@ impl Upstream {
     /// Streams whose body was sent to its end.
     pub fn completed_streams(&self) -> u64 {
         self.stats.completed.load(Ordering::SeqCst)
+    }
+
+    /// Responses sent with `status` (a [`Reply::Stream`] is a `200`); requests that got
+    /// no answer (dropped, reset, hung) count under none.
+    pub fn answers_with(&self, status: u16) -> u64 {
+        let statuses = self
+            .stats
+            .statuses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        statuses
+            .iter()
+            .find(|(seen, _)| seen.as_u16() == status)
+            .map_or(0, |(_, count)| *count)
     }
 }
 
@@ -432,6 +675,7 @@ async fn answer(
         method: request.method().clone(),
         path: request.uri().path().to_owned(),
         headers: request.headers().clone(),
+        open: connection.stats.open.load(Ordering::SeqCst),
     };
     let reply = script(&hit);
     // Read the request body so that HTTP/1.1 can reuse the connection.
@@ -470,23 +714,32 @@ async fn answer(
             } else {
                 VecDeque::from([Step::Send(body)])
             };
+            connection.stats.answered(status);
             let mut response = Response::new(MockBody::new(steps, open));
             *response.status_mut() = status;
-            for (name, value) in headers {
-                if let Ok(value) = HeaderValue::from_str(&value) {
-                    response.headers_mut().append(name, value);
-                }
-            }
+            append_headers(&mut response, headers);
             Ok(response)
         }
-        Reply::Stream(stream) => {
+        Reply::Stream(mut stream) => {
+            connection.stats.answered(StatusCode::OK);
             let content_type = stream.content_type;
+            let headers = std::mem::take(&mut stream.headers);
             let mut response = Response::new(MockBody::new(plan(stream), open));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static(content_type),
             );
+            append_headers(&mut response, headers);
             Ok(response)
+        }
+    }
+}
+
+/// Appends `headers` to `response`, leaving out a value that is not a valid header.
+fn append_headers(response: &mut Response<MockBody>, headers: Vec<(&'static str, String)>) {
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().append(name, value);
         }
     }
 }
