@@ -126,11 +126,10 @@
 //! `retry-after` (the seconds to the reset) beyond them (`testkit::upstream::RateLimit`).
 //! `--rl-rate` (3) calls a second arrive for `--rl-secs` (180), 1.8 times what it
 //! allows. Without pacing, a client learns nothing from the headers, and the count of
-//! 429s is what it costs: the contenders are `static20` and `aimd`, the same stacks as
-//! above (a concurrency limit does not bound a rate of requests). The contender that
-//! paces on the headers, `pacing` (`pace_on_rate_limits`, with its goal: no 429 after
-//! the first), is not built yet: `--pacing` says so, and the table shows it without
-//! a figure. To be enabled in [`Contender::rate_limit`] when it lands.
+//! 429s is what it costs: `static20`, the same stack as above (a concurrency limit
+//! does not bound a rate of requests). `pacing` is the same limit with
+//! `pace_on_rate_limits(true)`, with its goal: no 429 after the first; and `aimd`, as
+//! above, paces by default.
 //!
 //! # Output
 //!
@@ -254,9 +253,6 @@ const GOAL_TTFC: f64 = 2.0;
 const DRAIN: Duration = Duration::from_secs(10);
 /// The window of the rate-limit upstream.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
-/// Whether `pace_on_rate_limits` is in the library: the rate-limit run's `pacing`
-/// contender is built on it.
-const PACING_BUILT: bool = false;
 
 const HELP: &str = "\
 The adaptive concurrency limit on tokio's paused clock: calls at a steady rate
@@ -281,7 +277,6 @@ Flags (default in brackets):
   --rl-requests N     the rate-limit upstream's requests a minute [100]
   --rl-rate N         calls started per second in the rate-limit run [3]
   --rl-secs SECS      the length of the rate-limit run [180]
-  --pacing            the rate-limit run's pacing contender (not built yet)
   --out-dir DIR       where adaptive_limit.csv and adaptive_limit.svg go [docs]
   -h, --help          print this help
 ";
@@ -312,8 +307,6 @@ struct RateLimitRun {
     /// Calls started per second, for `secs`.
     rate: u64,
     secs: u64,
-    /// Whether the pacing contender runs.
-    pacing: bool,
 }
 
 impl Default for Args {
@@ -333,7 +326,6 @@ impl Default for Args {
                 requests: 100,
                 rate: 3,
                 secs: 180,
-                pacing: false,
             },
             out_dir: PathBuf::from("docs"),
         }
@@ -374,14 +366,6 @@ impl Args {
                 "--rl-requests" => args.rate_limit.requests = value(p, &flag, 1, 1_000_000)?,
                 "--rl-rate" => args.rate_limit.rate = value(p, &flag, 1, 10_000)?,
                 "--rl-secs" => args.rate_limit.secs = value(p, &flag, 1, 3600)?,
-                "--pacing" => {
-                    if !PACING_BUILT {
-                        return Err("--pacing: not built yet (StreamConcurrencyLayer::\
-                                    pace_on_rate_limits is not in this version of the library)"
-                            .to_owned());
-                    }
-                    args.rate_limit.pacing = true;
-                }
                 _ => {
                     if !flags::bench_flag(p, &flag, &mut args.out_dir)? {
                         return Ok(None);
@@ -482,7 +466,7 @@ enum Contender {
     TowerAcc,
     Aimd,
     Gradient,
-    /// Our limit pacing on the rate-limit headers: not built yet.
+    /// A fixed limit of 20 pacing on the rate-limit headers.
     Pacing,
 }
 
@@ -496,13 +480,15 @@ impl Contender {
         Contender::Gradient,
     ];
 
-    /// The rate-limit run's contenders: the pacing one with `--pacing`, once it is built.
-    fn rate_limit(pacing: bool) -> Vec<Contender> {
-        let mut contenders = vec![Contender::Static(20), Contender::Aimd];
-        if pacing {
-            contenders.push(Contender::Pacing);
-        }
-        contenders
+    /// The rate-limit run's contenders.
+    const RATE_LIMIT: [Contender; 3] = [Contender::Static(20), Contender::Pacing, Contender::Aimd];
+
+    /// Whether it holds calls while the rate limit is spent (`adaptive` does by default).
+    fn paces(self) -> bool {
+        matches!(
+            self,
+            Contender::Pacing | Contender::Aimd | Contender::Gradient
+        )
     }
 
     fn name(self) -> String {
@@ -881,7 +867,7 @@ async fn run_stack(
                 drive(start, rate, duration, upstream, service, wait, limit).await;
             return (calls, samples, None);
         }
-        Contender::Pacing => unreachable!("not built yet"),
+        Contender::Pacing => ours(StreamConcurrencyLayer::new(20).pace_on_rate_limits(true)),
     };
     let service = layer.layer(below_the_limit!());
     let limit = Limit::Ours(layer.clone());
@@ -1427,11 +1413,7 @@ fn print_rate_limit(args: &Args, runs: &[RateRun]) {
         println!(
             "{:<9} {:>7} {:>6} {:>9} {:>6} {:>8} {:>7} {:>5.2} % {:>12} {:>11}",
             run.contender.name(),
-            if run.contender == Contender::Pacing {
-                "yes"
-            } else {
-                "no"
-            },
+            if run.contender.paces() { "yes" } else { "no" },
             run.calls.len(),
             count(Outcome::Completed),
             count(Outcome::GaveUp),
@@ -1442,12 +1424,6 @@ fn print_rate_limit(args: &Args, runs: &[RateRun]) {
             run.refusals.first().map_or("-".to_owned(), |at| show(*at)),
         );
     }
-    if !PACING_BUILT {
-        println!(
-            "{:<9} {:>7}   not built yet: StreamConcurrencyLayer::pace_on_rate_limits is not in this version",
-            "pacing", "yes"
-        );
-    }
     println!();
     match runs.iter().find(|run| run.contender == Contender::Pacing) {
         Some(run) => println!(
@@ -1455,9 +1431,9 @@ fn print_rate_limit(args: &Args, runs: &[RateRun]) {
             run.refusals.len().saturating_sub(1),
             met(run.refusals.len() <= 1)
         ),
-        None => println!("goal, pacing: no 429 after the first: not measured (not built yet)"),
+        None => println!("goal, pacing: no 429 after the first: not measured"),
     }
-    for run in runs {
+    for run in runs.iter().filter(|run| !run.contender.paces()) {
         println!(
             "without pacing, {}: {} 429s of {} requests",
             run.contender.name(),
@@ -1711,7 +1687,7 @@ async fn main() {
         sim::write_files("adaptive", &args.out_dir, &files);
     }
     if rate_limit {
-        let contenders = Contender::rate_limit(args.rate_limit.pacing);
+        let contenders = Contender::RATE_LIMIT;
         let progress = |contender: &Contender| format!("rate limit, {:<9}", contender.name());
         let run = |contender| run_rate_limit(contender, &args);
         let runs = sim::run_each(contenders, progress, run, RateRun::tally).await;

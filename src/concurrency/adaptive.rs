@@ -74,8 +74,12 @@ const QUEUE: f64 = 4.0;
 const SMOOTHING: f64 = 0.2;
 /// Samples in the long-term average of the time to first chunk.
 const LONG_SAMPLES: f64 = 600.0;
-/// Samples in the average that sets the window.
-const WINDOW_SAMPLES: f64 = 10.0;
+/// A first chunk this many times slower than the fastest recent one is an overload
+/// signal: the upstream is queueing the work.
+const SLOW: f64 = 1.5;
+/// How much the fastest recent time to first chunk rises each window: it doubles in
+/// about 70 windows of nothing faster.
+const FASTEST_AGING: f64 = 1.01;
 /// The window before any first chunk was measured, and its bounds after.
 const FIRST_WINDOW: Duration = Duration::from_secs(1);
 const MIN_WINDOW: Duration = Duration::from_millis(10);
@@ -237,10 +241,11 @@ struct State {
     overloaded: bool,
     /// When the last decrease was.
     decreased: Option<Instant>,
-    /// The average time to first chunk that sets the window, in seconds.
-    recent: Option<f64>,
     /// Gradient2's long-term average, in seconds.
     long: Option<f64>,
+    /// The fastest recent time to first chunk, in seconds, aging by
+    /// [`FASTEST_AGING`] a window.
+    fastest: Option<f64>,
 }
 
 impl Limiter {
@@ -258,8 +263,8 @@ impl Limiter {
                 reached: false,
                 overloaded: false,
                 decreased: None,
-                recent: None,
                 long: None,
+                fastest: None,
             }),
         }
     }
@@ -286,6 +291,11 @@ impl Limiter {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
+        self.decrease(&mut state, now);
+    }
+
+    /// One decrease per window: a burst of signals is one congestion event.
+    fn decrease(&self, state: &mut State, now: Instant) {
         state.overloaded = true;
         let window = state.window();
         if state.decreased.is_some_and(|at| now < at + window) {
@@ -296,7 +306,7 @@ impl Limiter {
         let limit = ((state.limit as f64) * BACKOFF).floor() as usize;
         let limit = limit.clamp(self.adaptive.min, self.adaptive.max);
         state.exact = limit as f64;
-        self.set(&mut state, limit);
+        self.set(state, limit);
     }
 
     /// An attempt produced its first chunk after `latency` from its start (`None`: it
@@ -307,53 +317,72 @@ impl Limiter {
         };
         let sample = latency.map(|latency| latency.as_secs_f64());
         if let Some(sample) = sample {
-            state.recent = Some(average(state.recent, sample, WINDOW_SAMPLES));
+            state.fastest = Some(state.fastest.map_or(sample, |fastest| fastest.min(sample)));
         }
         let in_use = self.in_use(state.limit);
         // Reached by the calls it admits, not by streams still draining a shrink.
         if in_use >= state.limit && self.debt.load(Ordering::Acquire) == 0 {
             state.reached = true;
         }
-        match (self.adaptive.algorithm, sample) {
-            // The gradient needs the time to first chunk; without it (no retry layer
-            // below to measure it), it grows as AIMD does, so that it is not left only
-            // able to shrink.
-            (Algorithm::Aimd, _) | (Algorithm::Gradient, None) => {
-                let Some(ends) = state.window_ends else {
-                    state.window_ends = Some(now + state.window());
-                    return;
-                };
-                if now < ends {
-                    return;
-                }
-                let grow = state.reached && !state.overloaded;
+        // A first chunk far slower than the fastest recent one: the upstream is
+        // queueing, which is the overload a limit is for, before it refuses.
+        let slow = match (sample, state.fastest) {
+            (Some(sample), Some(fastest)) => sample > SLOW * fastest,
+            _ => false,
+        };
+        if slow {
+            self.decrease(&mut state, now);
+        }
+        // The window: AIMD grows at its end if it was reached without an overload.
+        let ended = match state.window_ends {
+            None => {
                 state.window_ends = Some(now + state.window());
-                state.reached = false;
-                state.overloaded = false;
-                if grow {
-                    let limit = state.limit + 1;
-                    state.exact = limit as f64;
-                    self.set(&mut state, limit);
-                }
+                false
             }
-            (Algorithm::Gradient, Some(sample)) => {
-                let mut long = average(state.long, sample, LONG_SAMPLES);
-                if sample > 0.0 && long / sample > 2.0 {
-                    long *= 0.95;
-                }
-                state.long = Some(long);
-                // Too few calls to say anything of the capacity.
-                if (in_use as f64) < state.exact / 2.0 || sample <= 0.0 {
-                    return;
-                }
-                let gradient = (TOLERANCE * long / sample).clamp(0.5, 1.0);
-                let new = state.exact * gradient + QUEUE;
-                let (min, max) = (self.adaptive.min as f64, self.adaptive.max as f64);
-                state.exact = (state.exact * (1.0 - SMOOTHING) + new * SMOOTHING).clamp(min, max);
-                let limit = state.exact as usize;
+            Some(ends) => now >= ends,
+        };
+        if ended {
+            let grow = state.reached && !state.overloaded;
+            state.window_ends = Some(now + state.window());
+            state.reached = false;
+            state.overloaded = false;
+            // The fastest time ages, so that a slower upstream becomes the new normal.
+            state.fastest = state.fastest.map(|fastest| fastest * FASTEST_AGING);
+            let aimd = matches!(
+                (self.adaptive.algorithm, sample),
+                (Algorithm::Aimd, _) | (Algorithm::Gradient, None)
+            );
+            if grow && aimd {
+                let limit = state.limit + 1;
+                state.exact = limit as f64;
                 self.set(&mut state, limit);
             }
         }
+        // The gradient needs the time to first chunk; without it (no retry layer below
+        // to measure it), it grows as AIMD does, above, so that it is not left only
+        // able to shrink.
+        let (Algorithm::Gradient, Some(sample)) = (self.adaptive.algorithm, sample) else {
+            return;
+        };
+        let mut long = average(state.long, sample, LONG_SAMPLES);
+        if sample > 0.0 && long / sample > 2.0 {
+            long *= 0.95;
+        }
+        state.long = Some(long);
+        // Too few calls to say anything of the capacity.
+        if (in_use as f64) < state.exact / 2.0 || sample <= 0.0 {
+            return;
+        }
+        let gradient = (TOLERANCE * long / sample).clamp(0.5, 1.0);
+        let mut new = state.exact * gradient + QUEUE;
+        if state.overloaded {
+            // No growth in a window with an overload signal, as for AIMD.
+            new = new.min(state.exact);
+        }
+        let (min, max) = (self.adaptive.min as f64, self.adaptive.max as f64);
+        state.exact = (state.exact * (1.0 - SMOOTHING) + new * SMOOTHING).clamp(min, max);
+        let limit = state.exact as usize;
+        self.set(&mut state, limit);
     }
 
     /// Slots taken now, under `limit`.
@@ -393,9 +422,12 @@ impl Limiter {
 }
 
 impl State {
-    /// The current window: the recent time to first chunk, within bounds.
+    /// The current window: the fastest recent time to first chunk (a stream's round
+    /// trip without queueing), within bounds. Not the average: under congestion the
+    /// average grows, and with it the time between decreases, just when they are
+    /// needed sooner.
     fn window(&self) -> Duration {
-        self.recent.map_or(FIRST_WINDOW, |secs| {
+        self.fastest.map_or(FIRST_WINDOW, |secs| {
             Duration::from_secs_f64(secs).clamp(MIN_WINDOW, MAX_WINDOW)
         })
     }
@@ -530,14 +562,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_gradient_shrinks_when_the_first_chunk_slows_and_grows_back() {
         let (limiter, semaphore) = limiter(Adaptive::gradient().initial(40));
-        let now = Instant::now();
-        // Every slot the limit gives is taken, as by a queue of callers.
+        let start = Instant::now();
+        let samples = std::cell::Cell::new(0u32);
+        // Every slot the limit gives is taken, as by a queue of callers; a first chunk
+        // every 50 ms.
         let sample = |latency: Duration| {
             let free = semaphore.available_permits() as u32;
             if free > 0 {
                 take(&semaphore, free);
             }
-            limiter.answered(now, Some(latency));
+            samples.set(samples.get() + 1);
+            limiter.answered(start + samples.get() * 50 * MS, Some(latency));
         };
         let fast = Duration::from_millis(200);
         for _ in 0..50 {
@@ -559,6 +594,17 @@ mod tests {
             sample(fast);
         }
         assert!(limiter.limit() > slowed, "{slowed} -> {}", limiter.limit());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_chunk_far_slower_than_the_fastest_is_an_overload_signal() {
+        let (limiter, _semaphore) = limiter(Adaptive::default());
+        let start = Instant::now();
+        limiter.answered(start, Some(Duration::from_millis(200)));
+        limiter.answered(start + 10 * MS, Some(Duration::from_millis(290)));
+        assert_eq!(limiter.limit(), 20, "under 1.5 times the fastest");
+        limiter.answered(start + 20 * MS, Some(Duration::from_millis(310)));
+        assert_eq!(limiter.limit(), 18, "over 1.5 times the fastest: x 0.9");
     }
 
     #[test]

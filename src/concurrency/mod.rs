@@ -53,7 +53,12 @@
 //! headers come at once whatever the load, and a stream's length is the number of
 //! tokens asked for. The time to the first chunk is the signal, and the overload
 //! answers (`429`, `503`, `529`, an in-band overload error, a stall before the first
-//! chunk, an HTTP/2 `REFUSED_STREAM` or `ENHANCE_YOUR_CALM`). Not a `429` whose body
+//! chunk, an HTTP/2 `REFUSED_STREAM` or `ENHANCE_YOUR_CALM`). A first chunk more than
+//! 1.5 times slower than the fastest recent one is an overload signal too: the upstream
+//! is queueing the work, which is the overload a limit is for, before it refuses it
+//! (the fastest time ages by 1 % a window, so that a slower upstream becomes the new
+//! normal). Without it, a limit finds only where the refusals start, well past the
+//! capacity. Not a `429` whose body
 //! says the account's quota is spent (`insufficient_quota`): fewer streams would not
 //! lift a spending cap. The retry layer reads such a body (up to 8 KiB) before it
 //! decides, and only under an adaptive limit; the caller still gets it byte for byte.
@@ -64,8 +69,10 @@
 //! - **AIMD** ([`Adaptive::default`]): the limit is multiplied by 0.9 on an overload
 //!   signal, and grows by 1 at the end of each window in which it was reached without
 //!   one (TCP's congestion avoidance; Netflix's `AIMDLimit` backs off by the same
-//!   0.9). A window is the recent time to first chunk, so the limit grows by about one
-//!   per round trip of a stream's start.
+//!   0.9). A window is the fastest recent time to first chunk (a stream's start
+//!   without queueing, as TCP's is its minimum round trip), so the limit grows by
+//!   about one per round trip; under congestion the windows do not grow longer, so
+//!   decreases do not come slower when they are needed sooner.
 //! - **Gradient** ([`Adaptive::gradient`]): after each first chunk, the limit follows
 //!   the ratio of the long-term time to first chunk (an average over 600 samples) to
 //!   the latest one: `gradient = clamp(1.5 * long / latest, 0.5, 1.0)`, `new = limit *
@@ -73,7 +80,8 @@
 //!   `Gradient2Limit`: its tolerance 1.5, queue size 4 and smoothing 0.2). While fewer
 //!   than half the slots are in use, it does not move: the calls say nothing of the
 //!   capacity. When the long-term average is more than twice the latest, it decays
-//!   toward it (by 5 % a sample), so that it recovers after a slow spell.
+//!   toward it (by 5 % a sample), so that it recovers after a slow spell. It does not
+//!   grow in a window with an overload signal, as AIMD does not.
 //!
 //! **One decrease per window.** A burst of overload signals within one window is one
 //! congestion event (TCP's rule: one per round trip), so thirty streams timing out
