@@ -161,50 +161,31 @@
 //!   phase is one at or above `C` (by a few streams, the one that held the most at the
 //!   change before), and the throughput goal asks an adaptive limit not to stay under
 //!   `C`; the other goals ask it not to go over.
-//! - **`aimd`.** Its only overload signal here is the `429`, which comes at `1.5 C`. It
-//!   grows by one a window (the recent time to first chunk, 200 to 800 ms) while the
-//!   limit is reached, which it always is, so it climbs to `1.5 C` and saws between
-//!   `0.9 x 1.5 C` and `1.5 C`: 27 to 30 at `C = 20`, 81 to 90 at `C = 60`, 14 to 15 at
-//!   `C = 10`. That is 1.35 to 1.5 times `C`, never within 25 % of it (it crosses the
-//!   band on the way: at `C = 60` it enters at 65.5 s and leaves at 73.8 s), and first
-//!   chunks at 620 to 800 ms (p50 680 ms). When `C` drops from 60 to 10 it comes down
-//!   from 88 by one decrease of 0.9 a window, 0.75 to 0.9 s apart: 12.4 s to 15, while
-//!   the streams it lets in beyond 15 are refused: 939 of its 959 429s. Its p99 of
-//!   1.56 s is a call refused at `1.5 C` that waited its `Retry-After` and then 560 ms.
-//!   It completes as much as the best static limit (100.3 %, 95.5 %, 105.6 %: the
-//!   climb from 27 to 60 at `C = 60` takes 8.7 s).
-//! - **`gradient`.** It moves at every first chunk: while the latest time to first
-//!   chunk is within 1.5 times the long-term average, by `+0.8` a first chunk (13 to 40
-//!   a second at these rates); beyond, by less, down to `x0.9 + 0.8` a first chunk at
-//!   three times the average or more. The first chunks that show an overshoot come 200
-//!   to 800 ms after the calls that made it were let in, so it overshoots both ways: 15
-//!   to 33 at `C = 20` for the first 40 s (37 % of that phase's samples within the
-//!   band), 28 to 112 at `C = 60`. And the long-term average (600 first chunks) takes
-//!   in the congestion: after tens of seconds above `C`, the slow first chunks are the
-//!   usual ones, the gradient stays at 1, and the limit climbs, held back only by the
-//!   429s (one decrease of 0.9 a window against `+0.8` a first chunk): 57 at the end of
-//!   `C = 20`, and at `C = 10` from 16 at 130 s to 41 at 180 s, with 78 % of that
-//!   phase's answers `429`. It too completes as much as the best static limit
-//!   (100.3 %, 97.8 %, 100.4 %).
+//! - **`aimd`.** It reads the queue as it forms: a first chunk 1.5 times slower than the
+//!   fastest recent one is an overload signal, which on this upstream comes at about
+//!   `1.08 C`, so it saws just above `C`. Its 429s come when `C` falls with many
+//!   streams open: the limit is down within seconds, but the streams let in before the
+//!   fall drain slowly, and the retries of the calls refused meanwhile, made under those
+//!   calls' own slots, meet the same 429. (Before the latency signal, its only signal
+//!   here was the `429` at `1.5 C`, where it settled.)
+//! - **`gradient`.** It moves at every first chunk, and the first chunks that show an
+//!   overshoot come 200 to 800 ms after the calls that made it, so it overshoots both
+//!   ways; its long-term average (600 first chunks) takes in sustained congestion as the
+//!   new normal, and only the latency signal and the 429s (no growth in a window with
+//!   one) hold it back.
 //! - **`tower-acc`.** Its permit goes back at the first chunk (the retry layer's future
 //!   resolves then), so it bounds the calls waiting for a first chunk, not the streams:
 //!   the upstream holds up to `1.5 C` streams however low its limit. It decreases on
 //!   every drop (each 429 the retry layer gave up on; no window) and grows by one on
-//!   every success with half its limit in use: its limit swings between 1 and 83, and
-//!   76 % of the upstream's answers are 429s.
+//!   every success with half its limit in use.
 //! - **The rate limit.** Each minute, the first 100 requests pass (by 33.3 s at 3 calls a
-//!   second) and the rest of the minute is refused. `static20` sent 84 requests that got
-//!   a 429; a 429 whose `retry-after` is within `max_retry_after` (30 s) is retried
-//!   after it, its call holding its slot, so the 20 slots fill with calls waiting for
-//!   the reset and 194 callers give up. `aimd` took the 429s for overload and shrank,
-//!   which turned 230 callers away and left 20 429s: a concurrency limit is not a rate
-//!   limit.
+//!   second) and the rest of the minute is refused. Without pacing, a 429 whose
+//!   `retry-after` is within `max_retry_after` (30 s) is retried after it, its call
+//!   holding its slot, so the slots fill with calls waiting for the reset. With pacing,
+//!   the answer that spends the minute's last request closes the gate until the reset.
 //!
-//! Over other upstreams (`--excess-ms`): with a gentler queue (300 ms per `C` over),
-//! `gradient` sees too little of the excess and climbs to its maximum of 200 at
-//! `C = 60`, 64 % of the answers 429s; with a steeper one (4.8 s), it keeps the 429s
-//! under 1 % (0.33 %) but stays under `C` and completes 55 % to 75 % of the best static
-//! limit's streams. `aimd` finds `1.5 C` on every one.
+//! The figures of a run, and what they mean for each goal, are in the README
+//! ("Adaptive limit, simulated").
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
