@@ -161,9 +161,9 @@
 //!   phase is one at or above `C` (by a few streams, the one that held the most at the
 //!   change before), and the throughput goal asks an adaptive limit not to stay under
 //!   `C`; the other goals ask it not to go over.
-//! - **`aimd`.** It reads the queue as it forms: a first chunk 1.5 times slower than the
-//!   fastest recent one is an overload signal, which on this upstream comes at about
-//!   `1.08 C`, so it saws just above `C`. Its 429s come when `C` falls with many
+//! - **`aimd`.** It reads the queue as it forms: a window whose fastest first chunk is
+//!   1.3 times slower than the fastest recent one is an overload signal, which on this
+//!   upstream comes at about `1.05 C` (a window later), so it saws just above `C`. Its 429s come when `C` falls with many
 //!   streams open: the limit is down within seconds, but the streams let in before the
 //!   fall drain slowly, and the retries of the calls refused meanwhile, made under those
 //!   calls' own slots, meet the same 429. (Before the latency signal, its only signal

@@ -53,12 +53,14 @@
 //! headers come at once whatever the load, and a stream's length is the number of
 //! tokens asked for. The time to the first chunk is the signal, and the overload
 //! answers (`429`, `503`, `529`, an in-band overload error, a stall before the first
-//! chunk, an HTTP/2 `REFUSED_STREAM` or `ENHANCE_YOUR_CALM`). A first chunk more than
-//! 1.5 times slower than the fastest recent one is an overload signal too: the upstream
-//! is queueing the work, which is the overload a limit is for, before it refuses it
-//! (the fastest time ages by 1 % a window, so that a slower upstream becomes the new
-//! normal). Without it, a limit finds only where the refusals start, well past the
-//! capacity. Not a `429` whose body
+//! chunk, an HTTP/2 `REFUSED_STREAM` or `ENHANCE_YOUR_CALM`). A window whose *fastest*
+//! first chunk is more than 1.3 times slower than the fastest recent one is an overload
+//! signal too, while half the slots or more are in use: the upstream is queueing the
+//! work, which is the overload a limit is for, before it refuses it. A queue delays
+//! every call, where prompts of different lengths only spread them, which is why the
+//! window's fastest is compared, not each call (the fastest recent time ages by 1 % a
+//! window, so that a slower upstream becomes the new normal). Without this signal, a
+//! limit finds only where the refusals start, well past the capacity. Not a `429` whose body
 //! says the account's quota is spent (`insufficient_quota`): fewer streams would not
 //! lift a spending cap. The retry layer reads such a body (up to 8 KiB) before it
 //! decides, and only under an adaptive limit; the caller still gets it byte for byte.
