@@ -12,8 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use support::{
-    BOTH, Fault, Hit, Metrics, Protocol, Reply, TEST, Upstream, client, full_stack, post,
-    read_to_end, settle,
+    BOTH, Fault, Hit, Metrics, Protocol, Reply, TEST, Upstream, post, read_to_end, settle,
 };
 use tower::ServiceExt;
 use tower_stream_backpressure::concurrency::Adaptive;
@@ -41,13 +40,8 @@ fn stack(
     Future = impl Send + use<>,
 > + Clone
 + use<> {
-    full_stack(
-        client(protocol),
-        &metrics.meter(),
-        limit.clone(),
-        RetryBudget::default(),
-        policy(),
-    )
+    let budget = RetryBudget::default();
+    support::stack_over(protocol, &metrics.meter(), limit.clone(), budget, policy())
 }
 
 /// OpenAI's answer to an account whose quota is spent: a limit on spending, not load.
@@ -60,6 +54,29 @@ fn quota_spent() -> Reply {
 }
 
 const QUOTA_SPENT: &[u8] = br#"{"error":{"message":"You exceeded your current quota.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+
+/// One call under a default adaptive limit to an upstream whose first answer is
+/// `failure` and the next a stream: the upstream, the limit and the metrics after it.
+async fn after_a_failure(
+    protocol: Protocol,
+    failure: &Reply,
+    at: &str,
+) -> (Upstream, StreamConcurrencyLayer, Metrics) {
+    let failure = failure.clone();
+    let upstream = Upstream::start(move |hit: &Hit| match hit.index {
+        0 => failure.clone(),
+        _ => Reply::tokens(1),
+    })
+    .await;
+    let metrics = Metrics::new();
+    let limit = StreamConcurrencyLayer::adaptive(Adaptive::default());
+    let response = stack(protocol, &metrics, &limit)
+        .oneshot(post(&upstream.url("/v1/chat/completions")))
+        .await
+        .unwrap_or_else(|e| panic!("{at}: {e}"));
+    read_to_end(response.into_body()).await.unwrap();
+    (upstream, limit, metrics)
+}
 
 fn gauge(metrics: &Metrics) -> f64 {
     metrics.snapshot().count(STREAM_CONCURRENCY_LIMIT, &[TEST])
@@ -96,19 +113,7 @@ async fn each_overload_signal_moves_the_limit_down_and_other_failures_do_not() {
     for protocol in BOTH {
         for (what, failure, overload) in &cases {
             let at = format!("{what} over {protocol:?}");
-            let failure = failure.clone();
-            let upstream = Upstream::start(move |hit: &Hit| match hit.index {
-                0 => failure.clone(),
-                _ => Reply::tokens(1),
-            })
-            .await;
-            let metrics = Metrics::new();
-            let limit = StreamConcurrencyLayer::adaptive(Adaptive::default());
-            let response = stack(protocol, &metrics, &limit)
-                .oneshot(post(&upstream.url("/v1/chat/completions")))
-                .await
-                .unwrap_or_else(|e| panic!("{at}: {e}"));
-            read_to_end(response.into_body()).await.unwrap();
+            let (upstream, limit, metrics) = after_a_failure(protocol, failure, &at).await;
             assert_eq!(upstream.hits(), 2, "{at}: the failure, then its retry");
             let expected = if *overload { 18 } else { 20 };
             assert_eq!(limit.current_limit(), expected, "{at}");
@@ -292,13 +297,10 @@ async fn a_refusal_read_for_what_it_says_reaches_the_caller_byte_for_byte() {
         let upstream = Upstream::start(|_: &Hit| quota_spent()).await;
         let metrics = Metrics::new();
         let limit = StreamConcurrencyLayer::adaptive(Adaptive::default());
-        let service = full_stack(
-            client(protocol),
-            &metrics.meter(),
-            limit.clone(),
-            RetryBudget::default(),
-            policy().max_attempts(1),
-        );
+        let budget = RetryBudget::default();
+        let policy = policy().max_attempts(1);
+        let service =
+            support::stack_over(protocol, &metrics.meter(), limit.clone(), budget, policy);
         let response = service
             .oneshot(post(&upstream.url("/v1/chat/completions")))
             .await
@@ -336,21 +338,10 @@ async fn an_overload_the_retry_layer_hands_back_unretried_counts_and_an_internal
     for protocol in BOTH {
         for (what, failure, hits, expected) in &cases {
             let at = format!("{what} over {protocol:?}");
-            let failure = failure.clone();
-            let upstream = Upstream::start(move |hit: &Hit| match hit.index {
-                0 => failure.clone(),
-                _ => Reply::tokens(1),
-            })
-            .await;
-            let metrics = Metrics::new();
-            let limit = StreamConcurrencyLayer::adaptive(Adaptive::default());
-            let response = stack(protocol, &metrics, &limit)
-                .oneshot(post(&upstream.url("/v1/chat/completions")))
-                .await
-                .unwrap_or_else(|e| panic!("{at}: {e}"));
-            read_to_end(response.into_body()).await.unwrap();
+            let (upstream, limit, metrics) = after_a_failure(protocol, failure, &at).await;
             assert_eq!(upstream.hits(), *hits, "{at}");
             assert_eq!(limit.current_limit(), *expected, "{at}");
+            assert_eq!(gauge(&metrics), *expected as f64, "{at}: the gauge");
         }
     }
 }

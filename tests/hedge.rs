@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use support::{
-    BOTH, Fault, GiveUp, Hit, Metrics, Protocol, Reply, TEST, Upstream, client, full_stack, post,
-    read_to_end, settle,
+    BOTH, Fault, GiveUp, Hit, Metrics, Protocol, Reply, TEST, Upstream, post, read_to_end, settle,
 };
 use tokio::time::Instant;
 use tower::ServiceExt;
@@ -74,13 +73,8 @@ impl Stack {
         Future = impl Send + use<>,
     > + Clone
     + use<> {
-        full_stack(
-            client(protocol),
-            &self.metrics.meter(),
-            self.limit.clone(),
-            budget,
-            policy,
-        )
+        let meter = self.metrics.meter();
+        support::stack_over(protocol, &meter, self.limit.clone(), budget, policy)
     }
 
     fn hedges(&self, outcome: &str) -> f64 {

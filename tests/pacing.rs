@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{BOTH, Hit, Metrics, Reply, TEST, Upstream, client, full_stack, post, read_to_end};
+use support::{BOTH, Hit, Metrics, Reply, TEST, Upstream, post, read_to_end, stack_over};
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_stream_backpressure::metrics::STREAM_RATE_LIMIT_WAIT;
@@ -51,8 +51,8 @@ async fn a_spent_limit_holds_new_calls_until_its_reset() {
         })
         .await;
         let metrics = Metrics::new();
-        let stack = full_stack(
-            client(protocol),
+        let stack = stack_over(
+            protocol,
             &metrics.meter(),
             paced(Duration::from_secs(30)),
             RetryBudget::default(),
@@ -97,8 +97,8 @@ async fn a_caller_that_cannot_wait_for_the_reset_is_turned_away_without_a_reques
         let at = format!("{protocol:?}");
         let upstream = Upstream::start(|_: &Hit| answer(Some("1m0s"))).await;
         let metrics = Metrics::new();
-        let stack = full_stack(
-            client(protocol),
+        let stack = stack_over(
+            protocol,
             &metrics.meter(),
             paced(Duration::from_secs(2)),
             RetryBudget::default(),
@@ -135,8 +135,8 @@ async fn a_429_with_retry_after_holds_new_calls_while_its_retry_waits() {
         })
         .await;
         let metrics = Metrics::new();
-        let stack = full_stack(
-            client(protocol),
+        let stack = stack_over(
+            protocol,
             &metrics.meter(),
             paced(Duration::from_secs(30)),
             RetryBudget::default(),
@@ -172,8 +172,8 @@ async fn garbled_or_absurd_resets_hold_nothing() {
     for reset in ["soon", "-5s", "6M0s", "100h"] {
         let upstream = Upstream::start(move |_: &Hit| answer(Some(reset))).await;
         let metrics = Metrics::new();
-        let stack = full_stack(
-            client(support::Protocol::Http1),
+        let stack = stack_over(
+            support::Protocol::Http1,
             &metrics.meter(),
             paced(Duration::from_secs(30)),
             RetryBudget::default(),
@@ -200,8 +200,8 @@ async fn a_caller_that_gives_up_at_the_gate_leaves_nothing_behind() {
         let upstream = Upstream::start(|_: &Hit| answer(Some("1m0s"))).await;
         let metrics = Metrics::new();
         let limit = StreamConcurrencyLayer::new(4).pace_on_rate_limits(true);
-        let stack = full_stack(
-            client(protocol),
+        let stack = stack_over(
+            protocol,
             &metrics.meter(),
             limit.clone(),
             RetryBudget::default(),

@@ -35,6 +35,24 @@ pub fn full_stack<C: Connect + Clone + Send + Sync + 'static>(
     full_stack_with(client, meter, limit, budget, policy, detector)
 }
 
+/// [`full_stack`] over a hyper-util client of `protocol`: the tests' usual stack.
+pub fn stack_over(
+    protocol: Protocol,
+    meter: &Meter,
+    limit: tower_stream_backpressure::StreamConcurrencyLayer,
+    budget: tower_stream_backpressure::RetryBudget,
+    policy: tower_stream_backpressure::RetryPolicy,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = http::Response<impl Body<Data = Bytes, Error = BoxError> + std::fmt::Debug + use<>>,
+    Error = BoxError,
+    Future = impl Send + use<>,
+> + Clone
++ Send
++ use<> {
+    full_stack(client(protocol), meter, limit, budget, policy)
+}
+
 /// [`full_stack`] with another first-chunk detector.
 pub fn full_stack_with<C, D>(
     client: Client<C, Full<Bytes>>,
