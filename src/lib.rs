@@ -5,13 +5,16 @@
 //!
 //! - [`StreamConcurrencyLayer`]: a concurrency limit that holds until the *stream*
 //!   ends, not until the response headers arrive. Callers choose between queueing and
-//!   failing fast; rejections say why.
+//!   failing fast; rejections say why. The limit is fixed, or
+//!   [adaptive](StreamConcurrencyLayer::adaptive) to the upstream's capacity from its
+//!   first chunks and overload signals, and [holds calls](StreamConcurrencyLayer::pace_on_rate_limits)
+//!   while the provider says the account's rate limit is spent.
 //! - [`FirstChunkRetryLayer`]: retry a call that fails before its first chunk, and
 //!   never once a chunk reached the caller. "First chunk" is format-aware
 //!   ([`frame`]), keep-alives do not count, and a stall before it has a timeout.
+//!   [Hedged attempts](RetryPolicy::hedge) cut the time-to-first-token tail.
 //! - [`RetryBudgetLayer`]: a retry budget across calls, so that an upstream outage
 //!   does not turn every call into `max_attempts` calls.
-//!
 //!
 //! Around them:
 //!
