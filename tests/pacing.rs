@@ -225,3 +225,52 @@ async fn a_caller_that_gives_up_at_the_gate_leaves_nothing_behind() {
         assert_eq!(canceled, 1.0, "{at}: counted as given up");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_queued_for_a_slot_when_the_limit_is_spent_waits_at_the_gate_too() {
+    for protocol in BOTH {
+        let at = format!("{protocol:?}");
+        // The first attempt: a 429 saying the minute's requests are spent for 6 s,
+        // with a hint of 1 s; then plain answers.
+        let upstream = Upstream::start(|hit: &Hit| match hit.index {
+            0 => Reply::status(429)
+                .header("retry-after", "1")
+                .header("x-ratelimit-remaining-requests", "0")
+                .header("x-ratelimit-reset-requests", "6s"),
+            _ => answer(None),
+        })
+        .await;
+        let metrics = Metrics::new();
+        let limit = StreamConcurrencyLayer::new(1).pace_on_rate_limits(true);
+        let stack = stack_over(
+            protocol,
+            &metrics.meter(),
+            limit,
+            RetryBudget::default(),
+            RetryPolicy::default(),
+        );
+        let url = upstream.url("/v1/chat/completions");
+        // The first call takes the only slot; the second queues for it while the gate
+        // is still open.
+        let first = tokio::spawn(stack.clone().oneshot(post(&url)));
+        let second = tokio::spawn(stack.clone().oneshot(post(&url)));
+        // The first call's retry (after its hint, under its own slot) answers at 1 s,
+        // and its slot goes to the second, which the gate then holds.
+        let response = first.await.expect("no panic").expect("the retry answered");
+        read_to_end(response.into_body()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            upstream.hits(),
+            2,
+            "{at}: the 429 and its retry, not the second call"
+        );
+        let started = Instant::now();
+        let second = second.await.expect("no panic").expect("sent at the reset");
+        read_to_end(second.into_body()).await.unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "{at}: held to the reset"
+        );
+        assert_eq!(upstream.hits(), 3, "{at}");
+    }
+}

@@ -98,7 +98,7 @@ impl Slot {
             return;
         };
         let overload = match result {
-            Ok(response) => matches!(response.status().as_u16(), 429 | 503 | 529),
+            Ok(response) => crate::retry::is_overload_status(response.status()),
             Err(error) => crate::retry::is_overload(&**error),
         };
         match overload {
@@ -185,13 +185,8 @@ pub(crate) fn reject(metrics: &ConcurrencyMetrics, limit: usize, waited: Duratio
 }
 
 /// Waits for the rate-limit gate to open, as long as `deadline` allows: a gate that
-/// moves later while the call waits is waited for again. The time held is recorded
-/// when it opens; past the deadline, the rejection records it.
-async fn pass(
-    gate: &Gate,
-    deadline: Option<Instant>,
-    metrics: &ConcurrencyMetrics,
-) -> Result<(), super::RejectReason> {
+/// moves later while the call waits is waited for again. Returns the time held.
+async fn pass(gate: &Gate, deadline: Option<Instant>) -> Result<Duration, super::RejectReason> {
     let held = Instant::now();
     while let Some(opens_at) = gate.opens_at().filter(|&at| at > Instant::now()) {
         if deadline.is_some_and(|deadline| opens_at > deadline) {
@@ -200,8 +195,7 @@ async fn pass(
         }
         tokio::time::sleep_until(opens_at).await;
     }
-    metrics.paced(held.elapsed());
-    Ok(())
+    Ok(held.elapsed())
 }
 
 /// A call that the rate-limit gate would hold past its deadline.
@@ -370,9 +364,11 @@ where
         let semaphore = wait.shared.semaphore.clone();
         let metrics = wait.slots.metrics.clone();
         let acquire: Acquire = Box::pin(async move {
+            // Held at the gate, in all: recorded once, if at all.
+            let mut held = Duration::ZERO;
             loop {
                 if let Some(gate) = &gate {
-                    pass(gate, deadline, &metrics).await?;
+                    held += pass(gate, deadline).await?;
                 }
                 // The semaphore is never closed, so `acquire_owned` only ever succeeds.
                 let permit = semaphore.clone().acquire_owned();
@@ -387,6 +383,9 @@ where
                 // to the next caller, and this one waits at the gate again.
                 let closed = gate.as_ref().and_then(|gate| gate.opens_at());
                 if closed.is_none_or(|at| at <= Instant::now()) {
+                    if !held.is_zero() {
+                        metrics.paced(held);
+                    }
                     return Ok(permit);
                 }
             }

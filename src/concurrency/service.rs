@@ -296,7 +296,9 @@ where
         // Slow path: queue, with a clone of the inner service that is not ready (see
         // `park`). The ready one stays here, for this service's next call.
         let parked = self.inner.clone();
-        ResponseFuture::waiting(wait, deadline, paced, parked, request)
+        // Every waiting call goes by the gate, open or not now: it may close while the
+        // call waits for its slot.
+        ResponseFuture::waiting(wait, deadline, shared.gate.clone(), parked, request)
     }
 }
 

@@ -112,6 +112,12 @@ fn chain<'a>(error: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn 
     })
 }
 
+/// `429`, `503` or `529`: the statuses by which an upstream says it has too much work.
+/// Read by an adaptive limit.
+pub(crate) fn is_overload_status(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 503 | 529)
+}
+
 /// Whether `error` is the upstream saying it is overloaded: an HTTP/2 `REFUSED_STREAM`
 /// or `ENHANCE_YOUR_CALM` (its 429) anywhere in the chain. Read by an adaptive limit.
 pub(crate) fn is_overload(error: &(dyn Error + 'static)) -> bool {

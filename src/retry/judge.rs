@@ -12,7 +12,7 @@ use tower::BoxError;
 
 use super::ResponseBody;
 use super::body::{BodyGuard, CallGuard};
-use super::classify::is_unprocessed;
+use super::classify::{is_overload_status, is_unprocessed};
 use super::error::{FirstChunkError, FirstChunkErrorKind, GaveUp, StopReason};
 use super::future::Attempts;
 use super::in_band::InBand;
@@ -94,11 +94,6 @@ impl<B: Body> Failure<B> {
             | Failure::Malformed(_) => true,
         }
     }
-}
-
-/// `429`, `503` or `529`: the statuses by which an upstream says it has too much work.
-fn is_overload_status(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 429 | 503 | 529)
 }
 
 /// Whether a `429`'s body, as far as it was read, says that the account's quota is spent

@@ -174,7 +174,7 @@ mod timer;
 
 pub use self::attempt::RetryAttempt;
 pub use self::body::ResponseBody;
-pub(crate) use self::classify::is_overload;
+pub(crate) use self::classify::{is_overload, is_overload_status};
 pub use self::classify::{is_transient, is_unprocessed};
 pub use self::error::{FirstChunkError, FirstChunkErrorKind, GaveUp, StopReason};
 pub use self::future::ResponseFuture;
