@@ -6,79 +6,14 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use support::events::Recorder;
 use support::{Fault, Metrics, Protocol, Reply, Upstream, client, full_stack, post};
 use tower::ServiceExt;
 use tower_stream_backpressure::retry::Hedge;
 use tower_stream_backpressure::{RetryBudget, RetryPolicy, StreamConcurrencyLayer};
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Level, Metadata, Subscriber};
-
-/// One event as recorded: level, message and the other fields, as text.
-#[derive(Debug, Clone)]
-struct Seen {
-    level: Level,
-    message: String,
-    fields: BTreeMap<String, String>,
-}
-
-/// A subscriber that keeps every event of this crate.
-#[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<Seen>>>);
-
-impl Recorder {
-    fn take(&self) -> Vec<Seen> {
-        std::mem::take(&mut *self.0.lock().unwrap())
-    }
-}
-
-struct Fields<'a>(&'a mut Seen);
-
-impl Visit for Fields<'_> {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let text = format!("{value:?}");
-        if field.name() == "message" {
-            self.0.message = text;
-        } else {
-            self.0
-                .fields
-                .insert(field.name().to_owned(), text.trim_matches('"').to_owned());
-        }
-    }
-}
-
-impl Subscriber for Recorder {
-    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.target().starts_with("tower_stream_backpressure")
-    }
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(1)
-    }
-    fn record(&self, _: &Id, _: &Record<'_>) {}
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, event: &Event<'_>) {
-        let mut seen = Seen {
-            level: *event.metadata().level(),
-            message: String::new(),
-            fields: BTreeMap::new(),
-        };
-        event.record(&mut Fields(&mut seen));
-        self.0.lock().unwrap().push(seen);
-    }
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
-}
-
-fn field<'a>(event: &'a Seen, name: &str) -> &'a str {
-    event
-        .fields
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name} in {event:?}"))
-}
+use tracing::Level;
 
 fn policy() -> RetryPolicy {
     RetryPolicy::default()
@@ -116,10 +51,10 @@ async fn retries_stalls_and_exhaustion_are_logged() {
     let retry = &events[0];
     assert_eq!(retry.level, Level::INFO);
     assert_eq!(retry.message, "retrying before the first chunk");
-    assert_eq!(field(retry, "provider"), "test");
-    assert_eq!(field(retry, "attempt"), "2");
-    assert_eq!(field(retry, "reason"), "status");
-    assert_eq!(field(retry, "delay_ms"), "1000");
+    assert_eq!(retry.field("provider"), "test");
+    assert_eq!(retry.field("attempt"), "2");
+    assert_eq!(retry.field("reason"), "status");
+    assert_eq!(retry.field("delay_ms"), "1000");
 
     let error = stack.oneshot(post(&upstream.url("/stalls"))).await;
     assert!(error.is_err());
@@ -144,9 +79,9 @@ async fn retries_stalls_and_exhaustion_are_logged() {
             (Level::WARN, "attempts exhausted before the first chunk"),
         ]
     );
-    assert_eq!(field(&events[0], "timeout_ms"), "1000");
-    assert_eq!(field(&events[1], "reason"), "timeout");
-    assert_eq!(field(&events[3], "attempts"), "2");
+    assert_eq!(events[0].field("timeout_ms"), "1000");
+    assert_eq!(events[1].field("reason"), "timeout");
+    assert_eq!(events[3].field("attempts"), "2");
 }
 
 #[tokio::test(start_paused = true)]
@@ -179,7 +114,7 @@ async fn budget_exhaustion_rejections_and_cancellations_are_logged() {
         events[0].message,
         "retry budget exhausted: the failure goes back without a retry"
     );
-    assert_eq!(field(&events[0], "reason"), "status");
+    assert_eq!(events[0].field("reason"), "status");
 
     // The one slot is held: a call is rejected after max_wait, another gives up.
     let held = stack
@@ -208,14 +143,14 @@ async fn budget_exhaustion_rejections_and_cancellations_are_logged() {
         events[0].message,
         "rejected: no concurrency slot within max_wait"
     );
-    assert_eq!(field(&events[0], "limit"), "1");
-    assert_eq!(field(&events[0], "waited_ms"), "500");
+    assert_eq!(events[0].field("limit"), "1");
+    assert_eq!(events[0].field("waited_ms"), "500");
     assert_eq!(events[1].level, Level::DEBUG);
     assert_eq!(
         events[1].message,
         "the caller gave up while waiting for a concurrency slot"
     );
-    assert_eq!(field(&events[1], "waited_ms"), "100");
+    assert_eq!(events[1].field("waited_ms"), "100");
 }
 
 #[tokio::test(start_paused = true)]
@@ -246,7 +181,7 @@ async fn a_budget_below_the_retry_layer_warns_once() {
         "once per layer, not per retry: {events:?}"
     );
     assert_eq!(misplaced[0].level, Level::WARN);
-    assert_eq!(field(misplaced[0], "provider"), "test");
+    assert_eq!(misplaced[0].field("provider"), "test");
 }
 
 #[tokio::test(start_paused = true)]
@@ -285,12 +220,12 @@ async fn fallbacks_cooldowns_and_skips_are_logged() {
     ]) {
         assert_eq!(event.level, Level::INFO);
         assert_eq!(event.message, "falling back to the next target");
-        assert_eq!(field(event, "provider"), "test");
-        let logged = (field(event, "from"), field(event, "to"));
-        assert_eq!((logged, field(event, "reason")), ((from, to), reason));
+        assert_eq!(event.field("provider"), "test");
+        let logged = (event.field("from"), event.field("to"));
+        assert_eq!((logged, event.field("reason")), ((from, to), reason));
     }
-    assert!(!field(&events[0], "error").is_empty());
-    assert_eq!(field(&events[1], "status"), "500");
+    assert!(!events[0].field("error").is_empty());
+    assert_eq!(events[1].field("status"), "500");
 
     // Each fails a second call in a row: both cool down, and say so once.
     call().await.unwrap();
@@ -302,9 +237,9 @@ async fn fallbacks_cooldowns_and_skips_are_logged() {
             event.message,
             "fallback target failed too many calls in a row: cooling down"
         );
-        assert_eq!(field(event, "target"), target);
-        assert_eq!(field(event, "failures"), "2");
-        assert_eq!(field(event, "cooldown_ms"), "30000");
+        assert_eq!(event.field("target"), target);
+        assert_eq!(event.field("failures"), "2");
+        assert_eq!(event.field("cooldown_ms"), "30000");
     }
 
     // Skipped: one DEBUG, from the first target to the one the call starts at.
@@ -316,7 +251,7 @@ async fn fallbacks_cooldowns_and_skips_are_logged() {
         matches!(&events[..], [e] if (e.level, e.message.as_str()) == (Level::DEBUG, message)),
         "{events:?}"
     );
-    let skipped = (field(&events[0], "from"), field(&events[0], "to"));
+    let skipped = (events[0].field("from"), events[0].field("to"));
     assert_eq!(skipped, ("down", "backup"));
 }
 
@@ -355,9 +290,9 @@ async fn hedges_and_hedges_refused_by_the_budget_are_logged() {
         hedge.message,
         "hedging: no first chunk yet, another attempt starts beside"
     );
-    assert_eq!(field(hedge, "provider"), "test");
-    assert_eq!(field(hedge, "attempt"), "2");
-    assert_eq!(field(hedge, "after_ms"), "500");
+    assert_eq!(hedge.field("provider"), "test");
+    assert_eq!(hedge.field("attempt"), "2");
+    assert_eq!(hedge.field("after_ms"), "500");
 
     let empty = RetryBudget::new(Duration::from_secs(10), 0, 0.0);
     let error = stack(empty).oneshot(post(&upstream.url("/refused"))).await;
@@ -371,5 +306,5 @@ async fn hedges_and_hedges_refused_by_the_budget_are_logged() {
         .find(|e| e.message == "retry budget exhausted: no hedge for this call")
         .unwrap_or_else(|| panic!("{events:?}"));
     assert_eq!(refused.level, Level::WARN);
-    assert_eq!(field(refused, "attempt"), "1");
+    assert_eq!(refused.field("attempt"), "1");
 }

@@ -563,73 +563,11 @@ fn days_from_civil(year: u32, month: u32, day: u32) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex};
-
     use proptest::prelude::*;
-    use tracing::field::{Field, Visit};
-    use tracing::span::{Attributes, Id, Record};
-    use tracing::{Event, Level, Metadata, Subscriber};
+    use tower_stream_backpressure_testkit::events::Recorder;
+    use tracing::Level;
 
     use super::*;
-
-    /// One event of this crate, as recorded: level, message and the other fields.
-    #[derive(Debug)]
-    struct Seen {
-        level: Level,
-        message: String,
-        fields: BTreeMap<&'static str, String>,
-    }
-
-    #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<Seen>>>);
-
-    impl Recorder {
-        fn take(&self) -> Vec<Seen> {
-            std::mem::take(&mut *self.0.lock().unwrap())
-        }
-    }
-
-    impl Visit for Seen {
-        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-            match field.name() {
-                "message" => self.message = format!("{value:?}"),
-                name => _ = self.fields.insert(name, format!("{value:?}")),
-            }
-        }
-        fn record_str(&mut self, field: &Field, value: &str) {
-            self.fields.insert(field.name(), value.to_owned());
-        }
-    }
-
-    impl Subscriber for Recorder {
-        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-            metadata.target().starts_with("tower_stream_backpressure")
-        }
-        fn new_span(&self, _: &Attributes<'_>) -> Id {
-            Id::from_u64(1)
-        }
-        fn record(&self, _: &Id, _: &Record<'_>) {}
-        fn record_follows_from(&self, _: &Id, _: &Id) {}
-        fn event(&self, event: &Event<'_>) {
-            let mut seen = Seen {
-                level: *event.metadata().level(),
-                message: String::new(),
-                fields: BTreeMap::new(),
-            };
-            event.record(&mut seen);
-            self.0.lock().unwrap().push(seen);
-        }
-        fn enter(&self, _: &Id) {}
-        fn exit(&self, _: &Id) {}
-    }
-
-    /// What `f` returns, and the events it emitted.
-    fn recorded<T>(f: impl FnOnce() -> T) -> (T, Vec<Seen>) {
-        let recorder = Recorder::default();
-        let out = tracing::subscriber::with_default(recorder.clone(), f);
-        (out, recorder.take())
-    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -718,7 +656,7 @@ mod tests {
             );
         }
         // The reset is not read, so a garbled one says nothing either.
-        let (hold, events) = recorded(|| {
+        let (hold, events) = Recorder::recorded(|| {
             hold_of(
                 200,
                 &[
@@ -730,7 +668,7 @@ mod tests {
         assert_eq!(hold, None);
         assert!(events.is_empty(), "{events:?}");
         // A reset that is now, or past, holds nothing and is no error.
-        let (hold, events) = recorded(|| {
+        let (hold, events) = Recorder::recorded(|| {
             hold_of(
                 200,
                 &[
@@ -905,7 +843,7 @@ mod tests {
             ),
         ];
         for (status, pairs, header, value) in cases {
-            let (hold, events) = recorded(|| hold_of(*status, pairs));
+            let (hold, events) = Recorder::recorded(|| hold_of(*status, pairs));
             assert_eq!(hold, None, "{pairs:?}");
             let [event] = &events[..] else {
                 panic!("one event for {pairs:?}, not {events:?}")
@@ -918,7 +856,8 @@ mod tests {
         }
 
         // A zero count without its reset names the reset it missed.
-        let (hold, events) = recorded(|| hold_of(200, &[("x-ratelimit-remaining-requests", "0")]));
+        let (hold, events) =
+            Recorder::recorded(|| hold_of(200, &[("x-ratelimit-remaining-requests", "0")]));
         assert_eq!(hold, None);
         assert_eq!(events.len(), 1, "{events:?}");
         assert_eq!(events[0].fields["missing"], "x-ratelimit-reset-requests");
@@ -929,14 +868,15 @@ mod tests {
             "x-ratelimit-remaining-requests",
             HeaderValue::from_bytes(b"\xff0").unwrap(),
         );
-        let (hold, events) = recorded(|| super::hold(StatusCode::OK, &bytes, now(), "test"));
+        let (hold, events) =
+            Recorder::recorded(|| super::hold(StatusCode::OK, &bytes, now(), "test"));
         assert_eq!(hold, None);
         assert_eq!(events.len(), 1, "{events:?}");
         assert_eq!(events[0].fields["value"], "\"\\xff0\"");
 
         // A 429's hint garbled, or longer than an hour.
         for value in ["soon", "7200", "Thu, 03 Dec 2026 10:00:00 GMT"] {
-            let (hold, events) = recorded(|| hold_of(429, &[("retry-after", value)]));
+            let (hold, events) = Recorder::recorded(|| hold_of(429, &[("retry-after", value)]));
             assert_eq!(hold, None, "{value}");
             assert_eq!(events.len(), 1, "{events:?}");
             assert_eq!(events[0].level, Level::DEBUG);
@@ -946,7 +886,7 @@ mod tests {
 
     #[test]
     fn an_ignored_value_leaves_the_others_counting() {
-        let (hold, events) = recorded(|| {
+        let (hold, events) = Recorder::recorded(|| {
             hold_of(
                 429,
                 &[

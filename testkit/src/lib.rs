@@ -10,6 +10,7 @@
 //! Dev-only: never published.
 
 pub mod contenders;
+pub mod events;
 pub mod flags;
 pub mod process;
 pub mod raw_h2;
