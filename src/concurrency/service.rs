@@ -250,15 +250,18 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let shared = &self.shared;
-        // While the provider's rate limit is spent, a call waits at the gate first.
-        let paced = shared.gate.as_ref().and_then(|gate| {
+        // While the provider's rate limit is spent, a call waits at the gate first: when
+        // it opens. One load while it is open, as it nearly always is; the clock only
+        // when it is not.
+        let gate_opens = shared.gate.as_ref().and_then(|gate| {
+            gate.opens_at()?;
             let provider = self.slots.metrics.provider();
             let open = gate.is_open(tokio::time::Instant::now(), &provider);
-            (!open).then(|| gate.clone())
+            if open { None } else { gate.opens_at() }
         });
         // Fast path: a slot is free (never ahead of queued callers: the semaphore hands
         // released permits to waiters first), so the call starts at once.
-        let free = match paced {
+        let free = match gate_opens {
             None => shared.semaphore.try_acquire().ok(),
             Some(_) => None,
         };
@@ -273,9 +276,8 @@ where
             .get::<MaxWait>()
             .map_or(shared.max_wait, |max_wait| max_wait.get());
         // Turned away at once when the gate opens after the call's deadline.
-        let opens_at = paced.as_ref().and_then(|gate| gate.opens_at());
         let deadline = max_wait.map(crate::deadline::from_now);
-        if let (Some(opens_at), Some(deadline)) = (opens_at, deadline) {
+        if let (Some(opens_at), Some(deadline)) = (gate_opens, deadline) {
             if opens_at > deadline {
                 let error = reject_rate_limited(
                     &self.slots.metrics,
@@ -285,7 +287,7 @@ where
                 return ResponseFuture::rejected(error);
             }
         }
-        if paced.is_none() && max_wait == Some(Duration::ZERO) {
+        if gate_opens.is_none() && max_wait == Some(Duration::ZERO) {
             let error = reject(&self.slots.metrics, shared.current_limit(), Duration::ZERO);
             return ResponseFuture::rejected(error);
         }
